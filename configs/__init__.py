@@ -1,0 +1,1 @@
+"""Shipped YAML presets (method configs and eval runs)."""

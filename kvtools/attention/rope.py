@@ -1,0 +1,23 @@
+"""Rotary position helpers (the ``rotate_half`` convention HF uses for Llama, Qwen, Gemma)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate already-rotated vectors ``x`` [..., D] by ``delta`` positions (broadcast to x[..., 0]).
+
+    RoPE rotations compose, so a key rotated at position p becomes the key at p + delta.
+    Computed in fp32; returns x's dtype.
+    """
+    ang = delta.to(torch.float32)[..., None] * inv_freq.to(device=x.device, dtype=torch.float32)  # [..., D/2]
+    ang = torch.cat((ang, ang), dim=-1)
+    xf = x.float()
+    out = xf * ang.cos() + _rotate_half(xf) * ang.sin()
+    return out.to(x.dtype)

@@ -1,0 +1,207 @@
+"""The slot-table KV cache.
+
+Each layer keeps, per batch row and KV head, a table of slots::
+
+    keys, values  [B, Hk, S, D]   rotated keys / values (never expanded to H query heads)
+    valid         [B, Hk, S]      bool: the slot holds a real token (False: padding, evicted filler)
+    pos           [B, Hk, S]      the RoPE position the key is currently rotated at
+    idx           [B, Hk, S]      the token's index in the stream (order, causality, sliding windows)
+
+Policies (``kvtools.methods``) keep or drop slots with :meth:`SlotLayer.keep`, a
+per-(row, head) gather: memory is really freed, selections may differ per head.
+:class:`KVCache` subclasses ``transformers.Cache`` so ``generate()`` accepts it,
+and reports tokens *seen* as its sequence length so HF's absolute positions
+stay right after compression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+@dataclass
+class Step:
+    """What the patched model forward tells every layer about the current call."""
+
+    valid: torch.Tensor  # [B, Lq] bool: new tokens that are real (False: left padding)
+    pos: torch.Tensor  # [B, Lq] long: RoPE positions HF used for the new tokens
+    idx: torch.Tensor  # [Lq] long: stream indices of the new tokens
+    prompt_real: torch.Tensor  # [B] long: real tokens in the whole call (all chunks)
+    end_of_prompt: bool  # last chunk of the call
+    chunk: int = 0  # chunk number inside this call
+
+    @property
+    def q_len(self) -> int:
+        return int(self.idx.numel())
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.q_len > 1
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's slot table (see module docstring)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.valid: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None
+        self.idx: torch.Tensor | None = None
+        self.seen = 0
+        self.state: dict[str, Any] = {}  # per-cache method state (re-entrant: never on modules)
+
+    # --- transformers CacheLayerMixin API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, hk, _, d = key_states.shape
+        dev = key_states.device
+        self.keys = key_states.new_zeros(b, hk, 0, d)
+        self.values = value_states.new_zeros(b, hk, 0, value_states.shape[-1])
+        self.valid = torch.zeros(b, hk, 0, dtype=torch.bool, device=dev)
+        self.pos = torch.zeros(b, hk, 0, dtype=torch.long, device=dev)
+        self.idx = torch.zeros(b, hk, 0, dtype=torch.long, device=dev)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):  # type: ignore[override]
+        raise RuntimeError(
+            "KVCache is driven by kvtools' patched attention; use it with a model patched by kvtools.patch()"
+        )
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.valid = self.pos = self.idx = None
+        self.is_initialized = False
+        self.seen = 0
+        self.state = {}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t[indices])
+
+    # --- slot table operations
+    @property
+    def size(self) -> int:
+        """Slots held per (row, KV head)."""
+        return 0 if self.keys is None else int(self.keys.shape[2])
+
+    def _apply(self, fn) -> None:
+        for name in ("keys", "values", "valid", "pos", "idx"):
+            setattr(self, name, fn(getattr(self, name)))
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
+        """Append new tokens' slots. k, v: [B, Hk, Lq, D]."""
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        b, hk, lq, _ = k.shape
+        self.keys = torch.cat([self.keys, k], dim=2)
+        self.values = torch.cat([self.values, v], dim=2)
+        self.valid = torch.cat([self.valid, step.valid[:, None, :].expand(b, hk, lq)], dim=2)
+        self.pos = torch.cat([self.pos, step.pos[:, None, :].expand(b, hk, lq).to(self.pos.device)], dim=2)
+        self.idx = torch.cat([self.idx, step.idx.view(1, 1, lq).expand(b, hk, lq).to(self.idx.device)], dim=2)
+        self.seen += lq
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Keep only the slots flagged in ``keep`` [B, Hk, S] (bool), in stream order.
+
+        Rows/heads may keep different counts: the table shrinks to the largest
+        count and shorter ones are filled with invalid slots.
+        """
+        keep = keep & self.valid
+        counts = keep.sum(-1)
+        k_max = int(counts.max()) if counts.numel() else 0
+        if k_max == self.size and bool(keep.all()):
+            return
+        s = self.size
+        order = torch.arange(s, device=keep.device)
+        # kept slots first, in their original order; the rest after
+        key = torch.where(keep, order, order + s)
+        sel = key.argsort(dim=-1)[..., :k_max]  # [B, Hk, K]
+        self.gather(sel, fill_invalid=torch.arange(k_max, device=keep.device) >= counts[..., None])
+
+    def gather(self, sel: torch.Tensor, fill_invalid: torch.Tensor | None = None) -> None:
+        """Replace the table by the slots ``sel`` [B, Hk, K] (indices into the slot axis)."""
+        d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
+        self.keys = self.keys.gather(2, sel[..., None].expand(*sel.shape, d_k))
+        self.values = self.values.gather(2, sel[..., None].expand(*sel.shape, d_v))
+        self.valid = self.valid.gather(2, sel)
+        if fill_invalid is not None:
+            self.valid = self.valid & ~fill_invalid
+        self.pos = self.pos.gather(2, sel)
+        self.idx = self.idx.gather(2, sel)
+
+    def nbytes(self, device: str | torch.device | None = None) -> int:
+        total = 0
+        for name in ("keys", "values", "valid", "pos", "idx"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if device is not None and t.device.type != torch.device(device).type:
+                continue
+            total += t.numel() * t.element_size()
+        return total
+
+
+class KVCache(Cache):
+    """A ``transformers.Cache`` whose layers are slot tables driven by a kvtools policy.
+
+    Create one per generation (``patch.make_cache()``, or ``KVCache()`` and let the
+    patched model size it on first use) and pass it as ``past_key_values=``::
+
+        with kvtools.patch(model, "snapkv") as p:
+            cache = p.make_cache()
+            model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+            print(cache.nbytes())
+    """
+
+    def __init__(self, num_layers: int | None = None) -> None:
+        super().__init__(layers=[SlotLayer() for _ in range(num_layers or 0)])
+        self.step: Step | None = None
+        self.pad_mask: torch.Tensor | None = None  # [B, seen] bool, real tokens so far
+
+    def ensure_layers(self, num_layers: int) -> None:
+        while len(self.layers) < num_layers:
+            self.layers.append(SlotLayer())
+
+    def layer(self, layer_idx: int) -> SlotLayer:
+        return self.layers[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far (not slots kept): HF derives absolute positions from it."""
+        if not self.layers:
+            return 0
+        return self.layers[layer_idx].seen
+
+    def nbytes(self, device: str | torch.device | None = None) -> int:
+        """Bytes this cache holds (keys, values and slot metadata), optionally on one device type only."""
+        return sum(layer.nbytes(device) for layer in self.layers)
+
+    def slots(self) -> list[int]:
+        """Slots held per (row, KV head), per layer."""
+        return [layer.size for layer in self.layers]
+
+    def __repr__(self) -> str:
+        return f"KVCache(layers={len(self.layers)}, seen={self.get_seq_length()}, nbytes={self.nbytes()})"
+

@@ -1,0 +1,229 @@
+"""Typed, validated configs: YAML / dict / preset name -> :class:`KVConfig`.
+
+A config names at most one method per stage::
+
+    prefill: {method: dense}
+    cache:   {method: snapkv, budget: 1024, window: 32, kernel: 7, pool: max}
+    decode:  {method: dense}
+
+Every stage's parameters are a pydantic model registered under the method's
+name (see ``kvtools.methods``). Validation happens here, before any model work,
+and every error names the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+STAGES = ("prefill", "cache", "decode")
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's parameter model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: str
+
+
+# ---------------------------------------------------------------- stage models
+class DensePrefill(StageConfig):
+    """Dense causal attention over the prompt (SDPA)."""
+
+    method: Literal["dense"] = "dense"
+    chunk: int | None = Field(
+        default=None, ge=1, description="split long prompts into chunks of this many tokens"
+    )
+
+
+class FullCache(StageConfig):
+    """Keep every K/V entry (the baseline)."""
+
+    method: Literal["full"] = "full"
+
+
+class StreamingLLMCache(StageConfig):
+    """Attention sinks + a recent window; everything between is evicted."""
+
+    method: Literal["streamingllm"] = "streamingllm"
+    n_sink: int = Field(default=4, ge=0, description="first real tokens always kept")
+    window: int | float = Field(
+        default=1020, gt=0, description="recent tokens kept (int) or fraction of the prompt (0 < f <= 1)"
+    )
+    positions: Literal["cache", "original"] = Field(
+        default="cache", description="re-rotate kept keys to in-cache positions, or keep original ones"
+    )
+
+
+class SnapKVCache(StageConfig):
+    """Compress the prompt's cache once, at the end of prefill, by observation-window attention."""
+
+    method: Literal["snapkv"] = "snapkv"
+    budget: int | float = Field(
+        default=1024, gt=0, description="slots per KV head (int) or fraction of the prompt (0 < f <= 1)"
+    )
+    window: int = Field(default=32, ge=1, description="observation window: last queries of the prompt")
+    kernel: int = Field(default=7, ge=1, description="1-D pooling kernel over the sequence (odd)")
+    pool: Literal["max", "avg"] = "max"
+
+
+class DenseDecode(StageConfig):
+    """Each new token attends to every kept slot."""
+
+    method: Literal["dense"] = "dense"
+
+
+#: stage -> method name -> parameter model. Methods register here (listed by `kvtools methods`).
+STAGE_MODELS: dict[str, dict[str, type[StageConfig]]] = {
+    "prefill": {"dense": DensePrefill},
+    "cache": {"full": FullCache, "streamingllm": StreamingLLMCache, "snapkv": SnapKVCache},
+    "decode": {"dense": DenseDecode},
+}
+
+_DEFAULTS = {"prefill": DensePrefill(), "cache": FullCache(), "decode": DenseDecode()}
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """A validated config: one method per stage, plus a display name."""
+
+    prefill: StageConfig = field(default_factory=DensePrefill)
+    cache: StageConfig = field(default_factory=FullCache)
+    decode: StageConfig = field(default_factory=DenseDecode)
+    name: str = "full"
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "prefill": self.prefill.model_dump(exclude_none=True),
+            "cache": self.cache.model_dump(exclude_none=True),
+            "decode": self.decode.model_dump(exclude_none=True),
+        }
+
+
+# ---------------------------------------------------------------- validation
+def _closest(word: str, options: list[str]) -> str:
+    hit = difflib.get_close_matches(str(word), options, n=1, cutoff=0.5)
+    return f" (did you mean '{hit[0]}'?)" if hit else ""
+
+
+def _check_fractions(stage: str, cfg: StageConfig) -> None:
+    for key in ("budget", "window"):
+        val = getattr(cfg, key, None)
+        if isinstance(val, float) and not (0 < val <= 1):
+            raise ConfigError(
+                f"{stage}.{key}: a float means a fraction of the prompt and must be in (0, 1], got {val}"
+            )
+    if isinstance(cfg, SnapKVCache):
+        if cfg.kernel % 2 == 0:
+            raise ConfigError(f"cache.kernel: must be odd (same-size pooling), got {cfg.kernel}")
+        if isinstance(cfg.budget, int) and cfg.budget < cfg.window:
+            raise ConfigError(
+                f"cache.budget: must be >= cache.window ({cfg.window}) so the observation window fits, "
+                f"got {cfg.budget}"
+            )
+
+
+def _stage_from_dict(stage: str, raw: Any) -> StageConfig:
+    models = STAGE_MODELS[stage]
+    if isinstance(raw, str):
+        raw = {"method": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{stage}: must be a mapping like {{method: ...}}, got {raw!r}")
+    method = raw.get("method")
+    if method is None:
+        raise ConfigError(f"{stage}.method: missing; allowed: {', '.join(models)}")
+    if method not in models:
+        others = [s for s in STAGES if s != stage and method in STAGE_MODELS[s]]
+        hint = f" ('{method}' is a {others[0]} method)" if others else _closest(method, list(models))
+        raise ConfigError(f"{stage}.method: unknown value '{method}'{hint}; allowed: {', '.join(models)}")
+    model = models[method]
+    try:
+        cfg = model(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "?"
+        allowed = [k for k in model.model_fields if k != "method"]
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(
+                f"{stage}.{key}: unknown key for {method}{_closest(key, allowed)}; "
+                f"allowed: {', '.join(allowed)}"
+            ) from None
+        raise ConfigError(
+            f"{stage}.{key}: {err['msg'].lower()}, got {err.get('input')!r} ({method})"
+        ) from None
+    _check_fractions(stage, cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any], name: str | None = None) -> KVConfig:
+    """Validate a plain dict (as loaded from YAML) into a :class:`KVConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: must be a mapping with keys {', '.join(STAGES)}, got {type(raw).__name__}")
+    allowed_top = [*STAGES, "name", "description"]
+    for key in raw:
+        if key not in allowed_top:
+            raise ConfigError(
+                f"{key}: unknown top-level key{_closest(key, allowed_top)}; allowed: {', '.join(allowed_top)}"
+            )
+    stages = {s: _stage_from_dict(s, raw[s]) if s in raw else _DEFAULTS[s] for s in STAGES}
+    display = raw.get("name") or name or _auto_name(stages)
+    return KVConfig(**stages, name=str(display), description=str(raw.get("description", "")))
+
+
+def _auto_name(stages: dict[str, StageConfig]) -> str:
+    parts = [stages[s].method for s in STAGES if stages[s].method not in ("dense", "full")]
+    return "+".join(parts) or "full"
+
+
+# ---------------------------------------------------------------- presets
+def _preset_dir() -> Path:
+    return Path(str(resources.files("kvtools.configs")))
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> one-line description, from the YAML files shipped in ``kvtools.configs``."""
+    out = {}
+    for path in sorted(_preset_dir().glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = str(data.get("description", "")).strip()
+    return out
+
+
+def load_config(spec: str | Path | dict | KVConfig) -> KVConfig:
+    """Turn a preset name, a YAML path, a dict or a config object into a validated config.
+
+    >>> load_config("snapkv").cache.budget
+    1024
+    >>> load_config({"cache": {"method": "streamingllm", "n_sink": 4, "window": 60}}).name
+    'streamingllm'
+    """
+    if isinstance(spec, KVConfig):
+        return spec
+    if isinstance(spec, dict):
+        return config_from_dict(spec)
+    text = str(spec)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {text}")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{text}: not valid YAML: {exc}") from None
+        return config_from_dict(raw or {}, name=path.stem)
+    presets = _preset_dir()
+    candidate = presets / f"{text}.yaml"
+    if candidate.is_file():
+        return config_from_dict(yaml.safe_load(candidate.read_text()) or {}, name=text)
+    names = sorted(p.stem for p in presets.glob("*.yaml"))
+    raise ConfigError(f"unknown preset '{text}'{_closest(text, names)}; available presets: {', '.join(names)}")

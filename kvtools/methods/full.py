@@ -1,0 +1,7 @@
+"""`full`: keep every K/V entry (the baseline)."""
+
+from .base import CachePolicy
+
+
+class FullPolicy(CachePolicy):
+    """Nothing is evicted; attention is exact."""

@@ -1,0 +1,236 @@
+"""``patch()`` / ``unpatch()``: per-instance, reversible replacement of attention forwards.
+
+Two things are replaced on the *instance* (never the class, never at import):
+
+* each attention module's ``forward`` by one generic forward that asks the
+  family adapter for q, k, v and RoPE, lets the cache policy evict / compress,
+  and attends over the slot table;
+* the model's top-level ``forward`` by a thin wrapper that makes sure a
+  :class:`~kvtools.cache.KVCache` is used, tells the cache which new tokens
+  are padding and at which positions they sit, and runs chunked prefill.
+
+HF's own ``generate()`` (sampling, stopping, streamers) is untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention.dense import attend_slots
+from .cache import KVCache, Step
+from .config import KVConfig, load_config
+from .errors import KVToolsError
+from .methods import LayerInfo, make_policy
+from .patches import adapter_for
+
+_MARK = "_kvtools_patch"
+
+
+class Patch:
+    """A live patch of one model instance. Use as a context manager or call :meth:`unpatch`.
+
+    >>> with kvtools.patch(model, "snapkv") as p:          # doctest: +SKIP
+    ...     out = model.generate(**inputs, max_new_tokens=32)
+    """
+
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        self.config: KVConfig = load_config(config)  # validate before touching the model
+        self.policy = make_policy(self.config)
+        self.adapter = adapter_for(model)
+        if getattr(model, _MARK, None) is not None:
+            raise KVToolsError(
+                f"model is already patched with '{getattr(model, _MARK).config.name}'; unpatch it first"
+            )
+        self.model = model
+        self.modules = self.adapter.attention_modules(model)
+        self.num_layers = len(self.modules)
+        self._saved: list[tuple[nn.Module, Any]] = []
+        self._install()
+
+    # ------------------------------------------------------------ install / restore
+    def _install(self) -> None:
+        for i, module in enumerate(self.modules):
+            info = LayerInfo(
+                layer_idx=getattr(module, "layer_idx", i),
+                scale=self.adapter.scale(module),
+                inv_freq=self.adapter.inv_freq(self.model, module),
+                sliding_window=self.adapter.sliding_window(module),
+            )
+            self._replace(module, types.MethodType(_attention_forward(self, info), module))
+        self._replace(self.model, _model_forward(self, self.model.forward))
+        setattr(self.model, _MARK, self)
+
+    def _replace(self, module: nn.Module, fn: Any) -> None:
+        self._saved.append((module, module.__dict__.get("forward", _MISSING)))
+        module.forward = fn
+
+    def unpatch(self) -> None:
+        """Restore every replaced forward; the model behaves exactly as before patching."""
+        for module, old in reversed(self._saved):
+            if old is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = old
+        self._saved.clear()
+        if getattr(self.model, _MARK, None) is self:
+            delattr(self.model, _MARK)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._saved)
+
+    def __enter__(self) -> Patch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.unpatch()
+
+    # ------------------------------------------------------------ caches
+    def make_cache(self) -> KVCache:
+        """A fresh cache sized for this model; pass it as ``past_key_values=`` to ``generate``."""
+        return KVCache(self.num_layers)
+
+    def _ensure_cache(self, cache: Any) -> KVCache:
+        if isinstance(cache, KVCache):
+            cache.ensure_layers(self.num_layers)
+            return cache
+        if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
+            return self.make_cache()  # e.g. the empty DynamicCache generate() creates
+        raise KVToolsError(
+            f"a model patched by kvtools needs a kvtools.KVCache, got a non-empty {type(cache).__name__}"
+        )
+
+
+_MISSING = object()
+
+
+def patch(model: nn.Module, config: Any = "full") -> Patch:
+    """Patch ``model`` in place with a KV policy; returns a handle (context manager, ``.unpatch()``).
+
+    ``config``: preset name (``kvtools configs``), YAML path, dict or :class:`KVConfig`.
+    Errors in the config or an unsupported model family raise before the model is touched.
+
+    >>> with kvtools.patch(model, {"cache": {"method": "snapkv", "budget": 256}}):   # doctest: +SKIP
+    ...     model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=16)
+    """
+    return Patch(model, config)
+
+
+# ---------------------------------------------------------------- the generic attention forward
+def _attention_forward(patch: Patch, info: LayerInfo):
+    adapter, policy = patch.adapter, patch.policy
+
+    def forward(
+        self: nn.Module,
+        hidden_states: torch.Tensor,
+        position_embeddings: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ):
+        cache = cache if cache is not None else past_key_values
+        if not isinstance(cache, KVCache) or cache.step is None:
+            raise KVToolsError("kvtools-patched attention was called without a KVCache prepared by the model")
+        step = cache.step
+        q, k, v = adapter.project(self, hidden_states)
+        q, k = adapter.rope(self, q, k, position_embeddings)
+        layer = cache.layer(info.layer_idx)
+        policy.before_append(layer, step, info)
+        layer.append(k, v, step)
+        q = policy.align_queries(layer, q, step, info)
+        out = attend_slots(
+            q, layer.keys, layer.values, layer.valid, layer.idx, step.idx, info.scale, info.sliding_window
+        )
+        policy.after_attend(layer, q, step, info)
+        if info.sliding_window is not None:  # slots no later query can see are freed
+            layer.keep(layer.idx > step.idx[-1] + 1 - info.sliding_window)
+        return adapter.output(self, out), None
+
+    return forward
+
+
+# ---------------------------------------------------------------- the top-level model forward
+def _model_forward(patch: Patch, orig: Any):
+    sig = inspect.signature(orig)
+    cache_kw = "cache" if "cache" in sig.parameters else "past_key_values"
+
+    @functools.wraps(orig)
+    def forward(*args: Any, **kwargs: Any):
+        bound = sig.bind_partial(*args, **kwargs)
+        kw = dict(bound.arguments)
+        extra = kw.pop("kwargs", {}) if "kwargs" in sig.parameters else {}
+        kw.update(extra)
+        cache = kw.pop("cache", None)
+        legacy = kw.pop("past_key_values", None)
+        cache = patch._ensure_cache(cache if cache is not None else legacy)
+        ids = kw.get("input_ids")
+        embeds = kw.get("inputs_embeds")
+        x = ids if ids is not None else embeds
+        if x is None:
+            raise KVToolsError("patched forward needs input_ids or inputs_embeds")
+        b, n = x.shape[0], x.shape[1]
+        dev = x.device
+        seen = cache.get_seq_length()
+        valid = _new_token_mask(kw.get("attention_mask"), b, n, dev)
+        pos = kw.get("position_ids")
+        if pos is None:
+            pos = torch.arange(seen, seen + n, device=dev).expand(b, n)
+        elif pos.dim() == 3:  # multimodal rope layouts: take the text axis
+            pos = pos[0]
+        pos = pos.expand(b, n)
+        chunk = getattr(patch.config.prefill, "chunk", None)
+        bounds = [(0, n)] if not chunk or n <= chunk else [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+        real = valid.sum(-1)
+        outs = []
+        for c, (s, e) in enumerate(bounds):
+            cache.step = Step(
+                valid=valid[:, s:e],
+                pos=pos[:, s:e],
+                idx=torch.arange(seen + s, seen + e, device=dev),
+                prompt_real=real,
+                end_of_prompt=e == n,
+                chunk=c,
+            )
+            ckw = dict(kw)
+            if len(bounds) > 1:
+                ckw = _slice_inputs(kw, s, e, seen)
+            ckw[cache_kw] = cache
+            outs.append(orig(**ckw))
+        out = outs[-1]
+        if len(outs) > 1 and not kw.get("logits_to_keep") and getattr(out, "logits", None) is not None:
+            out.logits = torch.cat([o.logits for o in outs], dim=1)  # every chunk's logits, as one call
+        return out
+
+    return forward
+
+
+def _new_token_mask(attention_mask: Any, b: int, n: int, dev: torch.device) -> torch.Tensor:
+    """[B, n] bool: which of the new tokens are real (from HF's 2-D padding mask, if any)."""
+    if attention_mask is None or not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
+        return torch.ones(b, n, dtype=torch.bool, device=dev)
+    return attention_mask[:, -n:].to(device=dev, dtype=torch.bool)
+
+
+def _slice_inputs(kw: dict[str, Any], s: int, e: int, seen: int) -> dict[str, Any]:
+    out = dict(kw)
+    if kw.get("labels") is not None:
+        raise KVToolsError("prefill.chunk does not support labels; compute the loss from the returned logits")
+    for name in ("input_ids", "inputs_embeds", "position_ids"):
+        if kw.get(name) is not None:
+            out[name] = kw[name][:, s:e]
+    am = kw.get("attention_mask")
+    if torch.is_tensor(am) and am.dim() == 2:
+        out["attention_mask"] = am[:, : am.shape[1] - (_input_len(kw) - e)]
+    return out
+
+
+def _input_len(kw: dict[str, Any]) -> int:
+    x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    return int(x.shape[1])
