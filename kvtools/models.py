@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +63,11 @@ def resolve_model(name: str | None) -> tuple[str, str | None]:
     return name, None  # a local directory or a hub id (transformers reports missing ones)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("KVTOOLS_CACHE", Path.home() / ".cache" / "kvtools"))
-
-
 def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None, **kw: Any):
     """Load ``(model, tokenizer)``, in eval mode.
 
     ``name``: None / ``"smollm2-135m"`` (the embedded default), ``"gemma3-270m"``, a hub id,
-    a local directory, or a ``.gguf`` path. GGUF models are de-quantised to ``dtype``; the
-    converted model is cached under ``$KVTOOLS_CACHE`` (default ``~/.cache/kvtools``) so later
-    loads skip the conversion.
+    a local directory, or a ``.gguf`` path. GGUF models are de-quantised to ``dtype``.
 
     >>> model, tok = kvtools.load_model()          # doctest: +SKIP
     """
@@ -82,22 +75,9 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
 
     where, gguf = resolve_model(name)
     if gguf is not None:
-        src = Path(where) / gguf
-        st = src.stat()
-        cached = _cache_dir() / f"{src.stem}-{st.st_size}-{int(st.st_mtime)}-{str(dtype).split('.')[-1]}"
-        if (cached / "config.json").is_file():
-            where, gguf = str(cached), None
-        else:
-            model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype, **kw)
-            tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
-            try:
-                tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-                model.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
-                tmp.rename(cached)
-            except OSError:
-                pass  # caching is an optimisation only
-            return _finish(model, tok, device)
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype, **kw)
+        tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
+        return _finish(model, tok, device)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
     tok = AutoTokenizer.from_pretrained(where)
     return _finish(model, tok, device)

@@ -1,0 +1,79 @@
+"""Invariant 5: bad configs and unsupported models fail at patch() with a message naming key, value, options."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+import kvtools
+from kvtools import ConfigError, UnsupportedModelError
+from kvtools.config import list_presets, load_config
+
+pytestmark = pytest.mark.mechanics
+
+
+@pytest.mark.parametrize(
+    "cfg, pattern",
+    [
+        ({"cache": {"method": "snapkv", "window": 0}}, r"cache\.window: .*greater than or equal to 1.*got 0"),
+        ({"cache": {"method": "snapkv", "windw": 8}}, r"cache\.windw: unknown key .*did you mean 'window'"),
+        ({"cache": {"method": "snapkv", "pool": "mean"}}, r"cache\.pool: .*'max' or 'avg'.*got 'mean'"),
+        ({"cache": {"method": "snapkv", "kernel": 4}}, r"cache\.kernel: must be odd"),
+        ({"cache": {"method": "snapkv", "budget": 1.5}}, r"cache\.budget: .*fraction.*\(0, 1\], got 1\.5"),
+        ({"cache": {"method": "snapkv", "budget": 8, "window": 32}}, r"cache\.budget: must be >= cache\.window"),
+        ({"cache": {"method": "snapkvv"}}, r"cache\.method: unknown value 'snapkvv' \(did you mean 'snapkv'\?\); allowed: full"),
+        ({"cache": {"method": "dense"}}, r"'dense' is a prefill method"),
+        ({"cache": {"method": "streamingllm", "positions": "rope"}}, r"cache\.positions: .*'cache' or 'original'"),
+        ({"cache": {"method": "streamingllm", "n_sink": -1}}, r"cache\.n_sink: .*got -1"),
+        ({"prefill": {"method": "dense", "chunk": 0}}, r"prefill\.chunk: .*got 0"),
+        ({"cahce": {"method": "full"}}, r"cahce: unknown top-level key \(did you mean 'cache'\?\)"),
+        ({"cache": {}}, r"cache\.method: missing; allowed"),
+        ([1, 2], r"config: must be a mapping"),
+    ],
+)
+def test_bad_config_messages(cfg, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(cfg) if isinstance(cfg, dict) else kvtools.config.config_from_dict(cfg)
+
+
+def test_bad_config_fails_before_touching_the_model(llama):
+    with pytest.raises(ConfigError):
+        kvtools.patch(llama, {"cache": {"method": "snapkv", "budget": -3}})
+    assert not hasattr(llama, "_kvtools_patch")
+    assert all("forward" not in m.__dict__ for m in llama.modules())
+
+
+def test_unknown_preset_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown preset 'snapk' \(did you mean 'snapkv'\?\); available presets: "):
+        load_config("snapk")
+
+
+def test_yaml_files_load_and_bad_yaml_is_reported(tmp_path):
+    good = tmp_path / "mine.yaml"
+    good.write_text("cache: {method: streamingllm, n_sink: 2, window: 64}\n")
+    cfg = load_config(good)
+    assert cfg.name == "mine" and cfg.cache.window == 64
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache: {method: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_shipped_preset_validates():
+    presets = list_presets()
+    assert {"full", "snapkv", "streamingllm", "snapkv-0.25", "streamingllm-0.25"} <= set(presets)
+    for name, desc in presets.items():
+        assert load_config(name).name == name and desc
+
+
+def test_unsupported_family_lists_supported_ones():
+    torch.manual_seed(0)
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2' .* not supported; supported: llama, mistral, qwen2, qwen3, gemma3_text"):
+        kvtools.patch(gpt2, "full")
+
+
+def test_missing_gguf_file_names_the_problem(tmp_path):
+    with pytest.raises(kvtools.ModelNotAvailableError, match="GGUF file not found"):
+        kvtools.load_model(str(tmp_path / "nope.gguf"))
