@@ -63,6 +63,8 @@ class Patch:
                 sliding_window=self.adapter.sliding_window(module),
             )
             self._replace(module, types.MethodType(_attention_forward(self, info), module))
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self._replace(self.model, _model_forward(self, self.model.forward))
         setattr(self.model, _MARK, self)
 
@@ -95,6 +97,11 @@ class Patch:
     def make_cache(self) -> KVCache:
         """A fresh cache sized for this model; pass it as ``past_key_values=`` to ``generate``."""
         return KVCache(self.num_layers)
+
+    def cache_kwargs(self, cache: KVCache) -> dict[str, KVCache]:
+        """``{name: cache}`` with the argument name the installed transformers prefers
+        (``cache`` from 5.24, ``past_key_values`` before), for ``model(...)`` and ``generate(...)``."""
+        return {self.cache_kw: cache}
 
     def _ensure_cache(self, cache: Any) -> KVCache:
         if isinstance(cache, KVCache):

@@ -404,6 +404,6 @@ def build_niah_prompt(
         answer_prefix=answer_prefix,
         length=length,
         depth=float(depth),
-        depth_actual=100.0 * counts[cut] / total if total else 100.0,
+        depth_actual=100.0 * counts[cut] / total if total else float(depth),
         n_sentences=n,
     )

@@ -1,0 +1,136 @@
+"""The ``kvtools`` command (also ``python -m kvtools``).
+
+    kvtools niah --config full,snapkv,streamingllm --lengths 1k,2k,4k --depths 0:100:11 --samples 2
+    kvtools configs        # presets, one line each
+    kvtools methods        # methods per stage, with their parameters
+
+Errors kvtools raises (bad configs, too-long inputs, missing models) print
+``error: <message>`` on stderr and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from kvtools.errors import ConfigError, KVToolsError
+
+__all__ = ["build_parser", "main"]
+
+
+def _split_configs(spec: str) -> list[str]:
+    items = [item.strip() for item in spec.split(",")]
+    if not items or any(not item for item in items):
+        raise ConfigError(f"--config: empty name in '{spec}'; give preset names or YAML paths separated by commas")
+    return items
+
+
+def _cmd_niah(args: argparse.Namespace) -> int:
+    # parse everything before importing torch or loading a model
+    from kvtools.eval.niah import parse_depths, parse_lengths
+
+    configs = _split_configs(args.config)
+    lengths = parse_lengths(args.lengths)
+    depths = parse_depths(args.depths)
+
+    from kvtools.eval.niah import run_niah
+
+    try:
+        run = run_niah(
+            args.model, configs, lengths, depths, args.samples, args.out,
+            haystack_dir=args.haystack, max_new_tokens=args.max_new_tokens, seed=args.seed, quiet=args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished samples are saved in {args.out}; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    print(run.summary)
+    print(f"wrote {len(run.files)} files to {run.out_dir}:")
+    for path in run.files:
+        print(f"  {path}")
+    return 0
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from kvtools.config import list_presets
+
+    presets = list_presets()
+    width = max((len(name) for name in presets), default=0)
+    for name, description in presets.items():
+        print(f"{name:<{width}}  {description.splitlines()[0] if description else ''}")
+    return 0
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from kvtools.config import STAGE_MODELS
+
+    width = max(len(name) for methods in STAGE_MODELS.values() for name in methods)
+    for stage, methods in STAGE_MODELS.items():
+        print(f"{stage}:")
+        for name, model in methods.items():
+            print(f"  {name:<{width}}  {_first_line(model.__doc__)}")
+            params = [f"{key}={info.default!r}" for key, info in model.model_fields.items() if key != "method"]
+            if params:
+                print(f"  {'':<{width}}  ({', '.join(params)})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``kvtools`` command."""
+    parser = argparse.ArgumentParser(
+        prog="kvtools", description="Training-free KV-cache policies for HuggingFace LLMs, and their evaluation."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    niah = sub.add_parser(
+        "niah",
+        help="needle-in-a-haystack grid: accuracy heatmaps per method",
+        description="Needle in a haystack over context lengths x needle depths; resumable "
+        "(rerun with the same --out to continue).",
+    )
+    niah.add_argument("--model", default=None, help="model name, hub id, local dir or GGUF file (default: built-in)")
+    niah.add_argument("--config", default="full",
+                      help="comma list of presets or YAML paths, e.g. full,snapkv,streamingllm (default: full)")
+    niah.add_argument("--lengths", default="1k,2k,4k",
+                      help="context lengths in tokens: 1k,2k,4k or 1500,0.5k or start:stop:count (k = 1024; "
+                           "default: 1k,2k,4k)")
+    niah.add_argument("--depths", default="0:100:11",
+                      help="needle depths in percent: start:stop:count (inclusive) or a comma list "
+                           "(default: 0:100:11)")
+    niah.add_argument("--samples", type=int, default=1, help="samples per (length, depth) cell (default: 1)")
+    niah.add_argument("--haystack", default=None, metavar="DIR",
+                      help="folder of .txt files for the haystack (default: built-in varied filler)")
+    niah.add_argument("--out", default="runs/niah", metavar="DIR", help="run folder (default: runs/niah)")
+    niah.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per sample (default: 16)")
+    niah.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
+    niah.add_argument("--quiet", action="store_true", help="no progress bar")
+    niah.set_defaults(func=_cmd_niah)
+
+    configs = sub.add_parser("configs", help="list the preset configs")
+    configs.set_defaults(func=_cmd_configs)
+    methods = sub.add_parser("methods", help="list the methods of each stage and their parameters")
+    methods.set_defaults(func=_cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kvtools`` command line; returns the exit status.
+
+    >>> main(["configs"])  # doctest: +SKIP
+    full               Keep every K/V entry (the baseline).
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KVToolsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""Evaluation suites, scoring, reports and plots.
+
+Needle in a haystack::
+
+    from kvtools.eval import run_niah
+    run = run_niah(None, ["full", "snapkv"], [1024, 2048], [0, 50, 100], samples=2, out_dir="runs/niah")
+    print(run.summary)
+
+Heavy dependencies (torch, transformers, matplotlib) are imported only when used.
+"""
+
+from .haystack import NiahPrompt, build_niah_prompt, filler_sentences, iter_filler, load_haystack_dir
+from .niah import Generation, NiahRun, generate_greedy, parse_depths, parse_lengths, run_niah, score_output
+from .plots import plot_heatmaps
+from .report import read_results, summarize, summary_markdown, write_summary
+
+__all__ = [
+    "Generation",
+    "NiahPrompt",
+    "NiahRun",
+    "build_niah_prompt",
+    "filler_sentences",
+    "generate_greedy",
+    "iter_filler",
+    "load_haystack_dir",
+    "parse_depths",
+    "parse_lengths",
+    "plot_heatmaps",
+    "read_results",
+    "run_niah",
+    "score_output",
+    "summarize",
+    "summary_markdown",
+    "write_summary",
+]

@@ -1,0 +1,243 @@
+"""Results files and summary tables of an evaluation run.
+
+A run directory holds ``results.jsonl`` (one JSON object per sample, appended as the
+run goes) and ``config.json`` (the resolved run config). :func:`write_summary` turns
+the results into ``summary.md`` (tables readable in a README) and ``summary.csv``
+(one row per method and length, plus an ``all`` row per method), with per-method
+means and the ratio to the ``full`` baseline when it is part of the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BASELINE",
+    "RESULTS_FILE",
+    "cell_key",
+    "format_length",
+    "read_results",
+    "summarize",
+    "summary_markdown",
+    "write_summary",
+]
+
+log = logging.getLogger("kvtools.eval")
+
+RESULTS_FILE = "results.jsonl"
+BASELINE = "full"
+MIB = 1024 * 1024
+
+CellKey = tuple[str, int, float, int]
+
+
+def cell_key(record: dict[str, Any]) -> CellKey:
+    """The identity of a sample in a run: (method, length, depth, sample)."""
+    return (str(record["method"]), int(record["length"]), round(float(record["depth"]), 6), int(record["sample"]))
+
+
+def read_results(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Read a ``results.jsonl`` file, tolerating a partial or corrupt line.
+
+    Unparsable lines (typically the last one, cut by an interrupted run) and repeated
+    samples (same :func:`cell_key`, the first one wins) are dropped with a warning.
+    With ``repair=True`` the file is rewritten without them (atomically), and made to
+    end with a newline so that appending continues on a fresh line.
+    A missing file reads as no results.
+
+    >>> read_results("runs/niah/results.jsonl")  # doctest: +SKIP
+    [{'method': 'full', 'length': 1024, 'depth': 0.0, 'sample': 0, 'score': 1.0, ...}, ...]
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    records: list[dict[str, Any]] = []
+    seen: set[CellKey] = set()
+    bad = dupes = 0
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            key = cell_key(rec)
+            float(rec["score"])
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+            continue
+        if key in seen:
+            dupes += 1
+            continue
+        seen.add(key)
+        records.append(rec)
+    if bad or dupes:
+        log.warning("%s: dropped %d unreadable and %d repeated line(s)", path, bad, dupes)
+    if repair and (bad or dupes or (raw and not raw.endswith(b"\n"))):
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        os.replace(tmp, path)
+    return records
+
+
+def format_length(n: int) -> str:
+    """Short label for a token count: 1024 -> '1k', 1536 -> '1.5k', 1000 -> '1000'."""
+    if n % 1024 == 0:
+        return f"{n // 1024}k"
+    if n % 512 == 0:
+        return f"{n / 1024:g}k"
+    return str(n)
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    vals = list(values)
+    return sum(vals) / len(vals) if vals else None
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or not den:
+        return None
+    return num / den
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-method means, per length and overall (``length == 'all'``), with ratios to ``full``.
+
+    Each row: ``method, length, n, score, kv_bytes, kv_mib, seconds, prefill_s, decode_s,
+    score_vs_full, kv_vs_full``. Ratios compare the method with ``full`` on the samples
+    both have (same length, depth, sample), so partial runs compare like with like;
+    they are ``None`` without a ``full`` run (or when full's mean is 0).
+
+    >>> rows = summarize(read_results("runs/niah/results.jsonl"))  # doctest: +SKIP
+    """
+    methods = list(dict.fromkeys(str(r["method"]) for r in records))
+    if BASELINE in methods:
+        methods.remove(BASELINE)
+        methods.insert(0, BASELINE)
+    lengths = sorted({int(r["length"]) for r in records})
+    by_cell = {cell_key(r): r for r in records}
+    rows: list[dict[str, Any]] = []
+    for method in methods:
+        mine = [r for r in records if r["method"] == method]
+        for length in [*lengths, "all"]:
+            sel = [r for r in mine if length == "all" or int(r["length"]) == length]
+            if not sel:
+                continue
+            kv = _mean(float(r.get("kv_bytes", 0)) for r in sel)
+            row: dict[str, Any] = {
+                "method": method,
+                "length": length,
+                "n": len(sel),
+                "score": _mean(float(r["score"]) for r in sel),
+                "kv_bytes": kv,
+                "kv_mib": kv / MIB if kv is not None else None,
+                "seconds": _mean(float(r.get("seconds", 0.0)) for r in sel),
+                "prefill_s": _mean(float(r.get("prefill_s", 0.0)) for r in sel),
+                "decode_s": _mean(float(r.get("decode_s", 0.0)) for r in sel),
+                "score_vs_full": None,
+                "kv_vs_full": None,
+            }
+            pairs = [
+                (r, by_cell[(BASELINE, *cell_key(r)[1:])])
+                for r in sel
+                if (BASELINE, *cell_key(r)[1:]) in by_cell
+            ]
+            if pairs:
+                row["score_vs_full"] = _ratio(
+                    _mean(float(a["score"]) for a, _ in pairs), _mean(float(b["score"]) for _, b in pairs)
+                )
+                row["kv_vs_full"] = _ratio(
+                    _mean(float(a.get("kv_bytes", 0)) for a, _ in pairs),
+                    _mean(float(b.get("kv_bytes", 0)) for _, b in pairs),
+                )
+            rows.append(row)
+    return rows
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _fmt_mib(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def summary_markdown(records: Sequence[dict[str, Any]], title: str | None = None) -> str:
+    """Markdown tables (accuracy, KV memory, time) for a README or a terminal."""
+    rows = summarize(records)
+    if not rows:
+        return "_no results yet_\n"
+    lengths = sorted({int(r["length"]) for r in records})
+    labels = [format_length(n) for n in lengths]
+    table: dict[tuple[str, Any], dict[str, Any]] = {(r["method"], r["length"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    has_full = BASELINE in methods
+    model = next((str(r["model"]) for r in records if r.get("model")), None)
+
+    out = [f"## {title or 'Needle in a haystack'}" + (f" — `{model}`" if model else ""), ""]
+
+    out += ["Accuracy (mean score, 1 = value found in the output):", ""]
+    head = ["method", *labels, "all"] + (["vs full"] if has_full else [])
+    out += ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for m in methods:
+        cells = [_fmt(table[(m, n)]["score"]) if (m, n) in table else "–" for n in lengths]
+        line = [m, *cells, _fmt(table[(m, "all")]["score"])]
+        if has_full:
+            line.append(_fmt(table[(m, "all")]["score_vs_full"], ".0%"))
+        out.append("| " + " | ".join(line) + " |")
+
+    out += ["", "KV cache held after generation (mean MiB per sample):", ""]
+    head = ["method", *labels] + (["vs full"] if has_full else [])
+    out += ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for m in methods:
+        cells = [_fmt_mib(table[(m, n)]["kv_mib"]) if (m, n) in table else "–" for n in lengths]
+        line = [m, *cells]
+        if has_full:
+            line.append(_fmt(table[(m, "all")]["kv_vs_full"], ".0%"))
+        out.append("| " + " | ".join(line) + " |")
+
+    out += ["", "Time (mean seconds per sample):", ""]
+    out += ["| method | prefill | decode | total | samples |", "|---|---:|---:|---:|---:|"]
+    for m in methods:
+        r = table[(m, "all")]
+        out.append(
+            f"| {m} | {_fmt(r['prefill_s'], '.3f')} | {_fmt(r['decode_s'], '.3f')} | "
+            f"{_fmt(r['seconds'], '.3f')} | {r['n']} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def write_summary(
+    out_dir: str | Path, records: Sequence[dict[str, Any]] | None = None, title: str | None = None
+) -> tuple[Path, Path]:
+    """Write ``summary.md`` and ``summary.csv`` into ``out_dir``; returns both paths.
+
+    ``records`` defaults to the run's ``results.jsonl``.
+
+    >>> md, csv_path = write_summary("runs/niah")  # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if records is None:
+        records = read_results(out / RESULTS_FILE)
+    md_path, csv_path = out / "summary.md", out / "summary.csv"
+    md_path.write_text(summary_markdown(records, title=title), encoding="utf-8")
+    fields = [
+        "method", "length", "n", "score", "score_vs_full", "kv_bytes", "kv_mib", "kv_vs_full",
+        "seconds", "prefill_s", "decode_s",
+    ]
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in summarize(records):
+            writer.writerow({k: ("" if row[k] is None else row[k]) for k in fields})
+    return md_path, csv_path
