@@ -1,6 +1,7 @@
 """The ``kvtools`` command (also ``python -m kvtools``).
 
     kvtools niah --config full,snapkv,streamingllm --lengths 1k,2k,4k --depths 0:100:11 --samples 2
+    kvtools bench --config full,snapkv --lengths 2k,4k,8k
     kvtools configs        # presets, one line each
     kvtools methods        # methods per stage, with their parameters
 
@@ -49,6 +50,22 @@ def _cmd_niah(args: argparse.Namespace) -> int:
     print(f"wrote {len(run.files)} files to {run.out_dir}:")
     for path in run.files:
         print(f"  {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from kvtools.eval.niah import parse_lengths
+
+    configs = _split_configs(args.config)
+    lengths = parse_lengths(args.lengths)
+    from kvtools.bench import report_markdown, run_bench
+
+    rows = run_bench(
+        args.model, configs, lengths, args.out, decode_tokens=args.decode_tokens, warmup=args.warmup,
+        repeats=args.repeats, seed=args.seed, quiet=args.quiet, device=args.device,
+    )
+    print(report_markdown(rows))
+    print(f"wrote bench.jsonl, bench.md, bench.csv, bench.png to {args.out}")
     return 0
 
 
@@ -110,6 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
     niah.add_argument("--quiet", action="store_true", help="no progress bar")
     niah.set_defaults(func=_cmd_niah)
+
+    bench = sub.add_parser(
+        "bench",
+        help="prefill time, decode ms/token, KV bytes and memory per method, side by side",
+        description="Speed and memory of each method vs full, measured interleaved in one process.",
+    )
+    bench.add_argument("--model", default=None,
+                       help="model name/path (default: built-in), or random:SHAPE[:layers=N] for a random-weight "
+                            "model of a real shape (llama-3-8b, qwen3-8b, smollm2-135m)")
+    bench.add_argument("--config", default="full,snapkv,streamingllm", help="comma list of presets or YAML paths")
+    bench.add_argument("--lengths", default="2k,4k,8k", help="prompt lengths (k = 1024)")
+    bench.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps (default: 16)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
+    bench.add_argument("--repeats", type=int, default=1, help="prefills timed per cell; median (default: 1)")
+    bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
+    bench.add_argument("--out", default="runs/bench", metavar="DIR", help="output folder (default: runs/bench)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_cmd_bench)
 
     configs = sub.add_parser("configs", help="list the preset configs")
     configs.set_defaults(func=_cmd_configs)

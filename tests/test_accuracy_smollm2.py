@@ -42,3 +42,40 @@ def test_full_equals_unpatched_on_the_real_model(smollm2):
         with kvtools.patch(model, "full"):
             got = model(ids).logits
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_niah_full_finds_needles_and_budgets_shrink_the_cache(smollm2, tmp_path):
+    """Full attention retrieves the needle at 1k-2k; the 25% methods hold ~25% of full's KV bytes."""
+    from kvtools.eval.niah import run_niah
+
+    model, tok = smollm2
+    run = run_niah(
+        None, ["full", "snapkv-0.25", "streamingllm-0.25"], [1024, 2048], [10, 50, 90], 1, tmp_path,
+        quiet=True, model=model, tokenizer=tok,
+    )
+    by = {}
+    for r in run.records:
+        by.setdefault(r["method"], []).append(r)
+    full_acc = sum(r["score"] for r in by["full"]) / len(by["full"])
+    assert full_acc >= 0.8
+    full_bytes = sum(r["kv_bytes"] for r in by["full"])
+    for name in ("snapkv-0.25", "streamingllm-0.25"):
+        ratio = sum(r["kv_bytes"] for r in by[name]) / full_bytes
+        assert 0.2 < ratio < 0.3, (name, ratio)
+    # streamingllm keeps only the recent 25%: needles at depth 10-50 are gone by design
+    assert all(r["score"] == 0 for r in by["streamingllm-0.25"] if r["depth"] <= 50)
+
+
+def test_gemma3_270m_full_equals_unpatched():
+    model, tok = kvtools.load_model("gemma3-270m")
+    assert model.config.model_type == "gemma3_text"
+    ids = tok("Long context inference is cheaper with a smaller cache. " * 80, return_tensors="pt").input_ids
+    assert ids.shape[1] > model.config.sliding_window  # crosses the sliding window
+    with torch.no_grad():
+        ref = model(ids).logits
+        with kvtools.patch(model, "full") as p:
+            cache = p.make_cache()
+            got = model(ids, past_key_values=cache).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    slots = cache.slots()
+    assert min(slots) < ids.shape[1] == max(slots)  # sliding layers hold only their window

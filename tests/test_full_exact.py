@@ -102,3 +102,25 @@ def test_chunked_prefill_full_equals_one_shot(family_model):
         got = model(ids, past_key_values=cache).logits
     assert cache.get_seq_length() == 50
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_streamers_receive_every_token(llama):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    ids = random_ids(1, 10)
+    streamer = Collect()
+    with kvtools.patch(llama, {"cache": {"method": "streamingllm", "n_sink": 2, "window": 6}}):
+        out = llama.generate(ids, max_new_tokens=6, do_sample=False, streamer=streamer)
+    assert streamer.chunks[-1] == "end"
+    streamed = [t for c in streamer.chunks[1:-1] for t in c]  # first put is the prompt
+    assert streamed == out[0, 10:].tolist()

@@ -51,7 +51,7 @@ def test_cache_holds_exactly_budget_slots_per_layer_and_kv_head(llama):
 
 
 def reference_selection(q_win, keys, budget, window, kernel, pool, scale):
-    """Plain loops: per query head, window attention (causal inside the window), summed, pooled;
+    """Plain loops: per query head, window attention (causal inside the window), summed, pooled over the prefix;
     averaged over the query heads of each KV head; top (budget - window) prefix tokens + the window."""
     b_, h, w, d = q_win.shape
     hk, s = keys.shape[1], keys.shape[2]
@@ -75,14 +75,16 @@ def reference_selection(q_win, keys, budget, window, kernel, pool, scale):
                     for j in range(s):
                         votes[j] += ex[j] / z
                 pooled = []
-                for j in range(s):
-                    span = [votes[t] if 0 <= t < s else None for t in range(j - kernel // 2, j + kernel // 2 + 1)]
+                for j in range(s - w):
+                    prefix_len = s - w  # pooling runs over the prefix only
+                    span = [votes[t] if 0 <= t < prefix_len else None
+                            for t in range(j - kernel // 2, j + kernel // 2 + 1)]
                     if pool == "max":
                         pooled.append(max(v for v in span if v is not None))
                     else:
                         pooled.append(sum(v for v in span if v is not None) / kernel)
                 pooled_heads.append(pooled)
-            score = [sum(ph[j] for ph in pooled_heads) / g for j in range(s)]
+            score = [sum(ph[j] for ph in pooled_heads) / g for j in range(s - w)]
             prefix = sorted(range(s - w), key=lambda j: (-score[j], j))[: budget - w]
             row.append(sorted(prefix) + list(range(s - w, s)))
         out.append(row)

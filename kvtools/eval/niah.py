@@ -247,13 +247,10 @@ class NiahRun:
     files: list[Path] = field(default_factory=list)
 
 
-def _default_model_name() -> str:
-    try:
-        from kvtools import models
+def _model_name(name: str | None) -> str:
+    from kvtools.models import canonical_name
 
-        return str(getattr(models, "DEFAULT_MODEL", "default"))
-    except ImportError:
-        return "default"
+    return canonical_name(name)
 
 
 def _resolve_configs(configs: Sequence[str | Path | dict | KVConfig]) -> list[KVConfig]:
@@ -358,7 +355,7 @@ def run_niah(
     if too_short:
         raise ConfigError(f"lengths: {too_short} leave no room for the prompt with max_new_tokens={max_new_tokens}")
     corpus = load_haystack_dir(haystack_dir) if haystack_dir is not None else None
-    name = model_name or _default_model_name()
+    name = _model_name(model_name)
 
     out = Path(out_dir)
     run_config = {

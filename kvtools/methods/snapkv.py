@@ -31,14 +31,20 @@ def snapkv_scores(
     kernel: int,
     pool: str,
 ) -> torch.Tensor:
-    """Scores [B, Hk, S] of each slot from the window queries q_win [B, H, w, D] at stream indices q_idx [w]."""
+    """Scores [B, Hk, S] of each slot from the window queries q_win [B, H, w, D] at stream indices q_idx [w].
+
+    The window is the last ``w`` valid slots of each row; its own scores are zero (it is always kept).
+    """
     b, h, w, d = q_win.shape
     hk, s = keys.shape[1], keys.shape[2]
     qg = q_win.float().view(b, hk, h // hk, w, d)  # [B, Hk, g, w, D]
     logits = torch.einsum("bhgwd,bhsd->bhgws", qg, keys.float()) * scale  # [B, Hk, g, w, S]
     seen = valid[:, :, None, None, :] & (idx[:, :, None, None, :] <= q_idx.view(1, 1, 1, w, 1))
     probs = logits.masked_fill(~seen, float("-inf")).softmax(-1).nan_to_num(0.0)
-    votes = probs.sum(-2).reshape(-1, 1, s)  # [B*Hk*g, 1, S]
+    # only the prefix is pooled (as in the reference): the window's own votes do not leak into it
+    rank = valid_rank(valid)
+    prefix = valid & (rank < valid.sum(-1, keepdim=True) - w)  # [B, Hk, S]
+    votes = (probs.sum(-2) * prefix[:, :, None, :]).reshape(-1, 1, s)  # [B*Hk*g, 1, S]
     if pool == "max":
         pooled = F.max_pool1d(votes, kernel, stride=1, padding=kernel // 2)
     else:

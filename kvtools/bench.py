@@ -1,0 +1,269 @@
+"""Speed and memory, measured side by side in one process.
+
+For each length, every method runs on the same random prompt, interleaved
+(method A, B, C at 2k, then at 4k, ...), so machine noise hits all of them alike:
+
+* prefill seconds: median over ``repeats`` fresh prefills;
+* decode ms/token: median over ``decode_tokens`` single-token steps after ``warmup`` steps;
+* KV bytes: what the cache holds after prefill + decode (``KVCache.nbytes``);
+* memory: CUDA max allocated during the method's run, or on CPU the process RSS after it;
+* ratios to ``full`` when it is among the methods.
+
+``--model random:llama-3-8b:layers=4`` builds a random-weight model with a real
+architecture's shape (honest for speed and memory, never for accuracy); the
+report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import KVConfig, load_config
+from .errors import ConfigError, InputTooLongError
+from .patching import patch
+
+#: Architecture shapes for random-weight speed runs (from the public model configs).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        rope_theta=500000.0, max_position_embeddings=131072,
+    ),
+    "qwen3-8b": dict(
+        model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        rope_theta=1000000.0, max_position_embeddings=131072,
+    ),
+    "smollm2-135m": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+        rope_theta=100000.0, max_position_embeddings=8192,
+    ),
+}
+
+
+def random_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random-weight model from ``random:SHAPE[:key=value,...]`` (e.g. ``random:llama-3-8b:layers=4``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    parts = spec.split(":")
+    if len(parts) < 2 or parts[1] not in SHAPES:
+        raise ConfigError(f"--model {spec!r}: expected random:SHAPE[:layers=N,...], SHAPE one of {', '.join(SHAPES)}")
+    shape = dict(SHAPES[parts[1]])
+    aliases = {"layers": "num_hidden_layers", "context": "max_position_embeddings", "vocab": "vocab_size"}
+    for item in ",".join(parts[2:]).split(","):
+        if not item:
+            continue
+        key, sep, val = item.partition("=")
+        key = aliases.get(key, key)
+        if not sep or key not in shape:
+            raise ConfigError(f"--model {spec!r}: unknown override '{item}'; allowed: {', '.join(aliases)}, {', '.join(shape)}")
+        shape[key] = type(shape[key])(val)
+    model_type = shape.pop("model_type")
+    theta = shape.pop("rope_theta")
+    cfg = AutoConfig.for_model(model_type, **shape)
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = model.to_empty(device="cpu")
+    for p in model.parameters():  # small random weights: finite activations, honest FLOPs
+        torch.nn.init.normal_(p, std=0.02)
+    model.model.rotary_emb.inv_freq = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    return model.eval()
+
+
+@dataclass
+class BenchRow:
+    model: str
+    random_weights: bool
+    method: str
+    length: int
+    prefill_s: float
+    decode_ms: float
+    kv_bytes: int
+    memory_bytes: int
+    memory_kind: str  # "cuda_max_allocated" | "cpu_rss"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+@torch.inference_mode()
+def measure(
+    model: Any,
+    config: KVConfig,
+    ids: torch.Tensor,
+    decode_tokens: int = 16,
+    warmup: int = 2,
+    repeats: int = 1,
+) -> tuple[float, float, int, int, str]:
+    """(prefill s, decode ms/token, KV bytes, memory bytes, memory kind) for one method on ``ids`` [1, L]."""
+    dev = ids.device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    with patch(model, config) as p:
+        for _ in range(repeats):
+            cache = p.make_cache()
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, logits_to_keep=1, **p.cache_kwargs(cache))
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+        nxt = out.logits[:, -1:].argmax(-1)
+        steps = []
+        for i in range(warmup + decode_tokens):
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = model(input_ids=nxt, **p.cache_kwargs(cache))
+            _sync(dev)
+            if i >= warmup:
+                steps.append(time.perf_counter() - t0)
+            nxt = out.logits[:, -1:].argmax(-1)
+        kv = cache.nbytes()
+    if dev.type == "cuda":
+        mem, kind = int(torch.cuda.max_memory_allocated(dev)), "cuda_max_allocated"
+    else:
+        mem, kind = _rss(), "cpu_rss"
+    return statistics.median(times), 1000 * statistics.median(steps), kv, mem, kind
+
+
+def run_bench(
+    model_name: str | None,
+    configs: list[str],
+    lengths: list[int],
+    out_dir: str | Path,
+    decode_tokens: int = 16,
+    warmup: int = 2,
+    repeats: int = 1,
+    seed: int = 0,
+    quiet: bool = False,
+    device: str | None = None,
+) -> list[BenchRow]:
+    """Measure every config at every length, interleaved; write ``bench.jsonl``, ``bench.md``, ``bench.csv``, ``bench.png``."""
+    kv_configs = [load_config(c) for c in configs]  # validate before loading anything
+    if decode_tokens < 1 or repeats < 1 or warmup < 0:
+        raise ConfigError("decode_tokens and repeats must be >= 1, warmup >= 0")
+    random_weights = bool(model_name and model_name.startswith("random:"))
+    if random_weights:
+        model = random_model(model_name)
+        name = model_name
+    else:
+        from .models import canonical_name, load_model
+
+        model, _ = load_model(model_name)
+        name = canonical_name(model_name)
+    if device:
+        model = model.to(device)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    too_long = [n for n in lengths if ctx is not None and n + warmup + decode_tokens > ctx]
+    if too_long:
+        raise InputTooLongError(f"lengths: {too_long} (+ decode tokens) exceed the model's context of {ctx} tokens")
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    from tqdm.auto import tqdm
+
+    rows: list[BenchRow] = []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(lengths) * len(kv_configs), disable=quiet, desc="bench") as bar, \
+            (out / "bench.jsonl").open("w") as f:
+        for length in lengths:
+            ids = torch.randint(100, model.config.vocab_size, (1, length), generator=g).to(dev)
+            for cfg in kv_configs:
+                bar.set_postfix(method=cfg.name, length=length)
+                prefill, decode, kv, mem, kind = measure(model, cfg, ids, decode_tokens, warmup, repeats)
+                row = BenchRow(name, random_weights, cfg.name, length, prefill, decode, kv, mem, kind)
+                rows.append(row)
+                f.write(json.dumps(row.as_dict()) + "\n")
+                f.flush()
+                bar.update()
+    write_report(rows, out)
+    return rows
+
+
+def _ratio(rows: list[BenchRow], row: BenchRow, field: str) -> float | None:
+    base = [r for r in rows if r.method == "full" and r.length == row.length]
+    if not base or not getattr(base[0], field):
+        return None
+    return getattr(row, field) / getattr(base[0], field)
+
+
+def report_markdown(rows: list[BenchRow]) -> str:
+    if not rows:
+        return "(no rows)\n"
+    r0 = rows[0]
+    weights = "random weights (speed/memory only, never accuracy)" if r0.random_weights else "real weights"
+    mem_name = "CUDA max allocated" if r0.memory_kind == "cuda_max_allocated" else "process RSS"
+    lines = [
+        f"## Benchmark — `{r0.model}` ({weights})",
+        "",
+        f"| method | length | prefill s | vs full | decode ms/token | vs full | KV MiB | vs full | {mem_name} MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def fmt(x: float | None) -> str:
+        return "—" if x is None else f"{x:.2f}x"
+
+    for r in sorted(rows, key=lambda r: (r.length, r.method != "full", r.method)):
+        lines.append(
+            f"| {r.method} | {r.length} | {r.prefill_s:.3f} | {fmt(_ratio(rows, r, 'prefill_s'))} | "
+            f"{r.decode_ms:.1f} | {fmt(_ratio(rows, r, 'decode_ms'))} | {r.kv_bytes / 2**20:.1f} | "
+            f"{fmt(_ratio(rows, r, 'kv_bytes'))} | {r.memory_bytes / 2**20:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rows: list[BenchRow], out: Path) -> None:
+    import csv
+
+    (out / "bench.md").write_text(report_markdown(rows))
+    with (out / "bench.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].as_dict()) if rows else ["method"])
+        w.writeheader()
+        for r in rows:
+            w.writerow(r.as_dict())
+    if rows:
+        plot_bench(rows, out / "bench.png")
+
+
+def plot_bench(rows: list[BenchRow], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
+    methods = sorted({r.method for r in rows}, key=lambda m: (m != "full", m))
+    for ax, field, label, scale in (
+        (axes[0], "prefill_s", "prefill (s)", 1.0),
+        (axes[1], "decode_ms", "decode (ms / token)", 1.0),
+        (axes[2], "kv_bytes", "KV cache (MiB)", 2**-20),
+    ):
+        for m in methods:
+            pts = sorted((r.length, getattr(r, field) * scale) for r in rows if r.method == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{rows[0].model}" + (" (random weights)" if rows[0].random_weights else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
