@@ -1,6 +1,7 @@
 """The ``kvtools`` command (also ``python -m kvtools``).
 
     kvtools niah --config full,snapkv,streamingllm --lengths 1k,2k,4k --depths 0:100:11 --samples 2
+    kvtools eval configs/eval/ruler-smollm2.yaml
     kvtools bench --config full,snapkv --lengths 2k,4k,8k
     kvtools configs        # presets, one line each
     kvtools methods        # methods per stage, with their parameters
@@ -50,6 +51,21 @@ def _cmd_niah(args: argparse.Namespace) -> int:
     print(f"wrote {len(run.files)} files to {run.out_dir}:")
     for path in run.files:
         print(f"  {path}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from kvtools.eval.run import load_run, run_eval
+
+    run = load_run(args.run)  # validate before importing torch-heavy parts or loading the model
+    try:
+        res = run_eval(run, out=args.out, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished samples are saved; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if res is not None:  # the main process reports
+        print(res.summary)
+        print(f"wrote {len(res.files)} files to {res.out_dir}")
     return 0
 
 
@@ -127,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
     niah.add_argument("--quiet", action="store_true", help="no progress bar")
     niah.set_defaults(func=_cmd_niah)
+
+    ev = sub.add_parser(
+        "eval",
+        help="a YAML-configured run: methods x suites (niah, passkey, ruler, ppl), resumable",
+        description="Run (or resume) the evaluation described by a run file; "
+        "`accelerate launch -m kvtools eval RUN.yaml` shards it over processes.",
+    )
+    ev.add_argument("run", help="run file (YAML), e.g. configs/eval/ruler-smollm2.yaml")
+    ev.add_argument("--out", default=None, help="output folder (default: the run file's `out`)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_cmd_eval)
 
     bench = sub.add_parser(
         "bench",

@@ -133,6 +133,28 @@ def _check_fractions(stage: str, cfg: StageConfig) -> None:
             )
 
 
+def validate_fields(model: type[BaseModel], raw: dict[str, Any], where: str, what: str = "") -> Any:
+    """Build a pydantic ``model`` from ``raw``; the first error becomes a :class:`ConfigError`
+    naming ``where.key``, the problem, the bad value and (for unknown keys) the closest allowed one."""
+    try:
+        return model(**raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # an unknown key (typically a typo) explains a "missing" one: report it first
+        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        key = ".".join(str(p) for p in err["loc"]) or "?"
+        allowed = [k for k in model.model_fields if k not in ("method", "suite")]
+        label = f" for {what}" if what else ""
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(
+                f"{where}.{key}: unknown key{label}{_closest(key, allowed)}; allowed: {', '.join(allowed)}"
+            ) from None
+        if err["type"] == "missing":
+            raise ConfigError(f"{where}.{key}: missing{label}") from None
+        suffix = f" ({what})" if what else ""
+        raise ConfigError(f"{where}.{key}: {err['msg'].lower()}, got {err.get('input')!r}{suffix}") from None
+
+
 def _stage_from_dict(stage: str, raw: Any) -> StageConfig:
     models = STAGE_MODELS[stage]
     if isinstance(raw, str):
@@ -146,21 +168,7 @@ def _stage_from_dict(stage: str, raw: Any) -> StageConfig:
         others = [s for s in STAGES if s != stage and method in STAGE_MODELS[s]]
         hint = f" ('{method}' is a {others[0]} method)" if others else _closest(method, list(models))
         raise ConfigError(f"{stage}.method: unknown value '{method}'{hint}; allowed: {', '.join(models)}")
-    model = models[method]
-    try:
-        cfg = model(**raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "?"
-        allowed = [k for k in model.model_fields if k != "method"]
-        if err["type"] == "extra_forbidden":
-            raise ConfigError(
-                f"{stage}.{key}: unknown key for {method}{_closest(key, allowed)}; "
-                f"allowed: {', '.join(allowed)}"
-            ) from None
-        raise ConfigError(
-            f"{stage}.{key}: {err['msg'].lower()}, got {err.get('input')!r} ({method})"
-        ) from None
+    cfg = validate_fields(models[method], raw, stage, what=method)
     _check_fractions(stage, cfg)
     return cfg
 

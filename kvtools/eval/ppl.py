@@ -23,6 +23,10 @@ class StreamPPL:
     nll: torch.Tensor  # [T-1] per-token negative log-likelihood (nats)
     segment: int
 
+    def ppl(self) -> float:
+        """Perplexity over the whole stream."""
+        return math.exp(float(self.nll.mean()))
+
     def segments(self) -> list[float]:
         """Perplexity of each ``segment``-token stretch of the stream (the last one may be shorter)."""
         out = []

@@ -13,7 +13,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,13 @@ def cell_key(record: dict[str, Any]) -> CellKey:
     return (str(record["method"]), int(record["length"]), round(float(record["depth"]), 6), int(record["sample"]))
 
 
-def read_results(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
+def read_results(
+    path: str | Path, *, repair: bool = False, key: Callable[[dict[str, Any]], Any] | None = None
+) -> list[dict[str, Any]]:
     """Read a ``results.jsonl`` file, tolerating a partial or corrupt line.
 
     Unparsable lines (typically the last one, cut by an interrupted run) and repeated
-    samples (same :func:`cell_key`, the first one wins) are dropped with a warning.
+    samples (same ``key``, default :func:`cell_key`; the first one wins) are dropped with a warning.
     With ``repair=True`` the file is rewritten without them (atomically), and made to
     end with a newline so that appending continues on a fresh line.
     A missing file reads as no results.
@@ -66,15 +68,16 @@ def read_results(path: str | Path, *, repair: bool = False) -> list[dict[str, An
             continue
         try:
             rec = json.loads(line)
-            key = cell_key(rec)
-            float(rec["score"])
+            k = (key or cell_key)(rec)
+            if rec["score"] is not None:  # stream suites (ppl) have no score
+                float(rec["score"])
         except (ValueError, KeyError, TypeError):
             bad += 1
             continue
-        if key in seen:
+        if k in seen:
             dupes += 1
             continue
-        seen.add(key)
+        seen.add(k)
         records.append(rec)
     if bad or dupes:
         log.warning("%s: dropped %d unreadable and %d repeated line(s)", path, bad, dupes)

@@ -1,0 +1,1 @@
+"""Shipped eval run files (kvtools eval)."""

@@ -1,0 +1,169 @@
+"""Summary tables and plots of a ``kvtools eval`` run."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .report import BASELINE, format_length
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize_eval(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (suite, task, length, method): n, mean score (x100), timings, KV bytes, ratios to full.
+
+    Rows with task ``*`` average the suite's tasks (each task weighted equally).
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("score") is None:
+            continue
+        groups[(r["suite"], r["task"], int(r["length"]), r["method"])].append(r)
+    rows = []
+    for (suite, task, length, method), rs in groups.items():
+        rows.append({
+            "suite": suite, "task": task, "length": length, "method": method, "n": len(rs),
+            "score": 100 * _mean([float(r["score"]) for r in rs]),
+            "prefill_s": _mean([r.get("prefill_s") for r in rs]),
+            "decode_ms": _mean([r.get("decode_ms") for r in rs]),
+            "kv_bytes": _mean([r.get("kv_bytes") for r in rs]),
+        })
+    by_task: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_task[(row["suite"], row["length"], row["method"])].append(row)
+    for (suite, length, method), rs in by_task.items():
+        if len({r["task"] for r in rs}) > 1:
+            rows.append({
+                "suite": suite, "task": "*", "length": length, "method": method, "n": sum(r["n"] for r in rs),
+                **{k: _mean([r[k] for r in rs]) for k in ("score", "prefill_s", "decode_ms", "kv_bytes")},
+            })
+    base = {(r["suite"], r["task"], r["length"]): r for r in rows if r["method"] == BASELINE}
+    for r in rows:
+        b = base.get((r["suite"], r["task"], r["length"]))
+        for k in ("score", "kv_bytes", "decode_ms"):
+            r[f"{k}_vs_full"] = (r[k] / b[k]) if b and b.get(k) and r.get(k) is not None else None
+    rows.sort(key=lambda r: (r["suite"], r["task"] != "*", r["task"], r["length"], r["method"] != BASELINE,
+                             r["method"]))
+    return rows
+
+
+def _f(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def eval_markdown(records: Sequence[dict[str, Any]], title: str = "") -> str:
+    rows = summarize_eval(records)
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    out = [f"## {title}" if title else "## Evaluation", ""]
+    for suite in dict.fromkeys(r["suite"] for r in rows):
+        srows = [r for r in rows if r["suite"] == suite]
+        lengths = sorted({r["length"] for r in srows})
+        main = "*" if any(r["task"] == "*" for r in srows) else srows[0]["task"]
+        label = "mean over tasks" if main == "*" else main
+        out += [f"### {suite} — score x100 ({label})", "",
+                "| method | " + " | ".join(format_length(n) for n in lengths) + " | mean | vs full | KV MiB | decode ms/token |",
+                "|---|" + "---:|" * (len(lengths) + 4)]
+        for m in methods:
+            cells = {r["length"]: r for r in srows if r["task"] == main and r["method"] == m}
+            if not cells:
+                continue
+            mean = _mean([c["score"] for c in cells.values()])
+            ratio = _mean([c["score_vs_full"] for c in cells.values() if c["score_vs_full"] is not None])
+            kv = _mean([c["kv_bytes"] for c in cells.values()])
+            dec = _mean([c["decode_ms"] for c in cells.values()])
+            out.append(f"| {m} | " + " | ".join(_f(cells[n]["score"], ".1f") if n in cells else "—" for n in lengths)
+                       + f" | {_f(mean, '.1f')} | {_f(None if ratio is None else 100 * ratio, '.0f')}% | "
+                       f"{_f(None if kv is None else kv / 2**20, '.1f')} | {_f(dec, '.1f')} |")
+        tasks = [t for t in dict.fromkeys(r["task"] for r in srows) if t != "*"]
+        if len(tasks) > 1:
+            out += ["", f"Per task (score x100, mean over lengths {', '.join(format_length(n) for n in lengths)}):", "",
+                    "| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+            for t in tasks:
+                vals = [_mean([r["score"] for r in srows if r["task"] == t and r["method"] == m]) for m in methods]
+                out.append(f"| {t} | " + " | ".join(_f(v, ".1f") for v in vals) + " |")
+        out.append("")
+    ppl = [r for r in records if r.get("ppl_segments")]
+    if ppl:
+        out += ["### ppl — perplexity per segment of the stream", ""]
+        for r in ppl:
+            segs = ", ".join(f"{x:.1f}" for x in r["ppl_segments"])
+            out.append(f"- {r['method']} ({r['task']}, {format_length(r['length'])}, segments of "
+                       f"{r['segment']}): overall {r['ppl']:.2f}; segments: {segs}")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_eval_report(records: Sequence[dict[str, Any]], out_dir: Path, run: Any = None) -> tuple[str, list[Path]]:
+    """Write summary.md, summary.csv and plots; returns (markdown, files written)."""
+    title = f"`{run.model_name}`" if run is not None else ""
+    md = eval_markdown(records, title)
+    files = [out_dir / "summary.md", out_dir / "summary.csv"]
+    files[0].write_text(md)
+    rows = summarize_eval(records)
+    with files[1].open("w", newline="") as f:
+        cols = ["suite", "task", "length", "method", "n", "score", "score_vs_full", "kv_bytes", "kv_bytes_vs_full",
+                "prefill_s", "decode_ms", "decode_ms_vs_full"]
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    files += _plots(records, rows, out_dir)
+    return md, files
+
+
+def _plots(records, rows, out_dir: Path) -> list[Path]:
+    from matplotlib.figure import Figure
+
+    files: list[Path] = []
+    suites = list(dict.fromkeys(r["suite"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    if suites:
+        for name, x_of, xlabel in (
+            ("score_vs_length.png", lambda r: r["length"], "context length (tokens)"),
+            ("score_vs_kv.png", lambda r: (r["kv_bytes"] or 0) / 2**20, "KV cache held (MiB)"),
+        ):
+            fig = Figure(figsize=(4.2 * len(suites), 3.6))
+            axes = fig.subplots(1, len(suites), squeeze=False)[0]
+            for ax, suite in zip(axes, suites):
+                main = "*" if any(r["suite"] == suite and r["task"] == "*" for r in rows) else None
+                for m in methods:
+                    pts = sorted((x_of(r), r["score"]) for r in rows if r["suite"] == suite and r["method"] == m
+                                 and (r["task"] == main if main else True))
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+                ax.set_title(suite)
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel("score x100")
+                ax.set_ylim(-3, 103)
+                ax.grid(alpha=0.3)
+            axes[0].legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(out_dir / name, dpi=110)
+            files.append(out_dir / name)
+    niah = [r for r in records if r["suite"] == "niah" and r.get("score") is not None]
+    if niah:
+        from .plots import plot_heatmaps
+
+        files += plot_heatmaps(niah, out_dir)
+    ppl = [r for r in records if r.get("ppl_segments")]
+    if ppl:
+        fig = Figure(figsize=(6, 3.8))
+        ax = fig.subplots()
+        for r in ppl:
+            xs = [(i + 1) * r["segment"] for i in range(len(r["ppl_segments"]))]
+            ax.plot(xs, r["ppl_segments"], marker=".", label=f"{r['method']} ({r['task']})")
+        ax.set_yscale("log")
+        ax.set_xlabel("position in the stream (tokens)")
+        ax.set_ylabel("perplexity per segment")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "ppl.png", dpi=110)
+        files.append(out_dir / "ppl.png")
+    return files

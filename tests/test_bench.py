@@ -1,0 +1,51 @@
+"""kvtools bench: mechanics only (timings are never asserted: machines are noisy)."""
+
+import json
+
+import pytest
+
+from kvtools.bench import random_model, report_markdown, run_bench
+from kvtools.errors import ConfigError, InputTooLongError
+
+TINY = "random:smollm2-135m:layers=2,vocab=512"
+
+
+def test_random_shape_with_overrides():
+    m = random_model(TINY)
+    assert m.config.num_hidden_layers == 2 and m.config.num_key_value_heads == 3
+    assert m.config.vocab_size == 512
+
+
+@pytest.mark.parametrize("spec", ["random:nope", "random:llama-3-8b:depth=3", "random"])
+def test_bad_random_spec(spec):
+    with pytest.raises(ConfigError):
+        random_model(spec)
+
+
+def test_bench_writes_reports_and_budgets_show_in_kv_bytes(tmp_path):
+    snap = {"name": "snap64", "cache": {"method": "snapkv", "budget": 64, "window": 8}}
+    rows = run_bench(TINY, ["full", snap], [128, 256], tmp_path, decode_tokens=2, warmup=1, quiet=True)
+    assert [(r.method, r.length) for r in rows] == [("full", 128), ("snap64", 128), ("full", 256), ("snap64", 256)]
+    by = {(r.method, r.length): r for r in rows}
+    # 2 layers x 3 KV heads x (64 kept + 3 decoded) slots: the budget is visible in the bytes held
+    assert by[("snap64", 256)].kv_bytes < by[("full", 256)].kv_bytes / 3
+    assert by[("snap64", 128)].kv_bytes == by[("snap64", 256)].kv_bytes
+    for name in ("bench.jsonl", "bench.md", "bench.csv", "bench.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    lines = [json.loads(x) for x in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and lines[0]["random_weights"] is True
+    md = report_markdown(rows)
+    assert "random weights" in md and "1.00x" in md
+
+
+def test_bench_rejects_lengths_beyond_context(tmp_path):
+    with pytest.raises(InputTooLongError):
+        run_bench(TINY + ",context=256", ["full"], [512], tmp_path, quiet=True)
+
+
+def test_bench_rejects_bad_config_before_loading(tmp_path, monkeypatch):
+    import kvtools.bench as bench
+
+    monkeypatch.setattr(bench, "random_model", lambda *a, **k: pytest.fail("model loaded before validation"))
+    with pytest.raises(ConfigError):
+        run_bench(TINY, ["full", "nope"], [128], tmp_path, quiet=True)

@@ -1,0 +1,191 @@
+"""kvtools eval: run files, all suites end to end on a tiny model, resume, sharded merge, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+from kvtools.errors import ConfigError
+from kvtools.eval.run import RESULTS, load_run, record_key, run_eval
+
+TIMING = ("prefill_s", "decode_ms", "seconds")
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A real HF tokenizer built offline: byte-level, one token per byte, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", *sorted(ByteLevel.alphabet())])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    return fast
+
+
+def tiny_lm():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def run_dict(out: Path) -> dict:
+    return {
+        "model": "tiny-test",
+        "methods": ["full", {"name": "snap", "cache": {"method": "snapkv", "budget": 0.5, "window": 8}}],
+        "seed": 1,
+        "out": str(out),
+        "suites": [
+            {"suite": "niah", "lengths": [1024], "depths": [0, 100], "max_new_tokens": 4},
+            {"suite": "passkey", "lengths": ["1k"], "depths": [50], "max_new_tokens": 4},
+            {"suite": "ruler", "tasks": ["niah_single_number", "vt"], "lengths": [2048], "max_new_tokens": 4},
+            {"suite": "ppl", "lengths": [600], "chunk": 128, "segment": 200},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_lm(), byte_tokenizer()
+
+
+def strip(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_run_all_suites_then_resume_without_redoing(tmp_path, tiny):
+    model, tok = tiny
+    res = run_eval(run_dict(tmp_path), quiet=True, model=model, tokenizer=tok)
+    # items: niah 2 + passkey 1 + ruler 2 + ppl 1 = 6, for 2 methods
+    assert len(res.records) == 12
+    assert len({record_key(r) for r in res.records}) == 12
+    for name in ("run.json", RESULTS, "summary.md", "summary.csv", "score_vs_length.png", "score_vs_kv.png",
+                 "ppl.png", "heatmaps.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    ppl = [r for r in res.records if r["suite"] == "ppl"]
+    assert all(len(r["ppl_segments"]) == 3 and r["score"] is None for r in ppl)
+    full = {record_key(r)[1:]: r for r in res.records if r["method"] == "full"}
+    snap = {record_key(r)[1:]: r for r in res.records if r["method"] == "snap"}
+    for k, r in snap.items():  # same prompt for every method; the budget shows in the bytes
+        if r["suite"] != "ppl":
+            assert r["prompt_sha1"] == full[k]["prompt_sha1"]
+            assert r["kv_bytes"] < 0.7 * full[k]["kv_bytes"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "### ruler" in md and "### ppl" in md
+
+    # resume: cut the file mid-line, nothing finished is redone, nothing duplicated
+    path = tmp_path / RESULTS
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:7]) + "\n" + lines[7][:25])
+    calls = []
+
+    def counting(model, tok, patch, prep, n):
+        from kvtools.eval.niah import generate_greedy
+
+        calls.append(1)
+        return generate_greedy(model, tok, patch, prep, n)
+
+    again = run_eval(run_dict(tmp_path), quiet=True, model=model, tokenizer=tok, generate_fn=counting)
+    assert len(calls) <= 5  # only the lost line and the ones after it
+    assert strip(again.records)[:7] == strip(res.records)[:7]
+    assert len(again.records) == 12
+
+
+def test_sharded_run_merges_to_the_single_process_content(tmp_path, tiny, monkeypatch):
+    """Two ranks (simulated in turn) write shards; the merge equals a one-process run."""
+    import kvtools.eval.run as run_mod
+
+    model, tok = tiny
+    single = run_eval(run_dict(tmp_path / "one"), quiet=True, model=model, tokenizer=tok)
+
+    class FakeState:
+        def __init__(self, rank):
+            self.process_index, self.num_processes = rank, 2
+
+        def wait_for_everyone(self):
+            pass
+
+    out = tmp_path / "two"
+    monkeypatch.setattr(run_mod, "_world", lambda: (1, 2, FakeState(1)))
+    assert run_eval(run_dict(out), quiet=True, model=model, tokenizer=tok) is None
+    assert (out / "shards" / "rank1.jsonl").exists()
+    monkeypatch.setattr(run_mod, "_world", lambda: (0, 2, FakeState(0)))
+    merged = run_eval(run_dict(out), quiet=True, model=model, tokenizer=tok)
+    assert strip(merged.records) == strip(single.records)
+    assert not (out / "shards").exists()
+
+
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        ({"methods": []}, r"run\.methods: .*at least 1"),
+        ({"methods": ["snapk"]}, r"methods\[0\]: unknown preset 'snapk' \(did you mean 'snapkv'\?\)"),
+        ({"suites": [{"suite": "rulerr", "lengths": [1024]}]}, r"suites\[0\]\.suite: unknown value 'rulerr' \(did you mean 'ruler'\?\)"),
+        ({"suites": [{"suite": "ruler", "tasks": ["vtt"], "lengths": [1024]}]}, r"unknown task 'vtt' \(did you mean 'vt'\?\)"),
+        ({"suites": [{"suite": "niah", "lenghts": [1024]}]}, r"suites\[0\]\.lenghts: unknown key for niah \(did you mean 'lengths'\?\)"),
+        ({"suites": [{"suite": "niah", "lengths": ["1q"]}]}, r"suites\[0\]\.lengths"),
+        ({"sed": 3}, r"run\.sed: unknown key \(did you mean 'seed'\?\)"),
+    ],
+)
+def test_bad_run_files_fail_before_any_work(tmp_path, change, pattern):
+    raw = run_dict(tmp_path)
+    raw.update(change)
+    with pytest.raises(ConfigError, match=pattern):
+        load_run(raw)
+
+
+def test_shipped_run_files_validate():
+    import kvtools.configs.eval as shipped
+
+    files = sorted(Path(shipped.__file__).parent.glob("*.yaml"))
+    assert files
+    for f in files:
+        load_run(f)
+
+
+def test_refuses_to_mix_with_a_different_run(tmp_path, tiny):
+    model, tok = tiny
+    raw = run_dict(tmp_path)
+    raw["suites"] = raw["suites"][:1]
+    run_eval(raw, quiet=True, model=model, tokenizer=tok)
+    raw["seed"] = 2
+    with pytest.raises(ConfigError, match="holds a different run"):
+        run_eval(raw, quiet=True, model=model, tokenizer=tok)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="multi-process launch tested on Linux")
+def test_accelerate_launch_two_cpu_processes(tmp_path, tiny):
+    """`accelerate launch -m kvtools eval` with 2 CPU processes == one process (content)."""
+    model, tok = tiny
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    raw = run_dict(tmp_path / "launched")
+    raw["model"] = str(model_dir)
+    raw["suites"] = raw["suites"][:2]
+    (tmp_path / "run.yaml").write_text(json.dumps(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "kvtools", "eval", str(tmp_path / "run.yaml"), "--quiet"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = run_eval({**raw, "out": str(tmp_path / "single")}, quiet=True)
+    launched = [json.loads(x) for x in (tmp_path / "launched" / RESULTS).read_text().splitlines()]
+    assert strip(launched) == strip(single.records)

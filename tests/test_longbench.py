@@ -1,0 +1,475 @@
+"""LongBench v1/v2: metrics on hand-computed cases, loaders on local fixtures, prompts, truncation, summaries.
+
+Offline: fixtures are written to tmp_path and read through the real loaders (``datasets``
+json/parquet builders); the tokenizer is a byte-level one built in memory (one token per
+UTF-8 byte, exact round trip), with and without a chat template.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import sys
+import zipfile
+
+import pytest
+
+from kvtools.errors import ConfigError, InputTooLongError
+from kvtools.eval import metrics as M
+from kvtools.eval.longbench import (
+    NO_CHAT_TASKS,
+    TASK_MAX_NEW_TOKENS,
+    TASK_METRIC,
+    TASKS,
+    V2_MAX_NEW_TOKENS,
+    V2_TASK,
+    base_task,
+    build_prompt,
+    extract_choice,
+    format_prompt,
+    load_longbench,
+    load_longbench_v2,
+    prepare_prompt,
+    result_record,
+    score_example,
+    summarize,
+    truncate_middle,
+)
+
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+#: loader tests need the optional ``datasets`` package (kvtools[eval]); metrics and prompts do not
+needs_datasets = pytest.mark.skipif(
+    not _importable("datasets"), reason="needs the 'datasets' package: pip install 'kvtools[eval]'"
+)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer(chat: bool = True):
+    """One token per UTF-8 byte (byte-level BPE without merges), BOS added by ``add_special_tokens``."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
+    core = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    return byte_tokenizer(chat=False)
+
+
+# ---------------------------------------------------------------- fixtures on disk
+def v1_example(task: str, i: int = 0) -> dict:
+    """A small, well-formed example of any v1 task."""
+    zh = task in {"multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh"}
+    answers = {
+        "trec": ["Human being"], "lsht": ["体育"], "passage_count": ["3"],
+        "passage_retrieval_en": ["Paragraph 2"], "passage_retrieval_zh": ["段落2"], "lcc": ["return x + 1"],
+        "repobench-p": ["return x + 1"],
+    }.get(task, ["北京" if zh else f"answer {i}"])  # fmt: skip
+    classes = {"trec": ["Human being", "City", "Animal"], "lsht": ["体育", "财经"]}.get(task)
+    return {
+        "input": "这是问题？" if zh else f"Question number {i}?",
+        "context": ("上下文" * 5) if zh else f"Context paragraph {i}. " * 5,
+        "answers": answers,
+        "length": 1000 * (i + 1),
+        "all_classes": classes,
+        "dataset": task,
+        "language": "zh" if zh else "en",
+        "_id": f"id{i}",
+    }
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def v2_example(i: int, difficulty: str, length: str) -> dict:
+    return {
+        "_id": f"v2-{i}", "domain": "Single-Document QA", "sub_domain": "Legal", "difficulty": difficulty,
+        "length": length, "question": f"Which clause applies in case {i}?", "choice_A": "Clause one",
+        "choice_B": "Clause two", "choice_C": "Clause three", "choice_D": "Clause four",
+        "answer": "ABCD"[i % 4], "context": f"The contract text {i}. " * 10,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------- metrics
+def test_normalize():
+    assert M.normalize_answer("  The Quick, brown FOX!  ") == "quick brown fox"
+    assert M.normalize_answer("An apple a day") == "apple day"
+    assert M.normalize_zh_answer("北京，中国。 Hello！") == "北京中国hello"
+    assert M.zh_tokens("你好（世界）") == ["你", "好", "世", "界"]
+
+
+def test_qa_f1_hand_computed():
+    # [quick, brown, fox] vs [quick, brown, dog]: 2 common, P = R = 2/3
+    assert M.qa_f1_score("The quick brown fox", "quick brown dog") == pytest.approx(2 / 3)
+    # [cat, sat] vs [cat, sat, down]: P = 1, R = 2/3 -> F1 = 0.8
+    assert M.qa_f1_score("The cat sat.", "a cat sat down") == pytest.approx(0.8)
+    assert M.qa_f1_score("Paris", "paris") == 1.0
+    assert M.qa_f1_score("London", "Paris") == 0.0
+    assert M.qa_f1_score("", "Paris") == 0.0
+    assert M.qa_f1_score("the", "a") == 0.0  # both normalise to nothing
+    # 5 chars vs 4 chars, all 4 shared: P = 4/5, R = 1 -> 8/9
+    assert M.qa_f1_zh_score("北京是首都", "首都北京") == pytest.approx(8 / 9)
+    assert M.qa_f1_zh_score("上海。", "北京") == 0.0
+
+
+def test_rouge_l_hand_computed():
+    # LCS(the cat sat on the mat, the cat lay on a mat) = the cat on mat = 4; P = R = 4/6
+    assert M.rouge_score("The cat sat on the mat.", "the cat lay on a mat") == pytest.approx(2 / 3)
+    # LCS(a b c d, a c e) = 2: P = 1/2, R = 2/3 -> F = 4/7
+    assert M.rouge_l(list("abcd"), list("ace")) == pytest.approx(4 / 7)
+    assert M.rouge_score("", "something") == 0.0
+    assert M.rouge_score("identical text here", "Identical text here!") == 1.0
+    # characters: LCS(今天天气很好, 今天天气不错) = 4 of 6 each
+    assert M.rouge_zh_score("今天天气很好", "今天天气不错") == pytest.approx(2 / 3)
+
+
+def test_lcs_matches_dynamic_programming():
+    def dp(a, b):
+        prev = [0] * (len(b) + 1)
+        for x in a:
+            cur = [0]
+            for j, y in enumerate(b):
+                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+            prev = cur
+        return prev[-1]
+
+    rng = random.Random(0)
+    for _ in range(200):
+        a = [rng.choice("abcd") for _ in range(rng.randint(0, 40))]
+        b = [rng.choice("abcde") for _ in range(rng.randint(0, 40))]
+        assert M.lcs_length(a, b) == dp(a, b)
+    assert M.lcs_length("ABCBDAB", "BDCABA") == 4
+
+
+def test_classification():
+    classes = ["Animal", "Animal product", "City"]
+    assert M.classification_score("Type: Animal product", "Animal product", all_classes=classes) == 1.0
+    assert M.classification_score("Animal or City", "Animal", all_classes=classes) == 0.5
+    assert M.classification_score("City", "Animal", all_classes=classes) == 0.0
+    assert M.classification_score("no idea", "City", all_classes=classes) == 0.0
+    assert M.classification_score("City", "City", all_classes=None) == 0.0
+
+
+def test_retrieval_count():
+    assert M.retrieval_score("Paragraph 3", "Paragraph 3") == 1.0
+    assert M.retrieval_score("Paragraph 3 or Paragraph 5", "Paragraph 3") == 0.5
+    assert M.retrieval_score("I do not know", "Paragraph 3") == 0.0
+    assert M.retrieval_zh_score("答案是段落7", "段落7") == 1.0
+    assert M.retrieval_zh_score("段落1", "段落7") == 0.0
+    assert M.count_score("There are 7 unique paragraphs.", "7") == 1.0
+    assert M.count_score("5 or 7", "7") == 0.5
+    assert M.count_score("none", "7") == 0.0
+
+
+def test_code_sim():
+    assert M.code_sim_score("x = foo(1)\nmore code", "x = foo(1)") == 1.0
+    assert M.code_sim_score("```python\n# comment\n// other\nx = foo(1)", "x = foo(1)") == 1.0
+    assert M.code_sim_score("", "x = foo(1)") == 0.0
+    assert M.code_sim_score("abc", "xyz") == 0.0
+    rng = random.Random(1)
+    for _ in range(50):
+        a = "".join(rng.choice("ab(=) x1") for _ in range(rng.randint(1, 30)))
+        b = "".join(rng.choice("ab(=) y2") for _ in range(rng.randint(1, 30)))
+        assert 0.0 <= M.code_sim_score(a, b) <= 1.0
+    near = M.code_sim_score("return x + 2", "return x + 1")
+    assert 0.8 < near < 1.0
+
+
+def test_code_sim_without_rapidfuzz(monkeypatch):
+    monkeypatch.setitem(sys.modules, "rapidfuzz", None)  # import fails: difflib fallback
+    assert M.code_sim_score("x = foo(1)", "x = foo(1)") == 1.0
+    assert M.code_sim_score("abc", "xyz") == 0.0
+    assert 0.8 < M.code_sim_score("return x + 2", "return x + 1") < 1.0
+
+
+def test_best_and_task_score():
+    assert M.best_score("qa_f1", "Paris", ["London", "paris"]) == 1.0
+    assert M.best_score("qa_f1", "Paris", "Paris") == 1.0
+    assert M.best_score("qa_f1", "Paris", []) == 0.0
+    assert M.task_score("qa_f1", ["Paris", "Rome"], [["Paris"], ["Madrid"]]) == 50.0
+    assert M.task_score("classification", ["City", "Animal"], [["City"], ["City"]], ["City", "Animal"]) == 50.0
+    assert M.task_score("count", [], []) == 0.0
+    with pytest.raises(ValueError, match="unknown"):
+        M.best_score("bleu", "a", ["a"])
+    with pytest.raises(ValueError, match="answer lists"):
+        M.task_score("qa_f1", ["a"], [])
+
+
+# ---------------------------------------------------------------- v2 answer extraction
+@pytest.mark.parametrize(
+    ("response", "letter"),
+    [
+        ("The correct answer is (A)", "A"),
+        ("Reasoning first... The correct answer is (B).", "B"),
+        ("**The correct answer is (C)**", "C"),
+        ("The correct answer is D", "D"),
+        ("the correct answer is: (b)", None),  # letters must be capitals
+        ("So my choice is (C).", "C"),
+        ("B", "B"),
+        ("Answer: D.", "D"),
+        ("(A) Clause one, because ...", "A"),
+        ("The correct answer is a bit unclear", None),
+        ("I cannot tell.", None),
+        ("", None),
+    ],
+)
+def test_extract_choice(response, letter):
+    assert extract_choice(response) == letter
+
+
+# ---------------------------------------------------------------- tables
+def test_task_tables():
+    assert len(TASKS) == 21 and set(TASKS) == set(TASK_METRIC) == set(TASK_MAX_NEW_TOKENS)
+    assert set(TASK_METRIC.values()) <= set(M.METRICS)
+    assert TASK_METRIC["multifieldqa_zh"] == "qa_f1_zh" and TASK_METRIC["lcc"] == "code_sim"
+    assert base_task("hotpotqa_e") == "hotpotqa"
+    with pytest.raises(ConfigError, match="unknown LongBench task"):
+        base_task("nope")
+
+
+# ---------------------------------------------------------------- loading
+@needs_datasets
+def test_load_jsonl_parquet_folder_zip(tmp_path):
+    cache = tmp_path / "cache"
+    rows = [v1_example("hotpotqa", i) for i in range(4)]
+    jsonl = write_jsonl(tmp_path / "hotpotqa.jsonl", rows)
+    data = load_longbench("hotpotqa", jsonl, cache_dir=cache)
+    assert len(data) == 4 and data[2]["answers"] == ["answer 2"] and data[0]["all_classes"] is None
+    assert len(load_longbench("hotpotqa", jsonl, limit=2, cache_dir=cache)) == 2
+
+    from datasets import Dataset
+
+    trec = [v1_example("trec", i) for i in range(3)]
+    Dataset.from_list(trec).to_parquet(str(tmp_path / "trec.parquet"))
+    data = load_longbench("trec", tmp_path / "trec.parquet", cache_dir=cache)
+    assert len(data) == 3 and list(data[1]["all_classes"]) == ["Human being", "City", "Animal"]
+
+    folder = tmp_path / "LongBench" / "data"
+    folder.mkdir(parents=True)
+    write_jsonl(folder / "qasper.jsonl", [v1_example("qasper", i) for i in range(2)])
+    assert len(load_longbench("qasper", tmp_path / "LongBench", cache_dir=cache)) == 2
+    write_jsonl(folder / "qasper_e.jsonl", [v1_example("qasper", i) for i in range(3)])
+    assert len(load_longbench("qasper_e", folder, cache_dir=cache)) == 3
+
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as z:
+        z.write(folder / "qasper.jsonl", "data/qasper.jsonl")
+    assert len(load_longbench("qasper", tmp_path / "data.zip", cache_dir=cache)) == 2
+
+
+@needs_datasets
+def test_load_from_hub_ids(tmp_path, monkeypatch):
+    """Hub ids are not fetched here: check the calls made for them."""
+    import datasets
+    import huggingface_hub
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name, kwargs))
+        return datasets.Dataset.from_list([v1_example("hotpotqa", i) for i in range(5)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, repo_type: f"/hub/{repo}/{filename}")
+    assert len(load_longbench("hotpotqa", limit=3)) == 3
+    zipped = "zip://data/hotpotqa.jsonl::/hub/THUDM/LongBench/data.zip"
+    assert calls[-1] == ("json", None, {"cache_dir": None, "data_files": zipped, "split": "train"})
+    load_longbench("hotpotqa", "someone/LongBench-parquet")
+    assert calls[-1] == ("someone/LongBench-parquet", "hotpotqa", {"cache_dir": None, "split": "test"})
+    v2_rows = [v2_example(0, "easy", "short")]
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda path, **kw: calls.append((path, kw)) or datasets.Dataset.from_list(v2_rows)
+    )
+    assert len(load_longbench_v2()) == 1
+    assert calls[-1] == ("THUDM/LongBench-v2", {"split": "train", "cache_dir": None})
+
+
+@needs_datasets
+def test_load_errors(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_longbench("hotpotqa", tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError, match="no hotpotqa"):
+        load_longbench("hotpotqa", tmp_path)
+    bad = write_jsonl(tmp_path / "hotpotqa.jsonl", [{"input": "q", "context": "c"}])
+    with pytest.raises(ConfigError, match="answers"):
+        load_longbench("hotpotqa", bad, cache_dir=tmp_path / "cache")
+    with pytest.raises(ConfigError, match="unknown LongBench task"):
+        load_longbench("nope", bad)
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not a .jsonl"):
+        load_longbench("hotpotqa", tmp_path / "x.txt")
+
+
+@needs_datasets
+def test_load_v2(tmp_path):
+    kinds = [("easy", "short"), ("hard", "short"), ("hard", "long"), ("easy", "medium")]
+    rows = [v2_example(i, difficulty, length) for i, (difficulty, length) in enumerate(kinds)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")  # upstream ships one JSON array
+    cache = tmp_path / "cache"
+    data = load_longbench_v2(path, cache_dir=cache)
+    assert len(data) == 4 and data[0]["choice_B"] == "Clause two"
+    assert [ex["_id"] for ex in load_longbench_v2(path, difficulty="hard", cache_dir=cache)] == ["v2-1", "v2-2"]
+    assert len(load_longbench_v2(path, difficulty="hard", length="long", cache_dir=cache)) == 1
+    assert len(load_longbench_v2(tmp_path, limit=3, cache_dir=cache)) == 3  # folder with data.json
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [{"question": "q"}])
+    with pytest.raises(ConfigError, match="choice_A"):
+        load_longbench_v2(bad, cache_dir=cache)
+
+
+# ---------------------------------------------------------------- prompts and truncation
+@pytest.mark.parametrize("task", TASKS)
+def test_build_prompt_every_task(task, tok):
+    ex = v1_example(task)
+    text, max_new = build_prompt(task, ex, tok, 10_000)
+    assert max_new == TASK_MAX_NEW_TOKENS[task]
+    assert ex["context"] in text
+    no_query = {"gov_report", "multi_news", "vcsum", "lcc", "passage_count"}  # their input field is empty upstream
+    assert (ex["input"] in text) == (task not in no_query)
+    chat = task not in NO_CHAT_TASKS
+    assert text.startswith("<s>user\n") == chat
+    p = prepare_prompt(task, ex, tok, 10_000)
+    assert p.text == text and p.chat == chat and not p.truncated
+    assert p.input_ids == tok.encode(text, add_special_tokens=not chat)
+
+
+def test_prompt_without_chat_template(plain_tok, tok):
+    ex = v1_example("hotpotqa")
+    p = prepare_prompt("hotpotqa", ex, plain_tok, 10_000)
+    assert not p.chat and p.text == format_prompt("hotpotqa", ex)
+    assert p.input_ids[0] == plain_tok.bos_token_id  # special tokens added for plain text
+    assert not prepare_prompt("hotpotqa", ex, tok, 10_000, chat=False).chat
+    with pytest.raises(ConfigError, match="no chat template"):
+        prepare_prompt("hotpotqa", ex, plain_tok, 10_000, chat=True)
+
+
+def test_truncate_middle_keeps_head_and_tail(tok):
+    text = "".join(f"<{i:04d}>" for i in range(400))  # 2400 single-byte tokens
+    out = truncate_middle(text, tok, 300)
+    assert out == text[:150] + text[-150:]
+    assert len(tok.encode(out, add_special_tokens=False)) == 300
+    assert truncate_middle(text, tok, 301) == text[:151] + text[-150:]
+    assert truncate_middle("short", tok, 100) == "short"
+    # ASCII words are not fused at the cut
+    assert truncate_middle("aaaa bbbb cccc dddd", tok, 6) == "aaa ddd"
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_prompt_truncation_fits_budget(chat, tok, plain_tok):
+    tokenizer = tok if chat else plain_tok
+    words = [f"w{i:04d}" for i in range(1500)]
+    ex = {**v1_example("hotpotqa"), "context": " ".join(words), "input": "Which word comes first?"}
+    for budget in (400, 1000, 2500):
+        p = prepare_prompt("hotpotqa", ex, tokenizer, budget)
+        assert p.truncated and p.n_tokens <= budget and p.n_tokens >= budget - 4
+        assert len(tokenizer.encode(p.text, add_special_tokens=not chat)) == p.n_tokens
+        assert p.n_original > budget
+        # the instruction head and the question tail survive, the middle of the context does not
+        assert p.text.startswith("<s>user\nUse the passages below" if chat else "Use the passages below")
+        assert "\n\nQuestion: Which word comes first?\nReply with the answer only.\nAnswer:" in p.text
+        assert "Passages:\nw0000 w0001" in p.text and "w1498 w1499\n\nQuestion" in p.text
+        assert words[len(words) // 2] not in p.text
+    with pytest.raises(InputTooLongError, match="without its context"):
+        prepare_prompt("hotpotqa", ex, tokenizer, 150)
+
+
+def test_v2_prompt_and_scoring(tok):
+    ex = v2_example(1, "hard", "short")  # answer B
+    p = prepare_prompt(V2_TASK, ex, tok, 5000)
+    assert p.max_new_tokens == V2_MAX_NEW_TOKENS and p.chat
+    needles = ("Which clause applies in case 1?", "(A) Clause one", "(D) Clause four", "The correct answer is (X)")
+    for needle in needles:
+        assert needle in p.text
+    assert score_example(V2_TASK, "The correct answer is (B)", ex) == 1.0
+    assert score_example(V2_TASK, "The correct answer is (A)", ex) == 0.0
+    assert score_example(V2_TASK, "no idea", ex) == 0.0
+    long_ex = {**ex, "context": "lorem ipsum " * 2000}
+    p = prepare_prompt(V2_TASK, long_ex, tok, 1500)
+    assert p.truncated and p.n_tokens <= 1500 and "(D) Clause four" in p.text
+
+
+# ---------------------------------------------------------------- scoring and summary
+def test_score_example_rules():
+    ex = v1_example("hotpotqa", 3)  # answer "answer 3"
+    assert score_example("hotpotqa", "Answer 3.", ex) == 1.0
+    assert score_example("hotpotqa_e", "answer", ex) == pytest.approx(2 / 3)
+    trec = v1_example("trec")
+    assert score_example("trec", "\nHuman being\nQuestion: who? Type: City", trec) == 1.0  # first line only
+    assert score_example("trec", "City", trec) == 0.0
+    assert score_example("passage_retrieval_en", "Paragraph 2", v1_example("passage_retrieval_en")) == 1.0
+    assert score_example("passage_count", "3", v1_example("passage_count")) == 1.0
+    assert score_example("lcc", "return x + 1\n", v1_example("lcc")) == 1.0
+    assert score_example("lsht", "体育", v1_example("lsht")) == 1.0
+    assert score_example("multifieldqa_zh", "北京", v1_example("multifieldqa_zh")) == 1.0
+    assert score_example("gov_report", "answer 0", v1_example("gov_report")) == 1.0
+
+
+@needs_datasets
+def test_end_to_end_on_fixture(tmp_path, tok):
+    path = write_jsonl(tmp_path / "hotpotqa.jsonl", [v1_example("hotpotqa", i) for i in range(3)])
+    records = []
+    for i, ex in enumerate(load_longbench("hotpotqa", path, cache_dir=tmp_path / "cache")):
+        text, max_new = build_prompt("hotpotqa", ex, tok, 200)
+        assert len(tok.encode(text, add_special_tokens=False)) <= 200 and max_new == 32
+        prediction = ex["answers"][0] if i < 2 else "wrong"
+        records.append(result_record("hotpotqa", prediction, ex))
+    summary = summarize(records)
+    assert summary["tasks"]["hotpotqa"]["score"] == pytest.approx(66.67)
+    assert summary["tasks"]["hotpotqa"]["by_length"] == {"0-4k": pytest.approx(66.67)}
+    assert json.loads(json.dumps(records))[0]["answers"] == ["answer 0"]
+
+
+def test_summarize():
+    records = [
+        {"task": "hotpotqa", "score": 1.0, "length": 1000},
+        {"task": "hotpotqa", "score": 0.5, "length": 5000},
+        {"task": "hotpotqa", "score": 0.0, "length": 9000},
+        {"task": "2wikimqa", "score": 0.25},
+        {"task": "lcc", "score": 0.8},
+        {"task": V2_TASK, "score": 1.0, "difficulty": "easy", "length": "short"},
+        {"task": V2_TASK, "score": 0.0, "difficulty": "hard", "length": "short"},
+        {"task": V2_TASK, "score": 1.0, "difficulty": "hard", "length": "long"},
+    ]
+    s = summarize(records)
+    assert list(s["tasks"]) == ["hotpotqa", "2wikimqa", "lcc"]
+    assert s["tasks"]["hotpotqa"] == {"score": 50.0, "n": 3, "by_length": {"0-4k": 100.0, "4-8k": 50.0, "8k+": 0.0}}
+    assert s["tasks"]["2wikimqa"] == {"score": 25.0, "n": 1}
+    assert s["categories"] == {"multi_doc_qa": 37.5, "code": 80.0}
+    assert s["average"] == pytest.approx((50 + 25 + 80) / 3, abs=0.01)
+    assert s["v2"] == {
+        "accuracy": pytest.approx(66.67), "n": 3,
+        "by_difficulty": {"easy": 100.0, "hard": 50.0}, "by_length": {"short": 50.0, "long": 100.0},
+    }  # fmt: skip
+    assert summarize([]) == {}
