@@ -189,3 +189,26 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny):
     single = run_eval({**raw, "out": str(tmp_path / "single")}, quiet=True)
     launched = [json.loads(x) for x in (tmp_path / "launched" / RESULTS).read_text().splitlines()]
     assert strip(launched) == strip(single.records)
+
+
+def test_public_data_suites_from_local_files(tmp_path, tiny):
+    """LongBench (local jsonl through `datasets`) and InfiniteBench synthetic tasks run through eval."""
+    pytest.importorskip("datasets")
+    from .test_longbench import v1_example, write_jsonl
+
+    model, tok = tiny
+    data = write_jsonl(tmp_path / "qasper.jsonl", [v1_example("qasper", i) for i in range(3)])
+    raw = {
+        "model": "tiny-test", "methods": ["full"], "out": str(tmp_path / "out"),
+        "suites": [
+            {"suite": "longbench", "tasks": ["qasper"], "source": str(data), "lengths": [512], "samples": 2,
+             "max_new_tokens": 4},
+            {"suite": "infinitebench", "tasks": ["passkey", "kv_retrieval"], "lengths": [1500], "max_new_tokens": 4},
+        ],
+    }
+    res = run_eval(raw, quiet=True, model=model, tokenizer=tok)
+    got = sorted((r["suite"], r["task"], r["sample"]) for r in res.records)
+    assert got == [("infinitebench", "kv_retrieval", 0), ("infinitebench", "passkey", 0),
+                   ("longbench", "qasper", 0), ("longbench", "qasper", 1)]
+    assert all(r["n_tokens"] + 4 <= r["length"] for r in res.records)
+    assert all(0.0 <= r["score"] <= 1.0 for r in res.records)

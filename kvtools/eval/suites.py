@@ -10,12 +10,12 @@ it is scored by per-segment perplexity instead of generation.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from ..errors import ConfigError
 
@@ -144,18 +144,7 @@ class RulerSuite(SuiteSpec):
     def _tasks(cls, v: Any) -> Any:
         from .ruler import TASKS
 
-        if v == "all":
-            return list(TASKS)
-        unknown = [t for t in v if t not in TASKS]
-        if unknown:
-            import difflib
-
-            hint = difflib.get_close_matches(unknown[0], list(TASKS), n=1)
-            raise ValueError(
-                f"unknown task '{unknown[0]}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                + f"; allowed: all, {', '.join(TASKS)}"
-            )
-        return v
+        return _check_tasks(v, list(TASKS))
 
     def items(self) -> list[Item]:
         return [Item("ruler", t, n, s) for t in self.tasks for n in self.lengths for s in range(self.samples)]
@@ -201,11 +190,115 @@ class PplSuite(SuiteSpec):
         return list(ids[: item.length])
 
 
+def _check_tasks(v: Any, allowed: Sequence[str]) -> list[str]:
+    if v == "all":
+        return list(allowed)
+    unknown = [t for t in v if t not in allowed]
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], list(allowed), n=1)
+        raise ValueError(
+            f"unknown task '{unknown[0]}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f"; allowed: all, {', '.join(allowed)}"
+        )
+    return list(v)
+
+
+class _DatasetSuite(SuiteSpec):
+    """Public data through ``datasets`` (hub id or local jsonl/json/parquet): ``samples`` examples per task,
+    each prompt middle-truncated to ``length - max_new_tokens`` tokens."""
+
+    source: str | None = Field(default=None, description="hub id, local file or folder (default: the official hub id)")
+    _data: dict[str, list[Any]] = PrivateAttr(default_factory=dict)
+
+    def _examples(self, task: str) -> list[Any]:
+        raise NotImplementedError
+
+    def examples(self, task: str) -> list[Any]:
+        if task not in self._data:
+            self._data[task] = list(self._examples(task))
+        return self._data[task]
+
+    def items(self) -> list[Item]:
+        return [Item(self.suite, t, n, i) for t in self.tasks for n in self.lengths
+                for i in range(min(self.samples, len(self.examples(t))))]
+
+
+class LongBenchSuite(_DatasetSuite):
+    """LongBench v1 (21 tasks, official metrics) and v2 (``tasks: [longbench_v2]``, four-choice accuracy)."""
+
+    suite: Literal["longbench"] = "longbench"
+    tasks: list[str] | Literal["all"] = "all"
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: Any) -> Any:
+        from .longbench import TASKS, V2_TASK
+
+        return _check_tasks(v, [*TASKS, V2_TASK]) if v != "all" else list(TASKS)
+
+    def _examples(self, task):
+        from . import longbench as lb
+
+        if task == lb.V2_TASK:
+            return lb.load_longbench_v2(self.source or lb.HUB_V2, limit=self.samples)
+        return lb.load_longbench(task, self.source or lb.HUB_V1, limit=self.samples)
+
+    def prepare(self, item, tokenizer, seed, max_context):
+        from . import longbench as lb
+
+        ex = self.examples(item.task)[item.sample]
+        mnt = self.max_new_tokens or (lb.V2_MAX_NEW_TOKENS if item.task == lb.V2_TASK
+                                      else lb.TASK_MAX_NEW_TOKENS[lb.base_task(item.task)])
+        p = lb.prepare_prompt(item.task, ex, tokenizer, item.length - mnt)
+        return Prepared(list(p.input_ids), mnt, [], lambda out, t=item.task, e=ex: lb.score_example(t, out, e),
+                        {"truncated": p.truncated, "n_original": p.n_original})
+
+
+class InfiniteBenchSuite(_DatasetSuite):
+    """InfiniteBench: synthetic tasks (passkey, number_string, kv_retrieval) generated locally at each
+    length; real-data tasks through ``datasets``."""
+
+    suite: Literal["infinitebench"] = "infinitebench"
+    tasks: list[str] | Literal["all"] = "all"
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: Any) -> Any:
+        from .infinitebench import SYNTHETIC_TASKS, TASKS
+
+        return _check_tasks(v, TASKS) if v != "all" else list(SYNTHETIC_TASKS)
+
+    def _examples(self, task):
+        from . import infinitebench as ib
+
+        if task in ib.SYNTHETIC_TASKS:
+            return [None] * self.samples  # generated per item
+        return ib.load_infinitebench(task, self.source or ib.HUB_ID, limit=self.samples)
+
+    def prepare(self, item, tokenizer, seed, max_context):
+        from . import infinitebench as ib
+
+        if item.task in ib.SYNTHETIC_TASKS:
+            smp = ib.make_synthetic(item.task, tokenizer, item.length, seed=sample_seed(seed, item),
+                                    max_new_tokens=self.max_new_tokens, max_context=max_context)
+            ex, p = smp.example, smp.prompt
+        else:
+            ex = self.examples(item.task)[item.sample]
+            mnt = self.max_new_tokens or ib.TASK_MAX_NEW_TOKENS[item.task]
+            p = ib.prepare_prompt(item.task, ex, tokenizer, item.length - mnt)
+        return Prepared(list(p.input_ids), p.max_new_tokens, [],
+                        lambda out, t=item.task, e=ex: ib.score_example(t, out, e), {"truncated": p.truncated})
+
+
 SUITES: dict[str, type[SuiteSpec]] = {
     "niah": NiahSuite,
     "passkey": PasskeySuite,
     "ruler": RulerSuite,
     "ppl": PplSuite,
+    "longbench": LongBenchSuite,
+    "infinitebench": InfiniteBenchSuite,
 }
 
 
