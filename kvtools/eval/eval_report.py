@@ -58,6 +58,10 @@ def _f(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
 def eval_markdown(records: Sequence[dict[str, Any]], title: str = "") -> str:
     rows = summarize_eval(records)
     methods = list(dict.fromkeys(r["method"] for r in records))
@@ -68,8 +72,8 @@ def eval_markdown(records: Sequence[dict[str, Any]], title: str = "") -> str:
         main = "*" if any(r["task"] == "*" for r in srows) else srows[0]["task"]
         label = "mean over tasks" if main == "*" else main
         out += [f"### {suite} — score x100 ({label})", "",
-                "| method | " + " | ".join(format_length(n) for n in lengths) + " | mean | vs full | KV MiB | decode ms/token |",
-                "|---|" + "---:|" * (len(lengths) + 4)]
+                "| method | " + " | ".join(format_length(n) for n in lengths) + " | mean | vs full | KV MiB | KV vs full | decode ms/token |",
+                "|---|" + "---:|" * (len(lengths) + 5)]
         for m in methods:
             cells = {r["length"]: r for r in srows if r["task"] == main and r["method"] == m}
             if not cells:
@@ -77,10 +81,11 @@ def eval_markdown(records: Sequence[dict[str, Any]], title: str = "") -> str:
             mean = _mean([c["score"] for c in cells.values()])
             ratio = _mean([c["score_vs_full"] for c in cells.values() if c["score_vs_full"] is not None])
             kv = _mean([c["kv_bytes"] for c in cells.values()])
+            kv_ratio = _mean([c["kv_bytes_vs_full"] for c in cells.values() if c["kv_bytes_vs_full"] is not None])
             dec = _mean([c["decode_ms"] for c in cells.values()])
             out.append(f"| {m} | " + " | ".join(_f(cells[n]["score"], ".1f") if n in cells else "—" for n in lengths)
-                       + f" | {_f(mean, '.1f')} | {_f(None if ratio is None else 100 * ratio, '.0f')}% | "
-                       f"{_f(None if kv is None else kv / 2**20, '.1f')} | {_f(dec, '.1f')} |")
+                       + f" | {_f(mean, '.1f')} | {_pct(ratio)} | "
+                       f"{_f(None if kv is None else kv / 2**20, '.1f')} | {_pct(kv_ratio)} | {_f(dec, '.1f')} |")
         tasks = [t for t in dict.fromkeys(r["task"] for r in srows) if t != "*"]
         if len(tasks) > 1:
             out += ["", f"Per task (score x100, mean over lengths {', '.join(format_length(n) for n in lengths)}):", "",
