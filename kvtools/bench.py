@@ -3,6 +3,7 @@
 For each length, every method runs on the same random prompt, interleaved
 (method A, B, C at 2k, then at 4k, ...), so machine noise hits all of them alike:
 
+* a length counts the prompt and the generated tokens (prompt = length - warmup - decode_tokens);
 * prefill seconds: median over ``repeats`` fresh prefills;
 * decode ms/token: median over ``decode_tokens`` single-token steps after ``warmup`` steps;
 * KV bytes: what the cache holds after prefill + decode (``KVCache.nbytes``);
@@ -175,9 +176,12 @@ def run_bench(
     if device:
         model = model.to(device)
     ctx = getattr(model.config, "max_position_embeddings", None)
-    too_long = [n for n in lengths if ctx is not None and n + warmup + decode_tokens > ctx]
+    gen = warmup + decode_tokens  # a length counts the prompt and the generated tokens (as in niah)
+    too_long = [n for n in lengths if ctx is not None and n > ctx]
     if too_long:
-        raise InputTooLongError(f"lengths: {too_long} (+ decode tokens) exceed the model's context of {ctx} tokens")
+        raise InputTooLongError(f"lengths: {too_long} exceed the model's context of {ctx} tokens")
+    if min(lengths) <= gen:
+        raise ConfigError(f"lengths: {min(lengths)} leaves no prompt with {gen} warm-up + decode tokens")
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     from tqdm.auto import tqdm
@@ -188,7 +192,7 @@ def run_bench(
     with tqdm(total=len(lengths) * len(kv_configs), disable=quiet, desc="bench") as bar, \
             (out / "bench.jsonl").open("w") as f:
         for length in lengths:
-            ids = torch.randint(100, model.config.vocab_size, (1, length), generator=g).to(dev)
+            ids = torch.randint(100, model.config.vocab_size, (1, length - gen), generator=g).to(dev)
             for cfg in kv_configs:
                 bar.set_postfix(method=cfg.name, length=length)
                 prefill, decode, kv, mem, kind = measure(model, cfg, ids, decode_tokens, warmup, repeats)

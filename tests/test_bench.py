@@ -41,6 +41,8 @@ def test_bench_writes_reports_and_budgets_show_in_kv_bytes(tmp_path):
 def test_bench_rejects_lengths_beyond_context(tmp_path):
     with pytest.raises(InputTooLongError):
         run_bench(TINY + ",context=256", ["full"], [512], tmp_path, quiet=True)
+    with pytest.raises(ConfigError, match="leaves no prompt"):
+        run_bench(TINY, ["full"], [10], tmp_path, decode_tokens=8, warmup=2, quiet=True)
 
 
 def test_bench_rejects_bad_config_before_loading(tmp_path, monkeypatch):
