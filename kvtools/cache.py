@@ -153,7 +153,8 @@ class SlotLayer(CacheLayerMixin):
         self.idx = self.idx.gather(2, sel)
 
     def nbytes(self, device: str | torch.device | None = None) -> int:
-        total = 0
+        """Bytes of this table plus any sub-tables a method keeps in ``state`` (e.g. duo's streaming heads)."""
+        total = sum(t.nbytes(device) for t in self.state.values() if isinstance(t, SlotLayer))
         for name in ("keys", "values", "valid", "pos", "idx"):
             t = getattr(self, name)
             if t is None:

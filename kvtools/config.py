@@ -75,6 +75,20 @@ class SnapKVCache(StageConfig):
     pool: Literal["max", "avg"] = "max"
 
 
+class DuoCache(StageConfig):
+    """DuoAttention: retrieval KV heads keep everything, streaming KV heads keep sink + recent slots."""
+
+    method: Literal["duo"] = "duo"
+    pattern: str | None = Field(default=None, description="TSV: one row per layer, one float in [0, 1] per KV head")
+    retrieval_heads: dict[int, list[int]] | None = Field(
+        default=None, description="explicit retrieval KV heads per layer ({layer: [heads]}); other heads stream"
+    )
+    sparsity: float | None = Field(default=None, ge=0, le=1, description="fraction of KV heads made streaming")
+    threshold: float | None = Field(default=None, ge=0, le=1, description="retrieval heads: pattern value > this")
+    n_sink: int = Field(default=64, ge=0, description="first real tokens kept by streaming heads")
+    recent: int = Field(default=256, ge=1, description="most recent tokens kept by streaming heads")
+
+
 class DenseDecode(StageConfig):
     """Each new token attends to every kept slot."""
 
@@ -84,7 +98,7 @@ class DenseDecode(StageConfig):
 #: stage -> method name -> parameter model. Methods register here (listed by `kvtools methods`).
 STAGE_MODELS: dict[str, dict[str, type[StageConfig]]] = {
     "prefill": {"dense": DensePrefill},
-    "cache": {"full": FullCache, "streamingllm": StreamingLLMCache, "snapkv": SnapKVCache},
+    "cache": {"full": FullCache, "streamingllm": StreamingLLMCache, "snapkv": SnapKVCache, "duo": DuoCache},
     "decode": {"dense": DenseDecode},
 }
 
@@ -123,6 +137,15 @@ def _check_fractions(stage: str, cfg: StageConfig) -> None:
             raise ConfigError(
                 f"{stage}.{key}: a float means a fraction of the prompt and must be in (0, 1], got {val}"
             )
+    if isinstance(cfg, DuoCache):
+        if (cfg.pattern is None) == (cfg.retrieval_heads is None):
+            raise ConfigError("cache.pattern / cache.retrieval_heads: give exactly one of them (duo)")
+        if cfg.sparsity is not None and cfg.threshold is not None:
+            raise ConfigError("cache.sparsity / cache.threshold: give at most one of them (duo)")
+        if cfg.retrieval_heads is not None and (cfg.sparsity is not None or cfg.threshold is not None):
+            raise ConfigError("cache.sparsity / cache.threshold: only apply to a pattern file (duo)")
+        if cfg.pattern is not None and not Path(cfg.pattern).is_file():
+            raise ConfigError(f"cache.pattern: file not found: {cfg.pattern} (duo)")
     if isinstance(cfg, SnapKVCache):
         if cfg.kernel % 2 == 0:
             raise ConfigError(f"cache.kernel: must be odd (same-size pooling), got {cfg.kernel}")
@@ -173,8 +196,12 @@ def _stage_from_dict(stage: str, raw: Any) -> StageConfig:
     return cfg
 
 
-def config_from_dict(raw: dict[str, Any], name: str | None = None) -> KVConfig:
-    """Validate a plain dict (as loaded from YAML) into a :class:`KVConfig`."""
+def config_from_dict(raw: dict[str, Any], name: str | None = None, base_dir: Path | None = None) -> KVConfig:
+    """Validate a plain dict (as loaded from YAML) into a :class:`KVConfig`.
+
+    ``base_dir``: the YAML file's folder; relative file paths in the config (a duo ``pattern``)
+    are looked up there when they do not exist relative to the working directory.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"config: must be a mapping with keys {', '.join(STAGES)}, got {type(raw).__name__}")
     allowed_top = [*STAGES, "name", "description"]
@@ -183,6 +210,11 @@ def config_from_dict(raw: dict[str, Any], name: str | None = None) -> KVConfig:
             raise ConfigError(
                 f"{key}: unknown top-level key{_closest(key, allowed_top)}; allowed: {', '.join(allowed_top)}"
             )
+    cache = raw.get("cache")
+    if base_dir is not None and isinstance(cache, dict) and isinstance(cache.get("pattern"), str):
+        pat = Path(cache["pattern"])
+        if not pat.is_absolute() and not pat.exists() and (base_dir / pat).exists():
+            raw = {**raw, "cache": {**cache, "pattern": str(base_dir / pat)}}
     stages = {s: _stage_from_dict(s, raw[s]) if s in raw else _DEFAULTS[s] for s in STAGES}
     display = raw.get("name") or name or _auto_name(stages)
     return KVConfig(**stages, name=str(display), description=str(raw.get("description", "")))
@@ -228,10 +260,10 @@ def load_config(spec: str | Path | dict | KVConfig) -> KVConfig:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{text}: not valid YAML: {exc}") from None
-        return config_from_dict(raw or {}, name=path.stem)
+        return config_from_dict(raw or {}, name=path.stem, base_dir=path.parent)
     presets = _preset_dir()
     candidate = presets / f"{text}.yaml"
     if candidate.is_file():
-        return config_from_dict(yaml.safe_load(candidate.read_text()) or {}, name=text)
+        return config_from_dict(yaml.safe_load(candidate.read_text()) or {}, name=text, base_dir=presets)
     names = sorted(p.stem for p in presets.glob("*.yaml"))
     raise ConfigError(f"unknown preset '{text}'{_closest(text, names)}; available presets: {', '.join(names)}")

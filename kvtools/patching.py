@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention.dense import attend_slots
 from .cache import KVCache, Step
 from .config import KVConfig, load_config
 from .errors import KVToolsError
@@ -50,6 +49,7 @@ class Patch:
         self.model = model
         self.modules = self.adapter.attention_modules(model)
         self.num_layers = len(self.modules)
+        self.policy.bind(self.num_layers, int(model.config.num_key_value_heads))
         self._saved: list[tuple[nn.Module, Any]] = []
         self._install()
 
@@ -148,16 +148,7 @@ def _attention_forward(patch: Patch, info: LayerInfo):
         step = cache.step
         q, k, v = adapter.project(self, hidden_states)
         q, k = adapter.rope(self, q, k, position_embeddings)
-        layer = cache.layer(info.layer_idx)
-        policy.before_append(layer, step, info)
-        layer.append(k, v, step)
-        q = policy.align_queries(layer, q, step, info)
-        out = attend_slots(
-            q, layer.keys, layer.values, layer.valid, layer.idx, step.idx, info.scale, info.sliding_window
-        )
-        policy.after_attend(layer, q, step, info)
-        if info.sliding_window is not None:  # slots no later query can see are freed
-            layer.keep(layer.idx > step.idx[-1] + 1 - info.sliding_window)
+        out = policy.attend(cache.layer(info.layer_idx), q, k, v, step, info)
         return adapter.output(self, out), None
 
     return forward

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import KVConfig
 from ..errors import ConfigError
 from .base import CachePolicy, LayerInfo
+from .duo import DuoPolicy
 from .full import FullPolicy
 from .snapkv import SnapKVPolicy
 from .streamingllm import StreamingLLMPolicy
@@ -13,6 +14,7 @@ CACHE_POLICIES: dict[str, type[CachePolicy]] = {
     "full": FullPolicy,
     "streamingllm": StreamingLLMPolicy,
     "snapkv": SnapKVPolicy,
+    "duo": DuoPolicy,
 }
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention.dense import attend_slots
 from ..cache import SlotLayer, Step
 from ..config import StageConfig
 
@@ -25,12 +26,32 @@ class CachePolicy:
 
     Policies hold only their config: every piece of run-time state lives in the
     cache (``layer.state``), so one patched model can serve several caches.
-    Hooks run inside each patched attention layer, in this order:
-    ``before_append`` -> (append new slots) -> ``align_queries`` -> attention -> ``after_attend``.
+    :meth:`attend` runs inside each patched attention layer; by default it calls,
+    in order: ``before_append`` -> (append new slots) -> ``align_queries`` ->
+    dense attention over the slot table -> ``after_attend``. Most methods override
+    only those hooks; a method with its own storage or attention overrides ``attend``.
     """
 
     def __init__(self, cfg: StageConfig) -> None:
         self.cfg = cfg
+
+    def attend(
+        self, layer: SlotLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, info: LayerInfo
+    ) -> torch.Tensor:
+        """New tokens' q [B, H, Lq, D], k, v [B, Hk, Lq, D] -> attention output [B, H, Lq, D]."""
+        self.before_append(layer, step, info)
+        layer.append(k, v, step)
+        q = self.align_queries(layer, q, step, info)
+        out = attend_slots(
+            q, layer.keys, layer.values, layer.valid, layer.idx, step.idx, info.scale, info.sliding_window
+        )
+        self.after_attend(layer, q, step, info)
+        if info.sliding_window is not None:  # slots no later query can see are freed
+            layer.keep(layer.idx > step.idx[-1] + 1 - info.sliding_window)
+        return out
+
+    def bind(self, num_layers: int, num_kv_heads: int) -> None:
+        """Check the config against the model (called by ``patch()`` before the model is touched)."""
 
     def before_append(self, layer: SlotLayer, step: Step, info: LayerInfo) -> None:
         """Make room for the new tokens (evict)."""
