@@ -85,6 +85,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from kvtools.eval.niah import parse_lengths
+
+    lengths = tuple(parse_lengths(args.lengths))
+    if args.steps < 1 or args.lr <= 0 or args.reg < 0:
+        raise ConfigError("--steps must be >= 1, --lr > 0, --reg >= 0")
+    from kvtools.calibrate import calibrate_duo, write_pattern
+    from kvtools.models import canonical_name, load_model
+
+    model, tok = load_model(args.model)
+    gates, losses = calibrate_duo(
+        model, tok, steps=args.steps, lr=args.lr, reg=args.reg, lengths=lengths, n_sink=args.n_sink,
+        recent=args.recent, seed=args.seed, quiet=args.quiet,
+    )
+    header = (
+        f"DuoAttention gates for {canonical_name(args.model)} (rows = layers, columns = KV heads)\n"
+        f"kvtools calibrate duo --model {canonical_name(args.model)} --steps {args.steps} --lr {args.lr} "
+        f"--reg {args.reg} --lengths {args.lengths} --n-sink {args.n_sink} --recent {args.recent} --seed {args.seed}\n"
+        f"loss: first {losses[0]:.5f}, last {losses[-1]:.5f}"
+    )
+    path = write_pattern(gates, args.out, header)
+    print(f"wrote {path}: mean alpha {float(gates.mean()):.3f}; loss {losses[0]:.5f} -> {losses[-1]:.5f}")
+    return 0
+
+
 def _cmd_configs(args: argparse.Namespace) -> int:
     from kvtools.config import list_presets
 
@@ -173,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
+
+    cal = sub.add_parser("calibrate", help="calibrate a method's parameters on the model (duo: head gates)")
+    cal.add_argument("method", choices=["duo"], help="what to calibrate")
+    cal.add_argument("--model", default=None, help="model name/path (default: built-in)")
+    cal.add_argument("--out", required=True, help="pattern file to write (TSV)")
+    cal.add_argument("--steps", type=int, default=200)
+    cal.add_argument("--lr", type=float, default=0.02)
+    cal.add_argument("--reg", type=float, default=0.05, help="L1 weight on the gates")
+    cal.add_argument("--lengths", default="1k,2k", help="context lengths of the synthetic samples")
+    cal.add_argument("--n-sink", type=int, default=64)
+    cal.add_argument("--recent", type=int, default=256)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--quiet", action="store_true")
+    cal.set_defaults(func=_cmd_calibrate)
 
     configs = sub.add_parser("configs", help="list the preset configs")
     configs.set_defaults(func=_cmd_configs)
