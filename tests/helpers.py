@@ -31,3 +31,42 @@ def prefill_then_decode(model, ids: torch.Tensor, prompt_len: int, cache=None, a
         cache = out.past_key_values
         logits.append(out.logits[:, -1])
     return torch.stack(logits, dim=1), cache
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def word_tokenizer(words, chat: bool = True):
+    """A real HF tokenizer built offline: one token per word of ``words`` (others -> [UNK])."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<s>", "</s>", *sorted(words)])}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def byte_tokenizer(chat: bool = True):
+    """A real HF tokenizer built offline: one token per UTF-8 byte (byte-level BPE without merges),
+    BOS added by ``add_special_tokens``; 259 ids."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
+    core = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok

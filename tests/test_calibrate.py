@@ -7,7 +7,8 @@ import kvtools
 from kvtools.calibrate import calibrate_duo, gated_attention, write_pattern
 from kvtools.methods.duo import load_pattern
 
-from .test_eval_run import byte_tokenizer, tiny_lm
+from .helpers import byte_tokenizer
+from .test_eval_run import tiny_lm
 
 
 @pytest.fixture(scope="module")

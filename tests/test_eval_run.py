@@ -10,29 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from kvtools.errors import ConfigError
 from kvtools.eval.run import RESULTS, load_run, record_key, run_eval
 
+from .helpers import byte_tokenizer
+
 TIMING = ("prefill_s", "decode_ms", "seconds")
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A real HF tokenizer built offline: byte-level, one token per byte, with a chat template."""
-    from tokenizers import Tokenizer, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", *sorted(ByteLevel.alphabet())])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-    fast.chat_template = (
-        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}"
-    )
-    return fast
 
 
 def tiny_lm():

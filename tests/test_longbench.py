@@ -37,6 +37,8 @@ from kvtools.eval.longbench import (
     truncate_middle,
 )
 
+from .helpers import byte_tokenizer  # noqa: F401  (also used by test_infinitebench)
+
 
 
 def _importable(module: str) -> bool:
@@ -51,30 +53,6 @@ def _importable(module: str) -> bool:
 needs_datasets = pytest.mark.skipif(
     not _importable("datasets"), reason="needs the 'datasets' package: pip install 'kvtools[eval]'"
 )
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
-
-
-def byte_tokenizer(chat: bool = True):
-    """One token per UTF-8 byte (byte-level BPE without merges), BOS added by ``add_special_tokens``."""
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
-    core = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    if chat:
-        tok.chat_template = CHAT_TEMPLATE
-    return tok
-
 
 @pytest.fixture(scope="module")
 def tok():

@@ -18,25 +18,12 @@ from kvtools.eval.passkey import (
     score_passkey,
 )
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
-
+from .helpers import word_tokenizer
 
 def hf_tokenizer(chat: bool = True):
-    tokenizers = pytest.importorskip("tokenizers")
-    from transformers import PreTrainedTokenizerFast
-
     words = {w for s in filler_sentences(2000, seed=0) for w in re.findall(r"\w+|[^\w\s]+", s)}
     words |= set(re.findall(r"\w+|[^\w\s]+", TASK_DESCRIPTION + PASSKEY_LINE + " What is the pass key?"))
-    vocab = {w: i for i, w in enumerate(["[UNK]", "<s>", "</s>", *sorted(words)])}
-    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
-    if chat:
-        tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return word_tokenizer(words, chat)
 
 
 @pytest.fixture(scope="module")

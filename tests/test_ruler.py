@@ -23,15 +23,13 @@ from kvtools.eval.ruler import (
     string_match_part,
 )
 
+from .helpers import word_tokenizer
+
 ALL_TASKS = [
     "niah_single_number", "niah_single_word", "niah_single_uuid", "niah_multikey_number",
     "niah_multikey_distractor", "niah_multikey_uuid", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe",
 ]
 NIAH_TASKS = [t for t in ALL_TASKS if t.startswith("niah")]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
 VALUE_PATTERNS = {
     "number": r"\d{7}",
     "word": r"[a-z]+-[a-z]+",
@@ -40,18 +38,9 @@ VALUE_PATTERNS = {
 
 
 def hf_tokenizer(chat: bool = True):
-    tokenizers = pytest.importorskip("tokenizers")
-    from transformers import PreTrainedTokenizerFast
-
     words = {w for s in filler_sentences(2000, seed=0) for w in re.findall(r"\w+|[^\w\s]+", s)}
     words |= set(ruler._ADJECTIVES) | set(ruler._NOUNS) | {"VAR", "=", "-", "....", ":", "?", "'"}
-    vocab = {w: i for i, w in enumerate(["[UNK]", "<s>", "</s>", *sorted(words)])}
-    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
-    if chat:
-        tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return word_tokenizer(words, chat)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,8 @@ from typing import Any
 
 from kvtools.errors import ConfigError, InputTooLongError
 
+from .prompting import has_chat_template, render_prompt
+
 __all__ = [
     "NEEDLE_KEYS",
     "NiahPrompt",
@@ -271,21 +273,9 @@ class _Sentences:
         return self.items[:n]
 
 
-def _has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None)) and hasattr(tokenizer, "apply_chat_template")
-
-
 def _render(tokenizer: Any, haystack: str, question: str, answer_prefix: str) -> tuple[str, list[int]]:
     """Full prompt text and its tokens for one haystack text."""
-    if _has_chat_template(tokenizer):
-        messages = [{"role": "user", "content": f"{haystack}\n\n{question}"}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        text = f"{text}{answer_prefix}"
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    else:
-        text = f"{haystack}\n\n{question}\n\n{answer_prefix}"
-        ids = tokenizer.encode(text, add_special_tokens=True)
-    return text, list(ids)
+    return render_prompt(tokenizer, f"{haystack}\n\n{question}", answer_prefix, sep="\n\n")
 
 
 def build_niah_prompt(

@@ -46,6 +46,7 @@ from typing import Any
 from kvtools.errors import ConfigError, InputTooLongError
 
 from .metrics import best_score
+from .prompting import has_chat_template
 
 __all__ = [
     "FIRST_LINE_TASKS",
@@ -368,11 +369,6 @@ def load_longbench_v2(
 
 
 # ---------------------------------------------------------------- tokenization helpers
-def has_chat_template(tokenizer: Any) -> bool:
-    """Whether the tokenizer can apply a chat template."""
-    return bool(getattr(tokenizer, "chat_template", None)) and hasattr(tokenizer, "apply_chat_template")
-
-
 def encode(tokenizer: Any, text: str, *, chat: bool) -> list[int]:
     """Token ids of a full prompt: a chat-templated text already holds its special tokens."""
     return list(tokenizer.encode(text, add_special_tokens=not chat))

@@ -61,6 +61,8 @@ from typing import Any, Literal
 from kvtools.errors import ConfigError, InputTooLongError
 from kvtools.eval.haystack import iter_filler
 
+from .prompting import has_chat_template, render_prompt
+
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
     "METRICS",
@@ -208,22 +210,8 @@ def score(sample: RulerSample, output: str) -> float:
 
 
 # ---------------------------------------------------------------- prompt rendering and fitting
-def _has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None)) and hasattr(tokenizer, "apply_chat_template")
-
-
 def _render(tokenizer: Any, user: str, answer_prefix: str, sep: str = "\n") -> tuple[str, list[int]]:
-    """Prompt text and tokens: the chat template around ``user`` with ``answer_prefix`` pre-filled
-    in the assistant turn, or plain ``user + sep + answer_prefix`` when there is no template."""
-    if _has_chat_template(tokenizer):
-        messages = [{"role": "user", "content": user}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        text = f"{text}{answer_prefix}"
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    else:
-        text = f"{user}{sep}{answer_prefix}"
-        ids = tokenizer.encode(text, add_special_tokens=True)
-    return text, list(ids)
+    return render_prompt(tokenizer, user, answer_prefix, sep)
 
 
 def _check_args(length: Any, max_new_tokens: Any) -> None:
