@@ -57,15 +57,21 @@ def _cmd_niah(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from kvtools.eval.run import load_run, run_eval
 
+    from pathlib import Path
+
+    from kvtools.eval.run import split_models
+
     run = load_run(args.run)  # validate before importing torch-heavy parts or loading the model
-    try:
-        res = run_eval(run, out=args.out, quiet=args.quiet)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished samples are saved; rerun the same command to resume", file=sys.stderr)
-        return 130
-    if res is not None:  # the main process reports
-        print(res.summary)
-        print(f"wrote {len(res.files)} files to {res.out_dir}")
+    for one, sub in split_models(run):
+        out = args.out if sub is None else (Path(args.out) / sub.name if args.out else sub)
+        try:
+            res = run_eval(one, out=out, quiet=args.quiet)
+        except KeyboardInterrupt:
+            print("\ninterrupted: finished samples are saved; rerun the same command to resume", file=sys.stderr)
+            return 130
+        if res is not None:  # the main process reports
+            print(res.summary)
+            print(f"wrote {len(res.files)} files to {res.out_dir}")
     return 0
 
 

@@ -197,3 +197,17 @@ def test_public_data_suites_from_local_files(tmp_path, tiny):
                    ("longbench", "qasper", 0), ("longbench", "qasper", 1)]
     assert all(r["n_tokens"] + 4 <= r["length"] for r in res.records)
     assert all(0.0 <= r["score"] <= 1.0 for r in res.records)
+
+
+def test_several_models_get_one_subfolder_each(tmp_path):
+    from kvtools.eval.run import split_models
+
+    raw = run_dict(tmp_path)
+    raw.pop("model")
+    raw["models"] = ["smollm2-135m", "org/Some-Model"]
+    runs = split_models(load_run(raw))
+    assert [(r.spec.model, str(sub)) for r, sub in runs] == [
+        ("smollm2-135m", str(tmp_path / "smollm2-135m")), ("org/Some-Model", str(tmp_path / "Some-Model"))]
+    raw["model"] = "x"
+    with pytest.raises(ConfigError, match="give one of them"):
+        load_run(raw)

@@ -3,6 +3,7 @@
 A run file::
 
     model: smollm2-135m                      # optional; default: the embedded model
+    # models: [smollm2-135m, gemma3-270m]    # or several: one subfolder of `out` each
     methods: [full, snapkv-0.25, {name: sl, cache: {method: streamingllm, n_sink: 4, window: 256}}]
     seed: 0
     out: runs/ruler-smollm2
@@ -48,6 +49,7 @@ class RunFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
+    models: list[str] | None = Field(default=None, min_length=1, description="several models, one subfolder each")
     methods: list[str | dict[str, Any]] = Field(min_length=1)
     suites: list[dict[str, Any]] = Field(min_length=1)
     seed: int = 0
@@ -106,6 +108,8 @@ def load_run(source: str | Path | dict[str, Any]) -> Run:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'run'}: must be a mapping with keys model, methods, suites, seed, out")
     spec = validate_fields(RunFile, raw, "run")
+    if spec.model is not None and spec.models is not None:
+        raise ConfigError("run.model / run.models: give one of them")
     configs = []
     for i, m in enumerate(spec.methods):
         try:
@@ -153,6 +157,18 @@ def _write_atomic(path: Path, records: list[dict[str, Any]]) -> None:
         for r in records:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, path)
+
+
+def split_models(run: Run) -> list[tuple[Run, Path | None]]:
+    """One run per model: ``models: [a, b]`` -> runs writing to ``out/<a>``, ``out/<b>``."""
+    if not run.spec.models:
+        return [(run, None)]
+    out = []
+    for m in run.spec.models:
+        spec = run.spec.model_copy(update={"model": m, "models": None})
+        sub = Path(run.spec.out) / "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(m).name)
+        out.append((Run(spec, run.configs, run.suites, run.source), sub))
+    return out
 
 
 @dataclass
