@@ -108,8 +108,12 @@ class SlotLayer(CacheLayerMixin):
         return 0 if self.keys is None else int(self.keys.shape[2])
 
     def _apply(self, fn) -> None:
+        """Apply a batch-axis operation to every tensor of the table and of its sub-tables."""
         for name in ("keys", "values", "valid", "pos", "idx"):
             setattr(self, name, fn(getattr(self, name)))
+        for sub in self.state.values():
+            if isinstance(sub, SlotLayer) and sub.is_initialized:
+                sub._apply(fn)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
         """Append new tokens' slots. k, v: [B, Hk, Lq, D]."""

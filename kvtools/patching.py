@@ -198,7 +198,7 @@ def _model_forward(patch: Patch, orig: Any):
             )
             ckw = dict(kw)
             if len(bounds) > 1:
-                ckw = _slice_inputs(kw, s, e, seen)
+                ckw = _slice_inputs(kw, s, e)
             ckw[cache_kw] = cache
             outs.append(orig(**ckw))
         out = outs[-1]
@@ -216,7 +216,8 @@ def _new_token_mask(attention_mask: Any, b: int, n: int, dev: torch.device) -> t
     return attention_mask[:, -n:].to(device=dev, dtype=torch.bool)
 
 
-def _slice_inputs(kw: dict[str, Any], s: int, e: int, seen: int) -> dict[str, Any]:
+def _slice_inputs(kw: dict[str, Any], s: int, e: int) -> dict[str, Any]:
+    """The inputs of chunk [s, e) of a call (the 2-D padding mask covers the past and the chunk)."""
     out = dict(kw)
     if kw.get("labels") is not None:
         raise KVToolsError("prefill.chunk does not support labels; compute the loss from the returned logits")
