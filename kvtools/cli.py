@@ -101,6 +101,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from kvtools.models import canonical_name, load_model
 
     model, tok = load_model(args.model)
+    if args.random:  # the baseline calibrated heads must beat: uniform random gates
+        import torch
+
+        from kvtools.patches import adapter_for
+
+        g = torch.Generator().manual_seed(args.seed)
+        shape = (len(adapter_for(model).attention_modules(model)), model.config.num_key_value_heads)
+        gates = torch.rand(shape, generator=g)
+        path = write_pattern(gates, args.out, f"random gates (seed {args.seed}) for {canonical_name(args.model)}")
+        print(f"wrote {path}: random gates, seed {args.seed}")
+        return 0
     gates, losses = calibrate_duo(
         model, tok, steps=args.steps, lr=args.lr, reg=args.reg, lengths=lengths, n_sink=args.n_sink,
         recent=args.recent, seed=args.seed, quiet=args.quiet,
@@ -216,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--n-sink", type=int, default=64)
     cal.add_argument("--recent", type=int, default=256)
     cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--random", action="store_true", help="write seeded random gates instead (a baseline)")
     cal.add_argument("--quiet", action="store_true")
     cal.set_defaults(func=_cmd_calibrate)
 
