@@ -14,10 +14,11 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
     """Rotate already-rotated vectors ``x`` [..., D] by ``delta`` positions (broadcast to x[..., 0]).
 
     RoPE rotations compose, so a key rotated at position p becomes the key at p + delta.
-    Computed in fp32; returns x's dtype.
+    The angles are computed once per distinct delta (a re-rotated cache has a handful:
+    0 for the sinks, one shift for the window), then gathered. Returns x's dtype.
     """
-    ang = delta.to(torch.float32)[..., None] * inv_freq.to(device=x.device, dtype=torch.float32)  # [..., D/2]
-    ang = torch.cat((ang, ang), dim=-1)
-    xf = x.float()
-    out = xf * ang.cos() + _rotate_half(xf) * ang.sin()
-    return out.to(x.dtype)
+    uniq, inverse = torch.unique(delta.to(x.device), return_inverse=True)
+    ang = uniq.to(torch.float32)[:, None] * inv_freq.to(device=x.device, dtype=torch.float32)  # [U, D/2]
+    ang = torch.cat((ang, ang), dim=-1)  # [U, D]
+    cos, sin = ang.cos().to(x.dtype)[inverse], ang.sin().to(x.dtype)[inverse]  # [*delta.shape, D]
+    return x * cos + _rotate_half(x) * sin
