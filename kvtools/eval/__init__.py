@@ -6,6 +6,11 @@ Needle in a haystack::
     run = run_niah(None, ["full", "snapkv"], [1024, 2048], [0, 50, 100], samples=2, out_dir="runs/niah")
     print(run.summary)
 
+A YAML-configured run over several suites::
+
+    from kvtools.eval import run_eval
+    res = run_eval("configs/eval/quick-smollm2.yaml")
+
 Heavy dependencies (torch, transformers, matplotlib) are imported only when used.
 """
 
@@ -13,6 +18,7 @@ from .haystack import NiahPrompt, build_niah_prompt, filler_sentences, iter_fill
 from .niah import Generation, NiahRun, generate_greedy, parse_depths, parse_lengths, run_niah, score_output
 from .plots import plot_heatmaps
 from .report import read_results, summarize, summary_markdown, write_summary
+from .run import load_run, run_eval
 
 __all__ = [
     "Generation",
@@ -23,10 +29,12 @@ __all__ = [
     "generate_greedy",
     "iter_filler",
     "load_haystack_dir",
+    "load_run",
     "parse_depths",
     "parse_lengths",
     "plot_heatmaps",
     "read_results",
+    "run_eval",
     "run_niah",
     "score_output",
     "summarize",
