@@ -72,8 +72,8 @@ def eval_markdown(records: Sequence[dict[str, Any]], title: str = "") -> str:
         main = "*" if any(r["task"] == "*" for r in srows) else srows[0]["task"]
         label = "mean over tasks" if main == "*" else main
         out += [f"### {suite} — score x100 ({label})", "",
-                "| method | " + " | ".join(format_length(n) for n in lengths) + " | mean | vs full | KV MiB | KV vs full | decode ms/token |",
-                "|---|" + "---:|" * (len(lengths) + 5)]
+                "| method | " + " | ".join(format_length(n) for n in lengths) + " | mean | vs full | KV MiB | KV vs full | prefill s | decode ms/token |",
+                "|---|" + "---:|" * (len(lengths) + 6)]
         for m in methods:
             cells = {r["length"]: r for r in srows if r["task"] == main and r["method"] == m}
             if not cells:
@@ -83,9 +83,11 @@ def eval_markdown(records: Sequence[dict[str, Any]], title: str = "") -> str:
             kv = _mean([c["kv_bytes"] for c in cells.values()])
             kv_ratio = _mean([c["kv_bytes_vs_full"] for c in cells.values() if c["kv_bytes_vs_full"] is not None])
             dec = _mean([c["decode_ms"] for c in cells.values()])
+            pre = _mean([c["prefill_s"] for c in cells.values()])
             out.append(f"| {m} | " + " | ".join(_f(cells[n]["score"], ".1f") if n in cells else "—" for n in lengths)
                        + f" | {_f(mean, '.1f')} | {_pct(ratio)} | "
-                       f"{_f(None if kv is None else kv / 2**20, '.1f')} | {_pct(kv_ratio)} | {_f(dec, '.1f')} |")
+                       f"{_f(None if kv is None else kv / 2**20, '.1f')} | {_pct(kv_ratio)} | {_f(pre, '.2f')} | "
+                       f"{_f(dec, '.1f')} |")
         tasks = [t for t in dict.fromkeys(r["task"] for r in srows) if t != "*"]
         if len(tasks) > 1:
             out += ["", f"Per task (score x100, mean over lengths {', '.join(format_length(n) for n in lengths)}):", "",
