@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import re
 import time
@@ -187,14 +186,6 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cache_kwargs(model: Any, patch: Any, cache: Any) -> dict[str, Any]:
-    """``{"cache": cache}`` in transformers versions that renamed it, else ``{"past_key_values": cache}``."""
-    if hasattr(patch, "cache_kwargs"):
-        return dict(patch.cache_kwargs(cache))
-    params = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
-
-
 def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: NiahPrompt, max_new_tokens: int) -> Generation:
     """Greedy ``model.generate`` on the prompt with a fresh ``patch.make_cache()``; times prefill and decode.
 
@@ -221,7 +212,7 @@ def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: NiahPrompt, 
             attention_mask=torch.ones_like(ids),
             generation_config=config,
             logits_processor=LogitsProcessorList([timer]),
-            **_cache_kwargs(model, patch, cache),
+            **patch.cache_kwargs(cache),
         )
     _sync(device)
     end = time.perf_counter()
