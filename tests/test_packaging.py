@@ -21,3 +21,5 @@ def test_wheel_contains_presets_and_py_typed(tmp_path):
     presets = {p.name for p in (root / "configs").glob("*.yaml")}
     assert presets and {f"kvtools/configs/{p}" for p in presets} <= names
     assert "kvtools/py.typed" in names
+    patterns = {p.name for p in (root / "configs" / "duo").glob("*.tsv")}
+    assert {f"kvtools/configs/duo/{p}" for p in patterns} <= names
