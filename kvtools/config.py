@@ -225,6 +225,16 @@ def _auto_name(stages: dict[str, StageConfig]) -> str:
     return "+".join(parts) or "full"
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file; a missing file or bad YAML is a :class:`ConfigError` naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
 # ---------------------------------------------------------------- presets
 def _preset_dir() -> Path:
     return Path(str(resources.files("kvtools.configs")))
@@ -254,12 +264,7 @@ def load_config(spec: str | Path | dict | KVConfig) -> KVConfig:
     text = str(spec)
     path = Path(text)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {text}")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{text}: not valid YAML: {exc}") from None
+        raw = read_yaml(path, "config file")
         return config_from_dict(raw or {}, name=path.stem, base_dir=path.parent)
     presets = _preset_dir()
     candidate = presets / f"{text}.yaml"

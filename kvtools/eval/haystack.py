@@ -28,7 +28,7 @@ from typing import Any
 
 from kvtools.errors import ConfigError, InputTooLongError
 
-from .prompting import has_chat_template, render_prompt
+from .prompting import has_chat_template, largest_fitting, render_prompt
 
 __all__ = [
     "NEEDLE_KEYS",
@@ -363,25 +363,7 @@ def build_niah_prompt(
     while counts[-1] + overhead <= limit:
         grow(len(counts) + 63)
     n_est = max(bisect.bisect_right(counts, limit - overhead) - 1, 1)
-    step = 1
-    if fits(n_est):
-        lo = n_est
-        while fits(lo + step):
-            lo, step = lo + step, step * 2
-        hi = lo + step
-    else:
-        hi = n_est
-        while hi - step > 0 and not fits(hi - step):
-            hi, step = hi - step, step * 2
-        lo = max(hi - step, 0)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-
-    n = lo
+    n = largest_fitting(fits, n_est, floor=0)
     text, ids, cut = tried[n]
     total = counts[n]
     return NiahPrompt(

@@ -52,6 +52,7 @@ from typing import Any
 from kvtools.errors import ConfigError, InputTooLongError
 
 from .longbench import LongPrompt, encode, fit_prompt, has_chat_template, load_dataset_source, render
+from .prompting import largest_fitting
 from .metrics import best_score
 
 __all__ = [
@@ -355,22 +356,7 @@ def make_synthetic(
     probe = lo_n + 16
     per_unit = max((len(attempt(probe)[3]) - len(attempt(lo_n)[3])) / (probe - lo_n), 1e-9)
     est = max(lo_n, int((limit - len(attempt(lo_n)[3])) / per_unit))
-    if fits(est):
-        lo, step = est, 1
-        while fits(lo + step):
-            lo, step = lo + step, step * 2
-        hi = lo + step
-    else:
-        hi, step = est, 1
-        while hi - step > lo_n and not fits(hi - step):
-            hi, step = hi - step, step * 2
-        lo = max(hi - step, lo_n)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
+    lo = largest_fitting(fits, est, floor=lo_n)
     example, at, text, ids = attempt(lo)
     example = {**example, "id": seed if isinstance(seed, int) else zlib.crc32(str(seed).encode())}
     n_units = max(lo, 1) if task == "kv_retrieval" else lo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -22,3 +23,26 @@ def render_prompt(tokenizer: Any, user: str, answer_prefix: str, sep: str = "\n"
         text = f"{user}{sep}{answer_prefix}"
         ids = tokenizer.encode(text, add_special_tokens=True)
     return text, list(ids)
+
+
+def largest_fitting(fits: Callable[[int], bool], estimate: int, floor: int = 0) -> int:
+    """The largest ``n >= floor`` with ``fits(n)`` (``fits`` monotone, ``fits(floor)`` true):
+    gallop from ``estimate`` to bracket the answer, then bisect."""
+    step = 1
+    if fits(estimate):
+        lo = estimate
+        while fits(lo + step):
+            lo, step = lo + step, step * 2
+        hi = lo + step
+    else:
+        hi = estimate
+        while hi - step > floor and not fits(hi - step):
+            hi, step = hi - step, step * 2
+        lo = max(hi - step, floor)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

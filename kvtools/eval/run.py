@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import KVConfig, load_config, validate_fields
+from ..config import KVConfig, load_config, read_yaml, validate_fields
 from ..errors import ConfigError, InputTooLongError
 from .report import read_results
 from .suites import Item, SuiteSpec, suite_from_dict
@@ -96,12 +95,7 @@ def load_run(source: str | Path | dict[str, Any]) -> Run:
     where = ""
     if not isinstance(source, dict):
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"run file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raw = read_yaml(path, "run file")
         where = str(path)
     else:
         raw = source
