@@ -249,7 +249,7 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def load_config(spec: str | Path | dict | KVConfig) -> KVConfig:
+def load_config(spec: str | Path | dict | KVConfig, base_dir: Path | None = None) -> KVConfig:
     """Turn a preset name, a YAML path, a dict or a config object into a validated config.
 
     >>> load_config("snapkv").cache.budget
@@ -260,7 +260,7 @@ def load_config(spec: str | Path | dict | KVConfig) -> KVConfig:
     if isinstance(spec, KVConfig):
         return spec
     if isinstance(spec, dict):
-        return config_from_dict(spec)
+        return config_from_dict(spec, base_dir=base_dir)
     text = str(spec)
     path = Path(text)
     if path.suffix in (".yaml", ".yml") or path.exists():

@@ -107,7 +107,7 @@ def load_run(source: str | Path | dict[str, Any]) -> Run:
     configs = []
     for i, m in enumerate(spec.methods):
         try:
-            configs.append(load_config(m))
+            configs.append(load_config(m, base_dir=Path(where).parent if where else None))
         except ConfigError as exc:
             raise ConfigError(f"methods[{i}]: {exc}") from None
     names = [c.name for c in configs]
