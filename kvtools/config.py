@@ -44,6 +44,44 @@ class DensePrefill(StageConfig):
     )
 
 
+Backend = Literal["auto", "torch", "flex", "triton"]
+
+
+class FlexPrefill(StageConfig):
+    """FlexPrefill: per-head sparse prefill, vertical-slash or query-aware block selection."""
+
+    method: Literal["flexprefill"] = "flexprefill"
+    gamma: float = Field(default=0.9, gt=0, le=1, description="attention mass each head's selection must cover")
+    tau: float = Field(default=0.1, ge=0, le=1, description="JSD threshold: below -> query-aware, else vertical-slash")
+    block_size: int = Field(default=128, ge=16, description="query/key block size (tokens)")
+    min_budget: int = Field(default=512, ge=0, description="least tokens selected per head (rounded up to blocks)")
+    max_budget: int | None = Field(default=None, ge=1, description="most tokens per head for vertical/slash")
+    backend: Backend = Field(default="auto", description="block-sparse engine backend")
+
+
+class _HipParams(StageConfig):
+    k: int = Field(default=512, ge=1, description="keys selected per query block by the tree search")
+    block_q: int = Field(default=32, ge=1, description="queries sharing one selection (prefill)")
+    block_k: int = Field(default=16, ge=1, description="selection granularity in keys (the paper uses 2)")
+    n_sink: int = Field(default=64, ge=0, description="first keys always attended")
+    window: int = Field(default=256, ge=0, description="most recent keys always attended")
+    dense_layers: int = Field(default=3, ge=0, description="the first layers stay dense")
+
+
+class HipPrefill(_HipParams):
+    """HiP: hierarchical top-k key-block selection per query block, plus sink and window."""
+
+    method: Literal["hip"] = "hip"
+    backend: Backend = Field(default="auto", description="block-sparse engine backend")
+
+
+class HipDecode(_HipParams):
+    """HiP decode: each new token attends to a tree-searched top-k, refreshed every ``refresh_interval`` steps."""
+
+    method: Literal["hip"] = "hip"
+    refresh_interval: int = Field(default=8, ge=1, description="decode steps between selection refreshes")
+
+
 class FullCache(StageConfig):
     """Keep every K/V entry (the baseline)."""
 
@@ -97,9 +135,9 @@ class DenseDecode(StageConfig):
 
 #: stage -> method name -> parameter model. Methods register here (listed by `kvtools methods`).
 STAGE_MODELS: dict[str, dict[str, type[StageConfig]]] = {
-    "prefill": {"dense": DensePrefill},
+    "prefill": {"dense": DensePrefill, "flexprefill": FlexPrefill, "hip": HipPrefill},
     "cache": {"full": FullCache, "streamingllm": StreamingLLMCache, "snapkv": SnapKVCache, "duo": DuoCache},
-    "decode": {"dense": DenseDecode},
+    "decode": {"dense": DenseDecode, "hip": HipDecode},
 }
 
 _DEFAULTS = {"prefill": DensePrefill(), "cache": FullCache(), "decode": DenseDecode()}
@@ -216,6 +254,11 @@ def config_from_dict(raw: dict[str, Any], name: str | None = None, base_dir: Pat
         if not pat.is_absolute() and not pat.exists() and (base_dir / pat).exists():
             raw = {**raw, "cache": {**cache, "pattern": str(base_dir / pat)}}
     stages = {s: _stage_from_dict(s, raw[s]) if s in raw else _DEFAULTS[s] for s in STAGES}
+    if stages["decode"].method == "hip" and stages["cache"].method != "full":
+        raise ConfigError(
+            f"decode.method: 'hip' searches the whole prompt cache and needs cache.method 'full', got "
+            f"'{stages['cache'].method}'"
+        )
     display = raw.get("name") or name or _auto_name(stages)
     return KVConfig(**stages, name=str(display), description=str(raw.get("description", "")))
 

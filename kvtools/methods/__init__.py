@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ..config import KVConfig
 from ..errors import ConfigError
-from .base import CachePolicy, LayerInfo
+from .base import CachePolicy, LayerInfo, StageMethod
 from .duo import DuoPolicy
+from .flexprefill import FlexPrefillMethod
 from .full import FullPolicy
+from .hip import HipDecodeMethod, HipPrefillMethod
 from .snapkv import SnapKVPolicy
 from .streamingllm import StreamingLLMPolicy
 
@@ -17,16 +19,30 @@ CACHE_POLICIES: dict[str, type[CachePolicy]] = {
     "duo": DuoPolicy,
 }
 
+#: sparse prefill / decode methods ("dense" is the policy's own attention)
+PREFILL_METHODS: dict[str, type[StageMethod]] = {"flexprefill": FlexPrefillMethod, "hip": HipPrefillMethod}
+DECODE_METHODS: dict[str, type[StageMethod]] = {"hip": HipDecodeMethod}
+
 
 def make_policy(config: KVConfig) -> CachePolicy:
-    """The cache policy for a validated config (prefill/decode stages are dense in this version)."""
+    """The cache policy for a validated config, carrying its sparse prefill / decode methods."""
     try:
         cls = CACHE_POLICIES[config.cache.method]
     except KeyError:
         raise ConfigError(
             f"cache.method: '{config.cache.method}' has no implementation; allowed: {', '.join(CACHE_POLICIES)}"
         ) from None
-    return cls(config.cache)
+    policy = cls(config.cache)
+    for stage, registry, attr in (("prefill", PREFILL_METHODS, "prefill"), ("decode", DECODE_METHODS, "decode")):
+        cfg = getattr(config, stage)
+        if cfg.method == "dense":
+            continue
+        if cfg.method not in registry:
+            raise ConfigError(f"{stage}.method: '{cfg.method}' has no implementation; allowed: dense, "
+                              f"{', '.join(registry)}")
+        setattr(policy, attr, registry[cfg.method](cfg))
+    return policy
 
 
-__all__ = ["CACHE_POLICIES", "CachePolicy", "LayerInfo", "make_policy"]
+__all__ = ["CACHE_POLICIES", "DECODE_METHODS", "PREFILL_METHODS", "CachePolicy", "LayerInfo", "StageMethod",
+           "make_policy"]

@@ -21,6 +21,26 @@ class LayerInfo:
     sliding_window: int | None
 
 
+class StageMethod:
+    """A prefill or decode stage method (sparse attention); holds only its config, state lives in the cache."""
+
+    def __init__(self, cfg: StageConfig) -> None:
+        self.cfg = cfg
+
+    def applies(self, info: LayerInfo) -> bool:
+        """Whether this layer uses the method (sliding-window layers and dense first layers do not)."""
+        return info.sliding_window is None and info.layer_idx >= getattr(self.cfg, "dense_layers", 0)
+
+
+def _fresh(layer: SlotLayer, step: Step) -> bool:
+    """The slot table holds exactly the stream so far, in order, the same for every head (no eviction yet)."""
+    idx = layer.idx
+    if idx.shape[-1] != int(step.idx[-1]) + 1:
+        return False
+    ar = torch.arange(idx.shape[-1], device=idx.device)
+    return bool((idx == ar).all()) and bool((layer.valid == layer.valid[:, :1]).all())
+
+
 class CachePolicy:
     """A cache-stage method: which slots are kept, and at which positions.
 
@@ -32,6 +52,10 @@ class CachePolicy:
     only those hooks; a method with its own storage or attention overrides ``attend``.
     """
 
+    #: sparse prefill / decode stage methods (None: dense), set by ``make_policy``
+    prefill: StageMethod | None = None
+    decode: StageMethod | None = None
+
     def __init__(self, cfg: StageConfig) -> None:
         self.cfg = cfg
 
@@ -42,13 +66,22 @@ class CachePolicy:
         self.before_append(layer, step, info)
         layer.append(k, v, step)
         q = self.align_queries(layer, q, step, info)
-        out = attend_slots(
-            q, layer.keys, layer.values, layer.valid, layer.idx, step.idx, info.scale, info.sliding_window
-        )
+        out = self.attend_table(layer, q, step, info)
         self.after_attend(layer, q, step, info)
         if info.sliding_window is not None:  # slots no later query can see are freed
             layer.keep(layer.idx > step.idx[-1] + 1 - info.sliding_window)
         return out
+
+    def attend_table(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> torch.Tensor:
+        """Attention of the step's queries over the slot table: a sparse prefill when one is configured
+        and the table is exactly the prompt so far, a sparse decode method when one is, else dense."""
+        if step.is_prefill and self.prefill is not None and self.prefill.applies(info) and _fresh(layer, step):
+            return self.prefill.attend(q, layer.keys, layer.values, layer.valid[:, 0], info)
+        if not step.is_prefill and self.decode is not None and self.decode.applies(info):
+            return self.decode.attend(layer, q, step, info)
+        return attend_slots(
+            q, layer.keys, layer.values, layer.valid, layer.idx, step.idx, info.scale, info.sliding_window
+        )
 
     def bind(self, num_layers: int, num_kv_heads: int) -> None:
         """Check the config against the model (called by ``patch()`` before the model is touched)."""

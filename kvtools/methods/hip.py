@@ -1,0 +1,161 @@
+"""HiP: hierarchically pruned attention (our implementation, from the paper's description).
+
+Per query block (``block_q`` queries) and query head, a tree search estimates the top-``k``
+keys in ``block_k``-key units: start with G = k / block_k groups spanning the searchable
+range, split every group in two, score each child by one representative key (its centre)
+as the maximum over the block's queries of q.k, keep the best G children, and repeat until
+groups are one unit wide (about log2(L / k) rounds). Each query attends to its selection
+plus the first ``n_sink`` keys and the last ``window`` keys (the search covers only the
+keys between them, so nothing is counted twice). The first ``dense_layers`` layers stay dense.
+
+Prefill runs through the block-sparse engine. Decode (``decode: {method: hip}``) searches
+for the newest query, reuses that selection for ``refresh_interval`` steps (new tokens are
+covered by the window meanwhile) and gathers only the selected keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..attention.block_sparse import BlockLayout, block_sparse_attention
+from ..attention.dense import attend_slots
+from ..cache import SlotLayer, Step
+from ..config import HipDecode, HipPrefill
+from .base import LayerInfo, StageMethod
+
+# bound on the floats one chunk of query blocks materialises during the search
+_SEARCH_FLOATS = 1 << 24
+
+
+def hip_search(
+    q: torch.Tensor, k: torch.Tensor, kv_valid: torch.Tensor | None, n_groups: int, block_q: int, block_k: int,
+    lo: torch.Tensor, hi: torch.Tensor,
+) -> torch.Tensor:
+    """Tree search. q [B, H, NQB*block_q (or fewer), D], k [B, Hk, Lk, D]; ``lo``/``hi`` [NQB] the searchable
+    key-unit range [lo, hi) of each query block. Returns selected key units [B, H, NQB, G] (-1: none)."""
+    b, h, lq, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    g = h // hk
+    nq = lo.numel()
+    dev = q.device
+    qp = torch.nn.functional.pad(q, (0, 0, 0, nq * block_q - lq)).view(b, h, nq, block_q, d)
+    q_ok = (torch.arange(nq * block_q, device=dev) < lq).view(nq, block_q)
+    heads = torch.arange(h, device=dev) // g
+    rows = torch.arange(b, device=dev)
+    valid = None if kv_valid is None else kv_valid.to(dev, torch.bool)
+    out = torch.full((b, h, nq, n_groups), -1, dtype=torch.long, device=dev)
+    step = max(1, _SEARCH_FLOATS // max(1, b * h * 2 * n_groups * (block_q + d)))
+    for c0 in range(0, nq, step):
+        c1 = min(c0 + step, nq)
+        lo_c, hi_c = lo[c0:c1], hi[c0:c1]
+        width = (hi_c - lo_c).clamp_min(0)  # [n]
+        i = torch.arange(n_groups + 1, device=dev)
+        edges = lo_c[:, None] + torch.div(i[None, :] * width[:, None], n_groups, rounding_mode="floor")  # [n, G+1]
+        s = edges[:, :-1].expand(b, h, -1, -1).clone()  # [B, H, n, G]
+        e = edges[:, 1:].expand(b, h, -1, -1).clone()
+        qc = qp[:, :, c0:c1]
+        okc = q_ok[c0:c1]
+        while bool(((e - s) > 1).any()):
+            w = e - s
+            mid = s + torch.div(w + 1, 2, rounding_mode="floor")
+            cs = torch.cat([s, torch.where(w > 1, mid, e)], -1)  # [B, H, n, 2G]
+            ce = torch.cat([torch.where(w > 1, mid, e), e], -1)
+            empty = ce <= cs
+            rep = torch.div((cs + ce) * block_k, 2, rounding_mode="floor").clamp(0, lk - 1)  # centre key
+            kr = k[rows[:, None, None, None], heads[None, :, None, None], rep]  # [B, H, n, 2G, D]
+            sc = torch.einsum("bhnqd,bhnmd->bhnqm", qc.float(), kr.float())
+            sc = sc.masked_fill(~okc[None, None, :, :, None], float("-inf")).amax(3)  # max over the block's queries
+            if valid is not None:  # a padding representative ranks below every real one
+                sc = sc.masked_fill(~valid[rows[:, None, None, None], rep], -1e30)
+            sc = sc.masked_fill(empty, float("-inf"))  # empty children rank last
+            top = torch.topk(sc, n_groups, dim=-1).indices
+            s, e = torch.gather(cs, -1, top), torch.gather(ce, -1, top)
+        out[:, :, c0:c1] = torch.where(e - s == 1, s, torch.full_like(s, -1))
+    return out
+
+
+def _prefill_ranges(lq: int, off: int, cfg, nq: int, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query block: first query index, and the searchable key-unit range [lo, hi) between sink and window."""
+    bq, bk = cfg.block_q, cfg.block_k
+    q_first = off + torch.arange(nq, device=dev) * bq
+    lo = torch.full((nq,), math.ceil(cfg.n_sink / bk), dtype=torch.long, device=dev)
+    hi = torch.div(q_first - cfg.window, bk, rounding_mode="floor").clamp_min(0)  # units wholly before the window
+    return q_first, lo, torch.maximum(hi, lo)
+
+
+def hip_prefill_blocks(q: torch.Tensor, k: torch.Tensor, kv_valid: torch.Tensor | None, cfg: HipPrefill,
+                       q_offset: int | None = None) -> torch.Tensor:
+    """Block mask [B, H, NQB, NKB] in (block_q, block_k) units: search + sink + window, causal."""
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    off = lk - lq if q_offset is None else q_offset
+    bq, bk = cfg.block_q, cfg.block_k
+    nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
+    dev = q.device
+    q_first, lo, hi = _prefill_ranges(lq, off, cfg, nq, dev)
+    n_groups = max(1, cfg.k // bk)
+    sel = hip_search(q, k, kv_valid, n_groups, bq, bk, lo, hi)  # [B, H, NQB, G]
+    mask = torch.zeros(b, h, nq, nk + 1, dtype=torch.bool, device=dev)
+    mask.scatter_(-1, torch.where(sel >= 0, sel, nk), True)
+    mask = mask[..., :nk]
+    kb = torch.arange(nk, device=dev)
+    q_last = off + torch.clamp((torch.arange(nq, device=dev) + 1) * bq, max=lq) - 1
+    sink = kb * bk < cfg.n_sink
+    window = (kb[None, :] + 1) * bk > (q_first - cfg.window)[:, None]
+    causal = kb[None, :] * bk <= q_last[:, None]
+    return (mask | sink | window) & causal
+
+
+class HipPrefillMethod(StageMethod):
+    cfg: HipPrefill
+
+    def attend(self, q, k, v, kv_valid, info: LayerInfo) -> torch.Tensor:
+        mask = hip_prefill_blocks(q, k, kv_valid, self.cfg)
+        layout = BlockLayout.from_mask(mask, self.cfg.block_q, self.cfg.block_k)
+        return block_sparse_attention(q, k, v, layout, info.scale, kv_valid=kv_valid, backend=self.cfg.backend)
+
+
+class HipDecodeMethod(StageMethod):
+    """Decode with a tree-searched selection refreshed every ``refresh_interval`` steps (state in the cache)."""
+
+    cfg: HipDecode
+
+    def attend(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> torch.Tensor:
+        cfg = self.cfg
+        keys, values, valid = layer.keys, layer.values, layer.valid
+        b, h, lq, d = q.shape
+        hk, n = keys.shape[1], keys.shape[2]
+        bk = cfg.block_k
+        q_abs = int(step.idx[-1])
+        n_groups = max(1, cfg.k // bk)
+        lo = math.ceil(cfg.n_sink / bk)
+        hi = max(lo, (q_abs + 1 - cfg.window) // bk)
+        if hi - lo <= n_groups or lq != 1 or n != q_abs + 1:  # the budget covers everything: exact attention
+            return attend_slots(q, keys, values, valid, layer.idx, step.idx, info.scale)
+        st = layer.state.setdefault("hip", {"age": 0, "sel": None})
+        if st["sel"] is None or st["age"] % cfg.refresh_interval == 0:
+            sel = hip_search(q, keys, valid[:, 0], n_groups, 1, bk, torch.tensor([lo], device=q.device),
+                             torch.tensor([hi], device=q.device))[:, :, 0]  # [B, H, G]
+            st["sel"] = sel
+            st["refreshed"] = st.get("refreshed", 0) + 1
+        st["age"] += 1
+        sel = st["sel"]
+        g = h // hk
+        # tokens: sink [0, n_sink) + selected units + window [q_abs + 1 - window, q_abs]
+        units = sel.clamp_min(0)[..., None] * bk + torch.arange(bk, device=q.device)  # [B, H, G, bk]
+        tok_sel = units.flatten(2)
+        ok_sel = (sel >= 0)[..., None].expand(-1, -1, -1, bk).flatten(2) & (tok_sel < n)
+        w0 = max(0, q_abs + 1 - cfg.window)
+        fixed = torch.cat([torch.arange(min(cfg.n_sink, w0), device=q.device),
+                           torch.arange(w0, q_abs + 1, device=q.device)])
+        tok = torch.cat([fixed.expand(b, h, -1), tok_sel.clamp(max=n - 1)], -1)  # [B, H, M]
+        ok = torch.cat([torch.ones(b, h, fixed.numel(), dtype=torch.bool, device=q.device), ok_sel], -1)
+        rows = torch.arange(b, device=q.device)[:, None, None]
+        heads = (torch.arange(h, device=q.device) // g)[None, :, None]
+        ks, vs = keys[rows, heads, tok], values[rows, heads, tok]  # [B, H, M, D]
+        ok &= valid[rows, heads, tok] | (tok == q_abs)
+        s = torch.einsum("bhqd,bhmd->bhqm", q.float(), ks.float()) * info.scale
+        p = torch.softmax(s.masked_fill(~ok[:, :, None], float("-inf")), -1)
+        return torch.einsum("bhqm,bhmd->bhqd", p, vs.float()).to(q.dtype)
