@@ -91,6 +91,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_attention(args: argparse.Namespace) -> int:
+    from kvtools.eval.niah import parse_lengths
+
+    configs = _split_configs(args.config)
+    lengths = parse_lengths(args.lengths)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    from kvtools.attention.block_sparse import BACKENDS
+    from kvtools.bench_attention import attention_markdown, run_attention_bench
+
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad:
+        raise ConfigError(f"--backends: unknown {', '.join(bad)}; allowed: {', '.join(BACKENDS)}")
+    rows = run_attention_bench(configs, lengths, shape=args.shape, backends=backends, repeats=args.repeats,
+                               device=args.device, out=args.out, seed=args.seed, quiet=args.quiet)
+    print(attention_markdown(rows))
+    print(f"wrote attention.jsonl, attention.md, attention.png to {args.out}")
+    return 0
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from kvtools.eval.niah import parse_lengths
 
@@ -215,6 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
+
+    ba = sub.add_parser(
+        "bench-attention",
+        help="attention-only prefill time of sparse prefill methods vs dense SDPA, with block density",
+        description="One attention layer of a real shape on structured synthetic q/k/v: selection + "
+                    "block-sparse attention per backend vs dense SDPA, side by side.",
+    )
+    ba.add_argument("--config", default="flexprefill,hip", help="comma list of presets / YAML paths")
+    ba.add_argument("--lengths", default="8k,16k,32k", help="prompt lengths (k = 1024)")
+    ba.add_argument("--shape", default="smollm2-135m", help="head layout: llama-3-8b, qwen3-8b, smollm2-135m")
+    ba.add_argument("--backends", default="torch,flex", help="comma list: torch, flex, triton")
+    ba.add_argument("--repeats", type=int, default=3, help="timed runs per cell; median (default: 3)")
+    ba.add_argument("--device", default="cpu")
+    ba.add_argument("--out", default="runs/bench-attention", metavar="DIR")
+    ba.add_argument("--seed", type=int, default=0)
+    ba.add_argument("--quiet", action="store_true", help="no progress bar")
+    ba.set_defaults(func=_cmd_bench_attention)
 
     cal = sub.add_parser("calibrate", help="calibrate a method's parameters on the model (duo: head gates)")
     cal.add_argument("method", choices=["duo"], help="what to calibrate")

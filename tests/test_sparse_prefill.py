@@ -91,16 +91,20 @@ def reference_flexprefill(q, k, cfg: FlexPrefill, scale: float):
         jsd = 0.5 * (abar * (abar / m).log()).nansum() + 0.5 * (vpool * (vpool / m).log()).nansum()
         qa = bool(jsd.clamp_min(0).sqrt() < cfg.tau)
 
+        tscore = torch.zeros(nb, dtype=torch.float64)
+        for t in range(nb):
+            for delta in range(n):
+                tscore[t] += slash[delta] * max(0, bs - abs(delta - t * bs)) / bs
+
         def budget(scores):
             srt = scores.sort(descending=True).values
             cnt = int((srt.cumsum(0) < cfg.gamma * srt.sum()).sum()) + 1
-            return min(max(math.ceil(cnt / bs) * bs, cfg.min_budget), n)
+            return min(max(cnt, math.ceil(cfg.min_budget / bs)), nb)
 
-        nv, ns = (cfg.min_budget, cfg.min_budget) if qa else (budget(vertical), budget(slash))
-        vblocks = {int(j) // bs for j in vertical.argsort(descending=True, stable=True)[:nv]}
-        sblocks = set()
-        for delta in slash.argsort(descending=True, stable=True)[:ns].tolist():
-            sblocks |= {delta // bs, -(-delta // bs)}
+        lo = math.ceil(cfg.min_budget / bs)
+        nv, ns = (lo, lo) if qa else (budget(vpool), budget(tscore))
+        vblocks = set(vpool.argsort(descending=True, stable=True)[:nv].tolist())
+        sblocks = set(tscore.argsort(descending=True, stable=True)[:ns].tolist())
         mask = torch.zeros(nb, nb, dtype=torch.bool)
         for qb in range(nb):
             for kb in range(qb + 1):

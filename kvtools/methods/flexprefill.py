@@ -6,10 +6,12 @@ For each (row, query head), from the last block of queries:
   vertical scores = its mean over rows, slash scores = the sum of each diagonal / bs.
 * Pattern: ``abar = softmax(mean(q_last) . blockmean(K))`` over key blocks versus the
   block-pooled vertical scores; ``D = sqrt(JSD)``. D < tau: query-aware, else vertical-slash.
-* Vertical-slash heads: budget = tokens whose sorted cumulative mass reaches gamma, rounded
-  up to whole blocks (of ``block_size``, not a fixed 128), clamped to [min_budget, max_budget];
-  the blocks holding the top-budget vertical keys (for every query block) and the block
-  diagonals crossed by the top-budget slash diagonals.
+* Vertical-slash heads: vertical scores pooled per key block, slash scores per block diagonal
+  (each token diagonal shared by the two block diagonals it crosses, by overlap); each budget
+  is the number of pooled blocks whose sorted mass reaches gamma (blocks of ``block_size``,
+  not a fixed 128), clamped to [min_budget, max_budget]; the top vertical key blocks (for
+  every query block) and the top block diagonals. Pooling before ranking keeps a budget of
+  n blocks to n blocks (ranking single tokens first scatters a token budget over many blocks).
 * Query-aware heads: vertical/slash budgets drop to min_budget, plus blocks from the
   block-level estimate ``softmax(blockmean(Q) blockmean(K)^T)`` (causal) in order of mass
   until the mass reaches gamma x (query blocks) over the whole head, as the reference does.
@@ -104,24 +106,24 @@ def flexprefill_blocks(
     vpool = torch.nn.functional.pad(vertical, (0, nk * bs - lk)).view(b, h, nk, bs).sum(-1)
     query_aware = torch.sqrt(_jsd(abar, vpool)) < cfg.tau  # [B, H]
 
-    # --- budgets: tokens reaching mass gamma, rounded up to whole blocks, clamped to [min, max] budget;
-    # the top-budget vertical keys and slash diagonals, then the blocks that hold them
-    def budget(n_tok: torch.Tensor) -> torch.Tensor:
-        tok = torch.ceil(n_tok.float() / bs).long() * bs
-        hi = lk if cfg.max_budget is None else max(cfg.min_budget, cfg.max_budget)
-        return tok.clamp(min=cfg.min_budget, max=hi)
-
-    nv = budget(_mass_count(vertical, cfg.gamma))
-    ns = budget(_mass_count(slash, cfg.gamma))
-    lo = torch.full_like(nv, cfg.min_budget)
+    # --- vertical-slash: scores pooled to key blocks and to block diagonals; each budget is the number of
+    # pooled blocks reaching mass gamma, clamped to [min_budget, max_budget] (tokens, in whole blocks)
+    sp = torch.nn.functional.pad(slash, (0, nk * bs - lk))
+    # block diagonal t of a (query block, key block) pair holds token diagonals within bs of t * bs,
+    # in proportion (bs - |delta - t bs|) / bs of the pair's cells
+    tri = torch.cat([torch.arange(1, bs + 1), torch.arange(bs - 1, 0, -1)]).float().to(dev) / bs
+    spool = torch.nn.functional.conv1d(
+        torch.nn.functional.pad(sp.reshape(b * h, 1, -1), (bs - 1, bs)), tri.view(1, 1, -1)
+    ).view(b, h, -1)[..., ::bs][..., :nk]
+    lo_b = math.ceil(cfg.min_budget / bs)
+    hi_b = nk if cfg.max_budget is None else max(lo_b, math.ceil(cfg.max_budget / bs))
+    nv = _mass_count(vpool, cfg.gamma).clamp(lo_b, hi_b)
+    ns = _mass_count(spool, cfg.gamma).clamp(lo_b, hi_b)
+    lo = torch.full_like(nv, lo_b)
     nv = torch.where(query_aware, lo, nv)
     ns = torch.where(query_aware, lo, ns)
-    v_tok = _topn_mask(vertical, nv)  # [B, H, Lk]
-    v_blocks = torch.nn.functional.pad(v_tok, (0, nk * bs - lk)).view(b, h, nk, bs).any(-1)  # [B, H, NKB]
-    s_tok = _topn_mask(slash, ns)  # [B, H, Lk] by diagonal distance
-    sp = torch.nn.functional.pad(s_tok, (0, nk * bs - lk + bs)).view(b, h, nk + 1, bs)
-    # diagonal delta crosses block diagonals floor(delta / bs) and ceil(delta / bs)
-    s_blocks = sp.any(-1)[..., :nk] | torch.nn.functional.pad(sp[..., 1:].any(-1), (1, 0))[..., :nk]
+    v_blocks = _topn_mask(vpool, nv)  # [B, H, NKB]
+    s_blocks = _topn_mask(spool, ns)  # [B, H, NKB] block diagonals t
 
     qb = torch.arange(nq, device=dev)
     q_first = off + qb * bs

@@ -1,0 +1,196 @@
+"""Attention-only prefill speed: sparse prefill methods vs dense SDPA, side by side in one process.
+
+One attention layer of a real architecture's shape (``--shape``), on queries and keys with
+the structure real attention has (a strong sink, locality from a slowly varying shared
+component, a few heavy key columns, noise), so a method's selection is as sparse as it
+would be on a real model rather than on uniform random scores. Per length, in this order:
+dense SDPA (causal, GQA), then every (method, backend): the method's block selection and
+the block-sparse attention, timed separately (median of ``repeats``). Reported: seconds,
+speedup vs dense, fraction of causal blocks computed (density), ``1 / density`` (the
+limit a perfect kernel reaches), and the output's relative error vs dense.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .attention.block_sparse import BlockLayout, block_sparse_attention, causal_block_count, causal_block_mask
+from .bench import SHAPES
+from .config import FlexPrefill, HipPrefill, load_config
+from .errors import ConfigError
+
+
+def structured_qkv(length: int, heads: int, kv_heads: int, head_dim: int, seed: int = 0,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """q [1, H, L, D], k, v [1, Hk, L, D] whose attention has a sink, locality and a few heavy columns."""
+    g = torch.Generator().manual_seed(seed)
+    d = head_dim
+    q = 0.5 * torch.randn(1, heads, length, d, generator=g)
+    k = 0.5 * torch.randn(1, kv_heads, length, d, generator=g)
+    v = torch.randn(1, kv_heads, length, d, generator=g)
+    # locality: a smooth random walk shared by queries and keys (q_i . k_j large when i ~ j)
+    steps = torch.randn(kv_heads, length // 64 + 2, d, generator=g)
+    walk = torch.nn.functional.interpolate(steps.transpose(1, 2), size=length, mode="linear",
+                                           align_corners=False).transpose(1, 2)  # [Hk, L, D]
+    walk = torch.nn.functional.normalize(walk, dim=-1) * 9
+    rep = heads // kv_heads
+    q += walk.repeat_interleave(rep, 0)[None]
+    k += walk[None]
+    # a sink and a few heavy columns every query attends to
+    u = torch.nn.functional.normalize(torch.randn(kv_heads, d, generator=g), dim=-1)
+    q += 2 * u.repeat_interleave(rep, 0)[None, :, None, :]
+    cols = torch.randint(1, length, (kv_heads, 8), generator=g)
+    k[0, :, 0] += 40 * u
+    for h in range(kv_heads):
+        k[0, h, cols[h]] += 30 * u[h]
+    return (x.to(device=device, dtype=dtype) for x in (q, k, v))
+
+
+@dataclass
+class AttnRow:
+    length: int
+    method: str
+    backend: str
+    select_s: float
+    attn_s: float
+    total_s: float
+    dense_s: float
+    speedup: float
+    attn_speedup: float
+    density: float
+    limit: float
+    rel_err: float
+    shape: str
+    device: str
+
+
+def _time(fn, repeats: int, device: torch.device) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def _selection(cfg, q, k, scale):
+    from .methods.flexprefill import flexprefill_blocks
+    from .methods.hip import hip_prefill_blocks
+
+    if isinstance(cfg, FlexPrefill):
+        mask, _ = flexprefill_blocks(q, k, None, cfg, scale)
+        return BlockLayout.from_mask(mask, cfg.block_size, cfg.block_size)
+    if isinstance(cfg, HipPrefill):
+        mask = hip_prefill_blocks(q, k, None, cfg)
+        return BlockLayout.from_mask(mask, cfg.block_q, cfg.block_k)
+    raise ConfigError(f"bench-attention: '{cfg.method}' is not a sparse prefill method (flexprefill, hip)")
+
+
+def run_attention_bench(configs: list[Any], lengths: list[int], shape: str = "smollm2-135m",
+                        backends: list[str] | None = None, repeats: int = 3, device: str = "cpu",
+                        out: str | Path | None = None, seed: int = 0, quiet: bool = False) -> list[AttnRow]:
+    if shape not in SHAPES:
+        raise ConfigError(f"--shape {shape!r}: one of {', '.join(SHAPES)}")
+    cfgs = [load_config(c) for c in configs]
+    for c in cfgs:
+        if c.prefill.method not in ("flexprefill", "hip"):
+            raise ConfigError(f"config '{c.name}': prefill.method is '{c.prefill.method}'; bench-attention "
+                              "measures sparse prefill methods (flexprefill, hip)")
+    backends = backends or ["torch", "flex"]
+    s = SHAPES[shape]
+    h, hk = s["num_attention_heads"], s["num_key_value_heads"]
+    d = s.get("head_dim") or s["hidden_size"] // h
+    dev = torch.device(device)
+    scale = d ** -0.5
+    rows: list[AttnRow] = []
+    out_dir = Path(out) if out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    todo = [(n, c, b) for n in lengths for c in cfgs for b in backends]
+    bar = tqdm(total=len(todo), desc="bench-attention", unit="cell", disable=quiet)
+    with torch.no_grad():
+        for n in lengths:
+            q, k, v = structured_qkv(n, h, hk, d, seed=seed, device=dev)
+            dense_s, ref = _time(lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=True), repeats, dev)
+            for c in cfgs:
+                p = c.prefill
+                sel_s, layout = _time(lambda: _selection(p, q, k, scale), repeats, dev)
+                causal = causal_block_count(n, n, layout.block_q, layout.block_k) * h
+                density = layout.blocks() / causal
+                for b in backends:
+                    bar.set_postfix(length=n, method=c.name, backend=b)
+                    warm = BlockLayout.from_mask(causal_block_mask(1, h, 256, 256, layout.block_q, layout.block_k),
+                                                 layout.block_q, layout.block_k)
+                    block_sparse_attention(q[:, :, :256], k[:, :, :256], v[:, :, :256], warm, scale,
+                                           backend=b)  # compile / warm up outside the timing
+                    attn_s, o = _time(lambda: block_sparse_attention(q, k, v, layout, scale, backend=b), repeats,
+                                      dev)
+                    err = float((o.float() - ref.float()).abs().mean() / ref.float().abs().mean())
+                    row = AttnRow(n, c.name, b, sel_s, attn_s, sel_s + attn_s, dense_s, dense_s / (sel_s + attn_s),
+                                  dense_s / attn_s, density, 1 / density, err, shape, str(dev))
+                    rows.append(row)
+                    if out_dir:
+                        with (out_dir / "attention.jsonl").open("a") as f:
+                            f.write(json.dumps(asdict(row)) + "\n")
+                    bar.update(1)
+    bar.close()
+    if out_dir:
+        (out_dir / "attention.md").write_text(attention_markdown(rows))
+        plot_attention(rows, out_dir / "attention.png")
+    return rows
+
+
+def attention_markdown(rows: list[AttnRow]) -> str:
+    if not rows:
+        return "(no rows)\n"
+    lines = [
+        f"Attention-only prefill, one layer of `{rows[0].shape}` shape on {rows[0].device} "
+        "(structured synthetic q/k/v; medians).",
+        "",
+        "| length | method | backend | dense s | select s | attention s | speedup (total) | speedup (attention) "
+        "| density | 1/density | rel. error |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.length} | {r.method} | {r.backend} | {r.dense_s:.3f} | {r.select_s:.3f} | {r.attn_s:.3f} | "
+            f"{r.speedup:.2f}x | {r.attn_speedup:.2f}x | {r.density:.3f} | {r.limit:.1f}x | {r.rel_err:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_attention(rows: list[AttnRow], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for key in sorted({(r.method, r.backend) for r in rows}):
+        rs = sorted((r for r in rows if (r.method, r.backend) == key), key=lambda r: r.length)
+        ax.plot([r.length for r in rs], [r.speedup for r in rs], marker="o", label=f"{key[0]} ({key[1]})")
+        ax.plot([r.length for r in rs], [r.limit for r in rs], ls=":", color=ax.lines[-1].get_color())
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("speedup vs dense SDPA (dotted: 1/density)")
+    ax.legend(fontsize=8)
+    ax.set_title("sparse prefill, attention only")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
