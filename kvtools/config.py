@@ -61,7 +61,6 @@ class FlexPrefill(StageConfig):
 
 class _HipParams(StageConfig):
     k: int = Field(default=512, ge=1, description="keys selected per query block by the tree search")
-    block_q: int = Field(default=32, ge=1, description="queries sharing one selection (prefill)")
     block_k: int = Field(default=16, ge=1, description="selection granularity in keys (the paper uses 2)")
     n_sink: int = Field(default=64, ge=0, description="first keys always attended")
     window: int = Field(default=256, ge=0, description="most recent keys always attended")
@@ -72,11 +71,12 @@ class HipPrefill(_HipParams):
     """HiP: hierarchical top-k key-block selection per query block, plus sink and window."""
 
     method: Literal["hip"] = "hip"
+    block_q: int = Field(default=32, ge=1, description="queries sharing one selection")
     backend: Backend = Field(default="auto", description="block-sparse engine backend")
 
 
 class HipDecode(_HipParams):
-    """HiP decode: each new token attends to a tree-searched top-k, refreshed every ``refresh_interval`` steps."""
+    """HiP decode: each new token attends to a tree-searched top-k, refreshed every `refresh_interval` steps."""
 
     method: Literal["hip"] = "hip"
     refresh_interval: int = Field(default=8, ge=1, description="decode steps between selection refreshes")

@@ -58,15 +58,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("spec", CASES)
-def test_torch_backend_matches_dense_masked(spec):
+def check_backend(spec, backend):
     *shape, density, pad = spec
     q, k, v, mask, valid = case(*shape, density=density, pad=pad)
     bq, bk = shape[5], shape[6]
     lay = BlockLayout.from_mask(mask, bq, bk)
     off = k.shape[2] - q.shape[2]
-    out = block_sparse_attention(q, k, v, lay, 0.3, kv_valid=valid, backend="torch")
+    out = block_sparse_attention(q, k, v, lay, 0.3, kv_valid=valid, backend=backend)
     torch.testing.assert_close(out, dense_masked(q, k, v, mask, bq, bk, 0.3, off, valid), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", CASES)
+def test_torch_backend_matches_dense_masked(spec):
+    check_backend(spec, "torch")
 
 
 def test_torch_backend_chunks_query_blocks(monkeypatch):
@@ -113,13 +117,7 @@ def test_bad_layout_and_backend_are_clear_errors():
 @pytest.mark.parametrize("spec", [CASES[0], CASES[1]])
 def test_flex_backend_matches_dense_masked(spec):
     """FlexAttention compiled on CPU (inductor C++), full + partial blocks, GQA, padding, q offset."""
-    *shape, density, pad = spec
-    q, k, v, mask, valid = case(*shape, density=density, pad=pad)
-    bq, bk = shape[5], shape[6]
-    lay = BlockLayout.from_mask(mask, bq, bk)
-    off = k.shape[2] - q.shape[2]
-    out = block_sparse_attention(q, k, v, lay, 0.3, kv_valid=valid, backend="flex")
-    torch.testing.assert_close(out, dense_masked(q, k, v, mask, bq, bk, 0.3, off, valid), atol=1e-5, rtol=1e-4)
+    check_backend(spec, "flex")
 
 
 def test_triton_backend_matches_dense_masked_in_interpreter(tmp_path):

@@ -18,6 +18,7 @@ from .helpers import prefill_then_decode
 
 
 # ---------------------------------------------------------------- exactness on real model code
+@pytest.mark.mechanics
 @pytest.mark.parametrize("prefill", [
     {"method": "flexprefill", "gamma": 1.0, "block_size": 16, "min_budget": 0, "backend": "torch"},
     {"method": "flexprefill", "gamma": 0.9, "block_size": 16, "min_budget": 4096, "backend": "torch"},
@@ -33,6 +34,7 @@ def test_sparse_prefill_with_covering_budget_equals_unpatched(family_model, pref
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.mechanics
 def test_hip_decode_with_covering_k_equals_unpatched(llama):
     ids = random_ids(2, 50 + 12)
     ref, _ = prefill_then_decode(llama, ids, 50)
