@@ -82,6 +82,17 @@ class HipDecode(_HipParams):
     refresh_interval: int = Field(default=8, ge=1, description="decode steps between selection refreshes")
 
 
+class RecycledDecode(StageConfig):
+    """Recycled Attention: a full step every `stride` steps picks each KV head's top-k slots; the steps
+    between attend only to them plus the tokens generated since (the full cache is kept)."""
+
+    method: Literal["recycled"] = "recycled"
+    top_k: int | float = Field(default=0.25, gt=0, description="slots per KV head (int) or fraction of the slots")
+    stride: int = Field(default=16, ge=1, description="decode steps per full step (1: always full)")
+    dynamic: bool = Field(default=False, description="also run a full step when the query drifts (cosine < s)")
+    s: float = Field(default=0.8, ge=-1, le=1, description="cosine threshold of the dynamic schedule")
+
+
 class FullCache(StageConfig):
     """Keep every K/V entry (the baseline)."""
 
@@ -137,7 +148,7 @@ class DenseDecode(StageConfig):
 STAGE_MODELS: dict[str, dict[str, type[StageConfig]]] = {
     "prefill": {"dense": DensePrefill, "flexprefill": FlexPrefill, "hip": HipPrefill},
     "cache": {"full": FullCache, "streamingllm": StreamingLLMCache, "snapkv": SnapKVCache, "duo": DuoCache},
-    "decode": {"dense": DenseDecode, "hip": HipDecode},
+    "decode": {"dense": DenseDecode, "hip": HipDecode, "recycled": RecycledDecode},
 }
 
 _DEFAULTS = {"prefill": DensePrefill(), "cache": FullCache(), "decode": DenseDecode()}
@@ -169,7 +180,7 @@ def _closest(word: str, options: list[str]) -> str:
 
 
 def _check_fractions(stage: str, cfg: StageConfig) -> None:
-    for key in ("budget", "window"):
+    for key in ("budget", "window", "top_k"):
         val = getattr(cfg, key, None)
         if isinstance(val, float) and not (0 < val <= 1):
             raise ConfigError(
@@ -254,6 +265,11 @@ def config_from_dict(raw: dict[str, Any], name: str | None = None, base_dir: Pat
         if not pat.is_absolute() and not pat.exists() and (base_dir / pat).exists():
             raw = {**raw, "cache": {**cache, "pattern": str(base_dir / pat)}}
     stages = {s: _stage_from_dict(s, raw[s]) if s in raw else _DEFAULTS[s] for s in STAGES}
+    if stages["decode"].method == "recycled" and stages["cache"].method not in ("full", "snapkv"):
+        raise ConfigError(
+            f"decode.method: 'recycled' keeps slot positions between full steps and needs cache.method 'full' or "
+            f"'snapkv' (no eviction while decoding), got '{stages['cache'].method}'"
+        )
     if stages["decode"].method == "hip" and stages["cache"].method != "full":
         raise ConfigError(
             f"decode.method: 'hip' searches the whole prompt cache and needs cache.method 'full', got "

@@ -9,6 +9,7 @@ from .duo import DuoPolicy
 from .flexprefill import FlexPrefillMethod
 from .full import FullPolicy
 from .hip import HipDecodeMethod, HipPrefillMethod
+from .recycled import RecycledDecodeMethod
 from .snapkv import SnapKVPolicy
 from .streamingllm import StreamingLLMPolicy
 
@@ -21,7 +22,7 @@ CACHE_POLICIES: dict[str, type[CachePolicy]] = {
 
 #: sparse prefill / decode methods ("dense" is the policy's own attention)
 PREFILL_METHODS: dict[str, type[StageMethod]] = {"flexprefill": FlexPrefillMethod, "hip": HipPrefillMethod}
-DECODE_METHODS: dict[str, type[StageMethod]] = {"hip": HipDecodeMethod}
+DECODE_METHODS: dict[str, type[StageMethod]] = {"hip": HipDecodeMethod, "recycled": RecycledDecodeMethod}
 
 
 def make_policy(config: KVConfig) -> CachePolicy:

@@ -1,0 +1,65 @@
+"""Recycled Attention (also published as RefreshKV): decode with a recycled top-k.
+
+Every ``stride`` decode steps (and, with ``dynamic``, whenever the new query's cosine
+similarity to the last full step's query falls below ``s``) a *full* step attends to every
+slot and records, per row and KV head, the ``top_k`` slots with the most attention
+(summed over the KV head's g query heads). The steps in between attend only to those
+slots plus the slots appended since the full step: work ~ top_k instead of the context.
+The full cache is kept (nothing is evicted), so a full step sees everything again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import SlotLayer, Step
+from ..config import RecycledDecode
+from .base import LayerInfo, StageMethod
+from .common import resolve_tokens
+
+
+def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor, scale: float):
+    """q [B, H, 1, D] over k, v [B, Hk, M, D] with ok [B, Hk, M] -> (out [B, H, 1, D], probs [B, Hk, g, M])."""
+    b, h, _, d = q.shape
+    hk = k.shape[1]
+    qg = q.float().view(b, hk, h // hk, d)
+    s = torch.einsum("bkgd,bkmd->bkgm", qg, k.float()) * scale
+    p = torch.softmax(s.masked_fill(~ok[:, :, None], float("-inf")), -1)
+    out = torch.einsum("bkgm,bkmd->bkgd", p, v.float())
+    return out.reshape(b, h, 1, -1).to(q.dtype), p
+
+
+def recycle_set(probs: torch.Tensor, ok: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Top-k slots per (row, KV head) by attention summed over the group's query heads: [B, Hk, K]."""
+    score = probs.sum(2).masked_fill(~ok, -1.0)  # [B, Hk, S]
+    return torch.topk(score, int(k), dim=-1).indices.sort(-1).values
+
+
+class RecycledDecodeMethod(StageMethod):
+    cfg: RecycledDecode
+
+    def attend(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> torch.Tensor:
+        keys, values, valid = layer.keys, layer.values, layer.valid
+        n = keys.shape[2]
+        own = layer.idx == step.idx[-1]  # the new token's slot: always visible to itself
+        ok_all = valid | own
+        st = layer.state.setdefault("recycled", {"sel": None, "since": 0, "n_full": 0, "q_full": None,
+                                                 "full_steps": 0})
+        full = st["sel"] is None or st["since"] >= self.cfg.stride or n < st["n_full"]
+        if not full and self.cfg.dynamic and st["q_full"] is not None:
+            cos = torch.nn.functional.cosine_similarity(q.float().flatten(2), st["q_full"], dim=-1)  # [B, H]
+            full = bool((cos < self.cfg.s).any())
+        if full:
+            out, p = _grouped_attention(q, keys, values, ok_all, info.scale)
+            k = int(resolve_tokens(self.cfg.top_k, torch.tensor([n])).clamp(1, n))
+            st.update(sel=recycle_set(p[..., :n], ok_all, k), since=1, n_full=n, q_full=q.float().flatten(2),
+                      full_steps=st["full_steps"] + 1)
+            return out
+        sel = st["sel"]  # [B, Hk, K] slot positions (slots are only appended while decoding)
+        fresh = torch.arange(st["n_full"], n, device=keys.device).expand(*sel.shape[:2], -1)
+        pos = torch.cat([sel, fresh], -1)
+        gk = torch.gather(keys, 2, pos[..., None].expand(-1, -1, -1, keys.shape[-1]))
+        gv = torch.gather(values, 2, pos[..., None].expand(-1, -1, -1, values.shape[-1]))
+        ok = torch.gather(ok_all, 2, pos)
+        st["since"] += 1
+        return _grouped_attention(q, gk, gv, ok, info.scale)[0]
