@@ -112,7 +112,10 @@ class SlotLayer(CacheLayerMixin):
         for name in ("keys", "values", "valid", "pos", "idx"):
             setattr(self, name, fn(getattr(self, name)))
         for sub in self.state.values():
-            if isinstance(sub, SlotLayer) and sub.is_initialized:
+            if isinstance(sub, SlotLayer):
+                if sub.is_initialized:
+                    sub._apply(fn)
+            elif hasattr(sub, "_apply"):  # other stores (e.g. the retrieval cache's CPU side) decide themselves
                 sub._apply(fn)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
@@ -156,9 +159,18 @@ class SlotLayer(CacheLayerMixin):
         self.pos = self.pos.gather(2, sel)
         self.idx = self.idx.gather(2, sel)
 
-    def nbytes(self, device: str | torch.device | None = None) -> int:
-        """Bytes of this table plus any sub-tables a method keeps in ``state`` (e.g. duo's streaming heads)."""
-        total = sum(t.nbytes(device) for t in self.state.values() if isinstance(t, SlotLayer))
+    def nbytes(self, device: str | torch.device | None = None, offloaded: bool | None = None) -> int:
+        """Bytes of this table plus what a method keeps in ``state`` (duo's streaming heads, the retrieval
+        cache's CPU store): with ``device``, only what lives on that device type; ``offloaded`` True/False:
+        only / all but stores a method offloaded (also meaningful on a CPU-only machine)."""
+        total = 0
+        for t in self.state.values():
+            if callable(getattr(t, "nbytes", None)):
+                off = bool(getattr(t, "offloaded", False))
+                if offloaded is None or off == offloaded:
+                    total += t.nbytes(device)
+        if offloaded:
+            return total
         for name in ("keys", "values", "valid", "pos", "idx"):
             t = getattr(self, name)
             if t is None:
@@ -199,9 +211,11 @@ class KVCache(Cache):
             return 0
         return self.layers[layer_idx].seen
 
-    def nbytes(self, device: str | torch.device | None = None) -> int:
-        """Bytes this cache holds (keys, values and slot metadata), optionally on one device type only."""
-        return sum(layer.nbytes(device) for layer in self.layers)
+    def nbytes(self, device: str | torch.device | None = None, offloaded: bool | None = None) -> int:
+        """Bytes this cache holds (keys, values and slot metadata), optionally on one device type only;
+        ``offloaded=True``: only what a method moved off the working set (retrieval's CPU store),
+        ``False``: the resident rest."""
+        return sum(layer.nbytes(device, offloaded) for layer in self.layers)
 
     def slots(self) -> list[int]:
         """Slots held per (row, KV head), per layer."""

@@ -124,6 +124,26 @@ class SnapKVCache(StageConfig):
     pool: Literal["max", "avg"] = "max"
 
 
+class RetrievalCache(StageConfig):
+    """RetrievalAttention: after prefill all but sink + window slots move to CPU, one ANN index per
+    (layer, row, KV head); each decode query attends to its retrieved top_k there plus the device slots."""
+
+    method: Literal["retrieval"] = "retrieval"
+    n_sink: int = Field(default=128, ge=0, description="first real tokens kept on the device")
+    window: int = Field(default=512, ge=1, description="most recent tokens kept on the device")
+    top_k: int = Field(default=256, ge=1, description="keys retrieved per query head per step")
+    index: Literal["flat", "hnsw", "ivf"] = Field(default="hnsw", description="FAISS index (inner product)")
+    hnsw_m: int = Field(default=32, ge=2, description="hnsw: neighbours per node")
+    ef_construction: int = Field(default=64, ge=1, description="hnsw: build beam")
+    ef_search: int = Field(default=128, ge=1, description="hnsw: search beam")
+    nlist: int = Field(default=64, ge=1, description="ivf: clusters (capped by the keys available)")
+    nprobe: int = Field(default=8, ge=1, description="ivf: clusters searched")
+    train_on: Literal["keys", "queries"] = Field(
+        default="queries", description="ivf: cluster centroids from the keys, or from the prefill queries "
+                                       "(attention-aware: queries are out of distribution for a key index)")
+    insert: bool = Field(default=True, description="tokens leaving the window are added to the index")
+
+
 class DuoCache(StageConfig):
     """DuoAttention: retrieval KV heads keep everything, streaming KV heads keep sink + recent slots."""
 
@@ -138,6 +158,12 @@ class DuoCache(StageConfig):
     recent: int = Field(default=256, ge=1, description="most recent tokens kept by streaming heads")
 
 
+class RetrievalDecode(StageConfig):
+    """Decode over a retrieval cache: device slots + retrieved CPU slots, merged by log-sum-exp."""
+
+    method: Literal["retrieval"] = "retrieval"
+
+
 class DenseDecode(StageConfig):
     """Each new token attends to every kept slot."""
 
@@ -147,8 +173,9 @@ class DenseDecode(StageConfig):
 #: stage -> method name -> parameter model. Methods register here (listed by `kvtools methods`).
 STAGE_MODELS: dict[str, dict[str, type[StageConfig]]] = {
     "prefill": {"dense": DensePrefill, "flexprefill": FlexPrefill, "hip": HipPrefill},
-    "cache": {"full": FullCache, "streamingllm": StreamingLLMCache, "snapkv": SnapKVCache, "duo": DuoCache},
-    "decode": {"dense": DenseDecode, "hip": HipDecode, "recycled": RecycledDecode},
+    "cache": {"full": FullCache, "streamingllm": StreamingLLMCache, "snapkv": SnapKVCache, "duo": DuoCache,
+              "retrieval": RetrievalCache},
+    "decode": {"dense": DenseDecode, "hip": HipDecode, "recycled": RecycledDecode, "retrieval": RetrievalDecode},
 }
 
 _DEFAULTS = {"prefill": DensePrefill(), "cache": FullCache(), "decode": DenseDecode()}
@@ -265,6 +292,11 @@ def config_from_dict(raw: dict[str, Any], name: str | None = None, base_dir: Pat
         if not pat.is_absolute() and not pat.exists() and (base_dir / pat).exists():
             raw = {**raw, "cache": {**cache, "pattern": str(base_dir / pat)}}
     stages = {s: _stage_from_dict(s, raw[s]) if s in raw else _DEFAULTS[s] for s in STAGES}
+    if (stages["cache"].method == "retrieval") != (stages["decode"].method == "retrieval"):
+        raise ConfigError(
+            "cache.method / decode.method: 'retrieval' goes in both stages (the cache offloads and indexes, "
+            f"decode searches it); got cache '{stages['cache'].method}', decode '{stages['decode'].method}'"
+        )
     if stages["decode"].method == "recycled" and stages["cache"].method not in ("full", "snapkv"):
         raise ConfigError(
             f"decode.method: 'recycled' keeps slot positions between full steps and needs cache.method 'full' or "

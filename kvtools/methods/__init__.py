@@ -10,6 +10,7 @@ from .flexprefill import FlexPrefillMethod
 from .full import FullPolicy
 from .hip import HipDecodeMethod, HipPrefillMethod
 from .recycled import RecycledDecodeMethod
+from .retrieval import RetrievalPolicy
 from .snapkv import SnapKVPolicy
 from .streamingllm import StreamingLLMPolicy
 
@@ -18,6 +19,7 @@ CACHE_POLICIES: dict[str, type[CachePolicy]] = {
     "streamingllm": StreamingLLMPolicy,
     "snapkv": SnapKVPolicy,
     "duo": DuoPolicy,
+    "retrieval": RetrievalPolicy,
 }
 
 #: sparse prefill / decode methods ("dense" is the policy's own attention)
@@ -36,7 +38,7 @@ def make_policy(config: KVConfig) -> CachePolicy:
     policy = cls(config.cache)
     for stage, registry, attr in (("prefill", PREFILL_METHODS, "prefill"), ("decode", DECODE_METHODS, "decode")):
         cfg = getattr(config, stage)
-        if cfg.method == "dense":
+        if cfg.method == "dense" or (stage == "decode" and cfg.method == "retrieval"):  # the cache policy decodes
             continue
         if cfg.method not in registry:
             raise ConfigError(f"{stage}.method: '{cfg.method}' has no implementation; allowed: dense, "

@@ -1,0 +1,32 @@
+"""Combine partial attentions computed over disjoint key sets (numerically stable log-sum-exp merge)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor, scale: float):
+    """Exact attention and its log-sum-exp.
+
+    q [..., n, D] over k, v [..., m, D] with ok [..., n or 1, m] (False: masked) ->
+    (out [..., n, Dv] fp32, lse [..., n] fp32). A row with no visible key gets out 0, lse -inf.
+    """
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    s = s.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
+    return torch.matmul(p, v.float()), lse
+
+
+def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+    """Attention over keys A and B from the attentions over each: (out [..., Dv], lse [...]).
+
+    Exact and stable for any logits: weights are exp(lse_x - max) with the max taken per row;
+    a side with lse -inf (no keys) contributes nothing; both empty -> out 0, lse -inf.
+    """
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    tot = wa + wb
+    out = (out_a * wa[..., None] + out_b * wb[..., None]) / torch.where(tot > 0, tot, 1.0)[..., None]
+    return out, m + torch.log(tot)

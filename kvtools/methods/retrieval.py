@@ -1,0 +1,276 @@
+"""RetrievalAttention: CPU-offloaded KV searched through one FAISS index per (layer, row, KV head).
+
+Prefill is dense. At its end every slot except the first ``n_sink`` real tokens and the
+last ``window`` moves to CPU (the device table really shrinks) and gets indexed by inner
+product (``flat`` exact, ``hnsw``, ``ivf``). Index building runs in a background thread;
+until an index is ready its queries are answered by exact search over the same keys.
+
+Each decode step: the new token joins the device table; every query head attends densely
+to the device slots (with its log-sum-exp), and to the ``top_k`` keys its KV head's index
+returns for it (one batched search per KV head for its g query heads, exact attention over
+the retrieved keys on CPU); the two parts are merged by a stable LSE merge. When the
+device table exceeds sink + window, the oldest non-sink slots leave it: with ``insert``
+they are added to the CPU store and the index (every token stays reachable exactly once),
+otherwise they are dropped.
+
+Attention-aware IVF (``train_on: queries``, the default): the centroids are trained on the
+prefill queries, not on the keys, and each key is filed under the query centroid it scores
+highest with; decode queries (in distribution with prefill queries) then probe the lists
+holding the keys they attend to. ``recall_at_k`` measures it against exact attention.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..attention.merge import attention_with_lse, merge_lse
+from ..cache import SlotLayer, Step
+from ..config import RetrievalCache
+from ..errors import KVToolsError
+from .base import CachePolicy, LayerInfo
+from .common import keep_first_last
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtools-index")
+        return _POOL
+
+
+def build_index(keys: np.ndarray, cfg: RetrievalCache, queries: np.ndarray | None = None):
+    """A FAISS inner-product index over ``keys`` [N, D] (float32) as ``cfg`` asks."""
+    import faiss
+
+    n, d = keys.shape
+    if cfg.index == "flat" or n == 0:
+        index = faiss.IndexFlatIP(d)
+    elif cfg.index == "hnsw":
+        index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = cfg.ef_construction
+        index.hnsw.efSearch = cfg.ef_search
+    else:
+        use_q = cfg.train_on == "queries" and queries is not None and len(queries) >= 39
+        train = queries if use_q else keys
+        nlist = max(1, min(cfg.nlist, len(train) // 39))  # FAISS wants >= 39 training points per centroid
+        quant = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(np.ascontiguousarray(train, dtype=np.float32))
+        index.nprobe = min(cfg.nprobe, nlist)
+    if n:
+        index.add(np.ascontiguousarray(keys, dtype=np.float32))
+    return index
+
+
+class HeadStore:
+    """One (row, KV head)'s offloaded keys/values (CPU, growable) and its index."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, cfg: RetrievalCache,
+                 queries: torch.Tensor | None) -> None:
+        self.cfg = cfg
+        cap = max(16, 2 * keys.shape[0])
+        self.keys = torch.zeros(cap, keys.shape[1])
+        self.values = torch.zeros(cap, values.shape[1])
+        self.idx = torch.full((cap,), -1, dtype=torch.long)
+        self.n = 0
+        self._put(keys, values, idx)
+        q = None if queries is None else queries.float().numpy()
+        self._future: Future | None = _pool().submit(build_index, self.keys[: self.n].numpy().copy(), cfg, q)
+        self._index = None
+        self._pending: list[tuple[np.ndarray]] = []
+
+    def _put(self, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
+        m = k.shape[0]
+        if self.n + m > self.keys.shape[0]:
+            cap = max(2 * self.keys.shape[0], self.n + m)
+            for name in ("keys", "values"):
+                old = getattr(self, name)
+                new = torch.zeros(cap, old.shape[1])
+                new[: self.n] = old[: self.n]
+                setattr(self, name, new)
+            idx_new = torch.full((cap,), -1, dtype=torch.long)
+            idx_new[: self.n] = self.idx[: self.n]
+            self.idx = idx_new
+        self.keys[self.n: self.n + m] = k.float().cpu()
+        self.values[self.n: self.n + m] = v.float().cpu()
+        self.idx[self.n: self.n + m] = idx.cpu()
+        self.n += m
+
+    @property
+    def index(self):
+        if self._index is None and self._future is not None and self._future.done():
+            self._index = self._future.result()
+            self._future = None
+            for (k,) in self._pending:
+                self._index.add(k)
+            self._pending.clear()
+        return self._index
+
+    def insert(self, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
+        self._put(k, v, idx)
+        arr = np.ascontiguousarray(k.float().cpu().numpy())
+        if self.index is not None:
+            self.index.add(arr)
+        else:
+            self._pending.append((arr,))
+
+    def search(self, q: np.ndarray, k: int) -> np.ndarray:
+        """Ids [g, k] of the top-k keys for each query (-1: none); exact until the index is built."""
+        if self.n == 0:
+            return np.full((q.shape[0], k), -1, dtype=np.int64)
+        index = self.index
+        if index is None:  # still building: exact search over the same keys
+            s = torch.from_numpy(q) @ self.keys[: self.n].T
+            kk = min(k, self.n)
+            ids = torch.topk(s, kk, dim=-1).indices.numpy()
+            return np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
+        return index.search(q, k)[1]
+
+    def wait(self) -> None:
+        _ = self._future.result() if self._future is not None else None
+        _ = self.index
+
+    def nbytes(self) -> int:
+        return self.n * (self.keys.shape[1] + self.values.shape[1]) * 4 + self.n * 8
+
+
+class OffloadStore:
+    """A layer's CPU side: a :class:`HeadStore` per (row, KV head)."""
+
+    offloaded = True  # counted by KVCache.nbytes(offloaded=True)
+
+    def __init__(self, heads: list[list[HeadStore]]) -> None:
+        self.heads = heads
+
+    def nbytes(self, device: str | torch.device | None = None) -> int:
+        if device is not None and torch.device(device).type != "cpu":
+            return 0
+        return sum(h.nbytes() for row in self.heads for h in row)
+
+    def _apply(self, fn) -> None:
+        raise KVToolsError("the retrieval cache keeps per-row CPU indexes and does not support beam search or "
+                           "reordering batch rows")
+
+    def wait(self) -> None:
+        for row in self.heads:
+            for h in row:
+                h.wait()
+
+
+class RetrievalPolicy(CachePolicy):
+    cfg: RetrievalCache
+
+    def attend(self, layer: SlotLayer, q, k, v, step: Step, info: LayerInfo):
+        store: OffloadStore | None = layer.state.get("offload")
+        if store is None or step.is_prefill:
+            if step.is_prefill and store is None:  # keep some prefill queries for attention-aware IVF training
+                self._keep_queries(layer, q, step)
+            out = super().attend(layer, q, k, v, step, info)
+            if step.end_of_prompt and store is None and info.sliding_window is None:
+                self._offload(layer, info)
+            return out
+        layer.append(k, v, step)
+        out = self._decode(layer, store, q, step, info)
+        self._slide(layer, store, info)
+        return out
+
+    # ------------------------------------------------------------ prefill end: offload + index
+    def _keep_queries(self, layer: SlotLayer, q: torch.Tensor, step: Step) -> None:
+        if self.cfg.index != "ivf" or self.cfg.train_on != "queries":
+            return
+        b, h, lq, d = q.shape
+        every = max(1, lq // 2048)
+        kept = layer.state.setdefault("train_q", [])
+        kept.append(q[:, :, ::every].float().cpu())
+
+    def _offload(self, layer: SlotLayer, info: LayerInfo) -> None:
+        cfg = self.cfg
+        device_keep = keep_first_last(layer.valid, cfg.n_sink, torch.full((layer.valid.shape[0],), cfg.window,
+                                                                             device=layer.valid.device))
+        move = layer.valid & ~device_keep
+        train_q = layer.state.pop("train_q", None)
+        tq = torch.cat(train_q, dim=2) if train_q else None  # [B, H, n, D]
+        b, hk = layer.valid.shape[:2]
+        g = None if tq is None else tq.shape[1] // hk
+        heads = []
+        for r in range(b):
+            row = []
+            for h in range(hk):
+                sel = move[r, h]
+                queries = None if tq is None else tq[r, h * g:(h + 1) * g].reshape(-1, tq.shape[-1])
+                row.append(HeadStore(layer.keys[r, h, sel], layer.values[r, h, sel], layer.idx[r, h, sel], cfg,
+                                     queries))
+            heads.append(row)
+        layer.state["offload"] = OffloadStore(heads)
+        layer.keep(device_keep)
+
+    # ------------------------------------------------------------ decode
+    def _decode(self, layer: SlotLayer, store: OffloadStore, q: torch.Tensor, step: Step, info: LayerInfo):
+        b, h, lq, d = q.shape
+        hk = layer.keys.shape[1]
+        g = h // hk
+        qg = q.view(b, hk, g, lq, d)
+        own = layer.idx == step.idx[-1]
+        ok = (layer.valid | own)[:, :, None, None, :]  # [B, Hk, 1, 1, S]
+        out_d, lse_d = attention_with_lse(qg, layer.keys[:, :, None], layer.values[:, :, None], ok, info.scale)
+        # CPU part: one batched search per (row, KV head) for its g query heads (x Lq new tokens)
+        top_k = self.cfg.top_k
+        qc = (qg.float() * 1.0).cpu()
+        ks = torch.zeros(b, hk, g * lq, top_k, d)
+        vs = torch.zeros(b, hk, g * lq, top_k, layer.values.shape[-1])
+        found = torch.zeros(b, hk, g * lq, top_k, dtype=torch.bool)
+        for r in range(b):
+            for kh in range(hk):
+                hs = store.heads[r][kh]
+                qs = np.ascontiguousarray(qc[r, kh].reshape(g * lq, d).numpy())
+                ids = torch.from_numpy(hs.search(qs, top_k))
+                hit = ids >= 0
+                safe = ids.clamp_min(0)
+                ks[r, kh] = hs.keys[safe]
+                vs[r, kh] = hs.values[safe]
+                found[r, kh] = hit
+        out_c, lse_c = attention_with_lse(qc.reshape(b, hk, g * lq, 1, d), ks, vs, found[..., None, :], info.scale)
+        out_c = out_c.view(b, hk, g, lq, -1).to(q.device)
+        lse_c = lse_c.view(b, hk, g, lq).to(q.device)
+        out, _ = merge_lse(out_d, lse_d, out_c, lse_c)
+        return out.reshape(b, h, lq, -1).to(q.dtype)
+
+    def _slide(self, layer: SlotLayer, store: OffloadStore, info: LayerInfo) -> None:
+        cfg = self.cfg
+        cap = cfg.n_sink + cfg.window
+        if int(layer.valid.sum(-1).max()) <= cap:
+            return
+        keep = keep_first_last(layer.valid, cfg.n_sink, torch.full((layer.valid.shape[0],), cfg.window,
+                                                                   device=layer.valid.device))
+        leave = layer.valid & ~keep
+        if cfg.insert:
+            b, hk = leave.shape[:2]
+            for r in range(b):
+                for kh in range(hk):
+                    sel = leave[r, kh]
+                    if bool(sel.any()):
+                        store.heads[r][kh].insert(layer.keys[r, kh, sel], layer.values[r, kh, sel],
+                                                  layer.idx[r, kh, sel])
+        layer.keep(keep)
+
+
+def recall_at_k(store: HeadStore, queries: torch.Tensor, k: int) -> float:
+    """Fraction of each query's exact top-k keys (by q.k over the store) that the index returns."""
+    store.wait()
+    q = np.ascontiguousarray(queries.float().numpy())
+    got = store.search(q, k)
+    exact = torch.topk(torch.from_numpy(q) @ store.keys[: store.n].T, min(k, store.n), dim=-1).indices.numpy()
+    hits = sum(len(set(got[i].tolist()) & set(exact[i].tolist())) for i in range(len(q)))
+    return hits / exact.size
+
+
+__all__: list[Any] = ["RetrievalPolicy", "HeadStore", "OffloadStore", "build_index", "recall_at_k"]
