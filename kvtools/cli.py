@@ -110,6 +110,24 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_recall(args: argparse.Namespace) -> int:
+    from kvtools.eval.niah import parse_lengths
+
+    (length,) = parse_lengths(args.length)
+    top_ks = [int(x) for x in args.top_k.split(",") if x.strip()]
+    from kvtools.bench_recall import KINDS, recall_markdown, run_recall_bench
+
+    kinds = [x.strip() for x in args.index.split(",") if x.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not top_ks or min(top_ks) < 1:
+        raise ConfigError(f"--index: allowed {', '.join(KINDS)} (got {', '.join(bad) or '-'}); --top-k: ints >= 1")
+    rows = run_recall_bench(args.model, length, top_ks, kinds, out=args.out, n_sink=args.n_sink,
+                            window=args.window, n_eval=args.queries, seed=args.seed, quiet=args.quiet)
+    print(recall_markdown(rows))
+    print(f"wrote recall.jsonl, recall.md, recall.png to {args.out}")
+    return 0
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from kvtools.eval.niah import parse_lengths
 
@@ -251,6 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--seed", type=int, default=0)
     ba.add_argument("--quiet", action="store_true", help="no progress bar")
     ba.set_defaults(func=_cmd_bench_attention)
+
+    br = sub.add_parser(
+        "bench-recall",
+        help="recall@k vs exact attention and search time of each ANN index kind (retrieval cache)",
+        description="One dense pass over a NIAH prompt; per layer and KV head, index the keys between sink and "
+                    "window and search with the last prompt queries.",
+    )
+    br.add_argument("--model", default=None, help="model name/path (default: built-in)")
+    br.add_argument("--length", default="8k", help="prompt length (k = 1024)")
+    br.add_argument("--top-k", default="128,256", help="comma list of k")
+    br.add_argument("--index", default="flat,hnsw,ivf-keys,ivf-queries", help="comma list of index kinds")
+    br.add_argument("--n-sink", type=int, default=128)
+    br.add_argument("--window", type=int, default=512)
+    br.add_argument("--queries", type=int, default=64, help="last prompt queries searched per head")
+    br.add_argument("--out", default="runs/bench-recall", metavar="DIR")
+    br.add_argument("--seed", type=int, default=0)
+    br.add_argument("--quiet", action="store_true", help="no progress bar")
+    br.set_defaults(func=_cmd_bench_recall)
 
     cal = sub.add_parser("calibrate", help="calibrate a method's parameters on the model (duo: head gates)")
     cal.add_argument("method", choices=["duo"], help="what to calibrate")

@@ -110,3 +110,14 @@ def test_retrieval_needs_both_stages():
         kvtools.load_config({"cache": {"method": "retrieval"}})
     with pytest.raises(ConfigError, match="'retrieval' goes in both stages"):
         kvtools.load_config({"decode": {"method": "retrieval"}})
+
+
+def test_recall_bench_on_captured_model_queries(llama):
+    from kvtools.bench_recall import capture_qk, measure_recall
+
+    qk = capture_qk(llama, random_ids(1, 120))
+    assert len(qk) == llama.config.num_hidden_layers
+    rows = measure_recall(qk, [8], ["flat", "hnsw", "ivf-queries"], n_sink=4, window=8, n_eval=16, quiet=True)
+    by = {r["index"]: r for r in rows}
+    assert by["flat"]["recall"] == 1.0
+    assert 0 < by["ivf-queries"]["recall"] <= 1 and by["hnsw"]["n_queries"] > 0
