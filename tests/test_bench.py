@@ -51,3 +51,19 @@ def test_bench_rejects_bad_config_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "random_model", lambda *a, **k: pytest.fail("model loaded before validation"))
     with pytest.raises(ConfigError):
         run_bench(TINY, ["full", "nope"], [128], tmp_path, quiet=True)
+
+
+def test_bench_attention_reports_density_speed_and_error(tmp_path):
+    from kvtools.bench_attention import run_attention_bench
+
+    cfgs = [{"name": "fp", "prefill": {"method": "flexprefill", "block_size": 64, "min_budget": 64}},
+            {"name": "hip", "prefill": {"method": "hip", "k": 128, "block_q": 32, "block_k": 16, "n_sink": 16,
+                                        "window": 64}}]
+    rows = run_attention_bench(cfgs, [1024], backends=["torch"], repeats=1, out=tmp_path, quiet=True)
+    assert [r.method for r in rows] == ["fp", "hip"]
+    for r in rows:
+        assert 0 < r.density < 1 and r.limit == pytest.approx(1 / r.density)
+        assert r.dense_s > 0 and r.attn_s > 0 and r.rel_err >= 0
+    assert (tmp_path / "attention.md").exists() and (tmp_path / "attention.png").exists()
+    with pytest.raises(ConfigError, match="sparse prefill methods"):
+        run_attention_bench(["full"], [1024], quiet=True)
