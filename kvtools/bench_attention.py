@@ -13,7 +13,6 @@ limit a perfect kernel reaches), and the output's relative error vs dense.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass

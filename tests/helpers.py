@@ -70,3 +70,18 @@ def byte_tokenizer(chat: bool = True):
     if chat:
         tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+def assert_matches_unpatched(model, config, prompt_len: int, steps: int, batch: int = 2, seed: int = 0):
+    """Patched with ``config``, a teacher-forced prefill + ``steps`` decode steps equals the unpatched model
+    (fp32, 1e-4); returns the patched run's cache."""
+    import kvtools
+
+    from .conftest import random_ids
+
+    ids = random_ids(batch, prompt_len + steps, seed=seed)
+    ref, _ = prefill_then_decode(model, ids, prompt_len)
+    with kvtools.patch(model, config) as p:
+        got, cache = prefill_then_decode(model, ids, prompt_len, cache=p.make_cache())
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    return cache

@@ -15,19 +15,14 @@ from kvtools.methods.base import LayerInfo
 from kvtools.methods.recycled import RecycledDecodeMethod
 
 from .conftest import random_ids
-from .helpers import prefill_then_decode
+from .helpers import assert_matches_unpatched, prefill_then_decode
 
 
 @pytest.mark.mechanics
 @pytest.mark.parametrize("decode", [{"method": "recycled", "stride": 1, "top_k": 4},
                                     {"method": "recycled", "stride": 5, "top_k": 1.0}])
 def test_recycled_exact_when_always_full_or_top_k_covers_all(family_model, decode):
-    _, model = family_model
-    ids = random_ids(2, 40 + 16)
-    ref, _ = prefill_then_decode(model, ids, 40)
-    with kvtools.patch(model, {"decode": decode}) as p:
-        got, _ = prefill_then_decode(model, ids, 40, cache=p.make_cache())
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert_matches_unpatched(family_model[1], {"decode": decode}, 40, 16)
 
 
 def test_recycled_really_drops_work_and_follows_the_stride(llama):

@@ -12,7 +12,7 @@ from kvtools.errors import ConfigError
 from kvtools.methods.retrieval import HeadStore, recall_at_k
 
 from .conftest import random_ids
-from .helpers import prefill_then_decode
+from .helpers import assert_matches_unpatched, prefill_then_decode
 
 
 def retrieval(index="flat", top_k=500, **kw):
@@ -22,22 +22,13 @@ def retrieval(index="flat", top_k=500, **kw):
 
 @pytest.mark.mechanics
 def test_flat_index_covering_everything_equals_full(family_model):
-    _, model = family_model
-    ids = random_ids(2, 60 + 12)
-    ref, _ = prefill_then_decode(model, ids, 60)
-    with kvtools.patch(model, retrieval()) as p:
-        got, cache = prefill_then_decode(model, ids, 60, cache=p.make_cache())
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    cache = assert_matches_unpatched(family_model[1], retrieval(), 60, 12)
     assert cache.nbytes(offloaded=True) > 0
 
 
 @pytest.mark.parametrize("index", ["hnsw", "ivf"])
 def test_ann_indexes_covering_everything_equal_full(llama, index):
-    ids = random_ids(1, 80 + 6)
-    ref, _ = prefill_then_decode(llama, ids, 80)
-    with kvtools.patch(llama, retrieval(index, ef_search=256, nprobe=64)) as p:
-        got, _ = prefill_then_decode(llama, ids, 80, cache=p.make_cache())
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert_matches_unpatched(llama, retrieval(index, ef_search=256, nprobe=64), 80, 6, batch=1)
 
 
 def test_left_padded_row_equals_row_alone(llama):

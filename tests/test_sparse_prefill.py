@@ -14,7 +14,7 @@ from kvtools.methods.flexprefill import flexprefill_blocks
 from kvtools.methods.hip import hip_prefill_blocks, hip_search
 
 from .conftest import random_ids
-from .helpers import prefill_then_decode
+from .helpers import assert_matches_unpatched, prefill_then_decode
 
 
 # ---------------------------------------------------------------- exactness on real model code
@@ -26,23 +26,14 @@ from .helpers import prefill_then_decode
      "backend": "torch"},
 ])
 def test_sparse_prefill_with_covering_budget_equals_unpatched(family_model, prefill):
-    family, model = family_model
-    ids = random_ids(2, 70 + 6)
-    ref, _ = prefill_then_decode(model, ids, 70)
-    with kvtools.patch(model, {"prefill": prefill}) as p:
-        got, _ = prefill_then_decode(model, ids, 70, cache=p.make_cache())
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert_matches_unpatched(family_model[1], {"prefill": prefill}, 70, 6)
 
 
 @pytest.mark.mechanics
 def test_hip_decode_with_covering_k_equals_unpatched(llama):
-    ids = random_ids(2, 50 + 12)
-    ref, _ = prefill_then_decode(llama, ids, 50)
     cfg = {"prefill": {"method": "hip", "k": 1024, "block_q": 16, "block_k": 4, "dense_layers": 0},
            "decode": {"method": "hip", "k": 1024, "block_k": 4, "n_sink": 4, "window": 8, "dense_layers": 0}}
-    with kvtools.patch(llama, cfg) as p:
-        got, _ = prefill_then_decode(llama, ids, 50, cache=p.make_cache())
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert_matches_unpatched(llama, cfg, 50, 12)
 
 
 def test_sparse_prefill_really_sparse_and_left_padding_rows_stay_finite(llama):
