@@ -5,7 +5,9 @@ similarity to the last full step's query falls below ``s``) a *full* step attend
 slot and records, per row and KV head, the ``top_k`` slots with the most attention
 (summed over the KV head's g query heads). The steps in between attend only to those
 slots plus the slots appended since the full step: work ~ top_k instead of the context.
-The full cache is kept (nothing is evicted), so a full step sees everything again.
+The full cache is kept (nothing is evicted), so a full step sees everything again. The set is
+chosen among the slots before the full step's own token: that token and all later ones are
+attended at every recycled step (they are the ones "generated since").
 """
 
 from __future__ import annotations
@@ -45,15 +47,18 @@ class RecycledDecodeMethod(StageMethod):
         ok_all = valid | own
         st = layer.state.setdefault("recycled", {"sel": None, "since": 0, "n_full": 0, "q_full": None,
                                                  "full_steps": 0})
-        full = st["sel"] is None or st["since"] >= self.cfg.stride or n < st["n_full"]
+        full = st["sel"] is None or st["since"] >= self.cfg.stride or n <= st["n_full"]
         if not full and self.cfg.dynamic and st["q_full"] is not None:
             cos = torch.nn.functional.cosine_similarity(q.float().flatten(2), st["q_full"], dim=-1)  # [B, H]
             full = bool((cos < self.cfg.s).any())
         if full:
             out, p = _grouped_attention(q, keys, values, ok_all, info.scale)
-            k = int(resolve_tokens(self.cfg.top_k, torch.tensor([n])).clamp(1, n))
-            st.update(sel=recycle_set(p[..., :n], ok_all, k), since=1, n_full=n, q_full=q.float().flatten(2),
-                      full_steps=st["full_steps"] + 1)
+            # the set is chosen among the slots before this step's token; that token and every later one
+            # are "generated since the full step" and always attended
+            n_old = n - 1
+            k = int(resolve_tokens(self.cfg.top_k, torch.tensor([n_old])).clamp(1, max(n_old, 1)))
+            sel = recycle_set(p[..., :n_old], ok_all[..., :n_old], k) if n_old > 0 else None
+            st.update(sel=sel, since=1, n_full=n_old, q_full=q.float().flatten(2), full_steps=st["full_steps"] + 1)
             return out
         sel = st["sel"]  # [B, Hk, K] slot positions (slots are only appended while decoding)
         fresh = torch.arange(st["n_full"], n, device=keys.device).expand(*sel.shape[:2], -1)
