@@ -92,6 +92,7 @@ class BenchRow:
     kv_bytes: int
     memory_bytes: int
     memory_kind: str  # "cuda_max_allocated" | "cpu_rss"
+    kv_resident_bytes: int = -1  # KV bytes not offloaded by the method (retrieval keeps the rest on CPU)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -141,11 +142,12 @@ def measure(
                 steps.append(time.perf_counter() - t0)
             nxt = out.logits[:, -1:].argmax(-1)
         kv = cache.nbytes()
+        resident = cache.nbytes(offloaded=False)
     if dev.type == "cuda":
         mem, kind = int(torch.cuda.max_memory_allocated(dev)), "cuda_max_allocated"
     else:
         mem, kind = _rss(), "cpu_rss"
-    return statistics.median(times), 1000 * statistics.median(steps), kv, mem, kind
+    return statistics.median(times), 1000 * statistics.median(steps), kv, mem, kind, resident
 
 
 def run_bench(
@@ -195,8 +197,8 @@ def run_bench(
             ids = torch.randint(100, model.config.vocab_size, (1, length - gen), generator=g).to(dev)
             for cfg in kv_configs:
                 bar.set_postfix(method=cfg.name, length=length)
-                prefill, decode, kv, mem, kind = measure(model, cfg, ids, decode_tokens, warmup, repeats)
-                row = BenchRow(name, random_weights, cfg.name, length, prefill, decode, kv, mem, kind)
+                prefill, decode, kv, mem, kind, resident = measure(model, cfg, ids, decode_tokens, warmup, repeats)
+                row = BenchRow(name, random_weights, cfg.name, length, prefill, decode, kv, mem, kind, resident)
                 rows.append(row)
                 f.write(json.dumps(row.as_dict()) + "\n")
                 f.flush()
@@ -218,11 +220,13 @@ def report_markdown(rows: list[BenchRow]) -> str:
     r0 = rows[0]
     weights = "random weights (speed/memory only, never accuracy)" if r0.random_weights else "real weights"
     mem_name = "CUDA max allocated" if r0.memory_kind == "cuda_max_allocated" else "process RSS"
+    offload = any(0 <= r.kv_resident_bytes != r.kv_bytes for r in rows)
     lines = [
         f"## Benchmark — `{r0.model}` ({weights})",
         "",
-        f"| method | length | prefill s | vs full | decode ms/token | vs full | KV MiB | vs full | {mem_name} MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | length | prefill s | vs full | decode ms/token | vs full | KV MiB | vs full | {mem_name} MiB |"
+        + (" resident KV MiB | vs full |" if offload else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if offload else ""),
     ]
 
     def fmt(x: float | None) -> str:
@@ -233,6 +237,7 @@ def report_markdown(rows: list[BenchRow]) -> str:
             f"| {r.method} | {r.length} | {r.prefill_s:.3f} | {fmt(_ratio(rows, r, 'prefill_s'))} | "
             f"{r.decode_ms:.1f} | {fmt(_ratio(rows, r, 'decode_ms'))} | {r.kv_bytes / 2**20:.1f} | "
             f"{fmt(_ratio(rows, r, 'kv_bytes'))} | {r.memory_bytes / 2**20:.0f} |"
+            + (f" {r.kv_resident_bytes / 2**20:.1f} | {fmt(_ratio(rows, r, 'kv_resident_bytes'))} |" if offload else "")
         )
     return "\n".join(lines) + "\n"
 

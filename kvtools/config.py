@@ -139,8 +139,8 @@ class RetrievalCache(StageConfig):
     nlist: int = Field(default=64, ge=1, description="ivf: clusters (capped by the keys available)")
     nprobe: int = Field(default=8, ge=1, description="ivf: clusters searched")
     train_on: Literal["keys", "queries"] = Field(
-        default="queries", description="ivf: cluster centroids from the keys, or from the prefill queries "
-                                       "(attention-aware: queries are out of distribution for a key index)")
+        default="keys", description="ivf: centroids from the keys, or from the prefill queries (keys filed by "
+                                    "inner product; measured recall is poor, see README)")
     insert: bool = Field(default=True, description="tokens leaving the window are added to the index")
 
 
