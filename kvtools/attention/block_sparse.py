@@ -112,9 +112,10 @@ def block_sparse_attention(
 
         return triton_block_sparse(q, k, v, layout, scale, off, kv_valid)
     if name == "flex":
-        if kv_valid is None or _first_real(kv_valid) is not None:
+        first = None if kv_valid is None else _first_real(kv_valid.to(q.device))
+        if kv_valid is None or first is not None:  # the kernel takes left padding as one index per row
             try:
-                return _flex(q, k, v, layout, scale, off, kv_valid)
+                return _flex(q, k, v, layout, scale, off, first)
             except Exception as exc:  # an inductor failure must not cost the user the result
                 if backend == "flex":
                     raise
@@ -239,9 +240,10 @@ def _compiled_flex(key: tuple):
     return torch.compile(flex_attention, dynamic=True)
 
 
-def flex_block_mask(layout: BlockLayout, lq: int, lk: int, off: int, kv_valid: torch.Tensor | None, device):
+def flex_block_mask(layout: BlockLayout, lq: int, lk: int, off: int, first: torch.Tensor | None, device):
     """A FlexAttention BlockMask for ``layout``: blocks wholly below the diagonal with no padding
-    are passed as full blocks (no mask_mod evaluated), the rest as partial blocks."""
+    are passed as full blocks (no mask_mod evaluated), the rest as partial blocks. ``first`` [B]:
+    each row's first real key (left padding, see :func:`_first_real`), or None without padding."""
     from torch.nn.attention.flex_attention import BlockMask
 
     bq, bk = layout.block_q, layout.block_k
@@ -249,24 +251,20 @@ def flex_block_mask(layout: BlockLayout, lq: int, lk: int, off: int, kv_valid: t
     dev = torch.device(device)
     sel = layout.to_mask(nk).to(dev)
     first_q = off + torch.arange(nq, device=dev) * bq
-    last_k = torch.clamp((torch.arange(nk, device=dev) + 1) * bk, max=lk) - 1
+    start_k = torch.arange(nk, device=dev) * bk
+    last_k = torch.clamp(start_k + bk, max=lk) - 1
     full = sel & (last_k[None, :] <= first_q[:, None])
-    if kv_valid is not None:
-        pad = ~_pad_to(kv_valid.to(dev, torch.bool), nk * bk, 1).view(-1, nk, bk).all(-1)  # [B, nk]
-        full &= ~pad[:, None, None, :]
-        valid = kv_valid.to(dev, torch.bool)
+    if first is not None:  # a block holding padding, or running past the keys, is partial
+        whole = (start_k[None, :] >= first[:, None]) & (start_k + bk <= lk)[None, :]  # [B, nk]
+        full &= whole[:, None, None, :]
     partial = sel & ~full
     p = BlockLayout.from_mask(partial, bq, bk, full_width=True)
     f = BlockLayout.from_mask(full, bq, bk, full_width=True)
     offset = torch.tensor(off, device=dev)
-    if kv_valid is None:
+    if first is None:
         def mask_mod(b, h, qi, ki):
             return ki <= qi + offset
-    else:  # padding is a prefix of each row (left padding): key ki is real when ki >= first[b]
-        first = _first_real(valid)
-        if first is None:
-            raise ValueError("flex backend: kv_valid must be left padding (a False prefix per row)")
-
+    else:  # key ki is real when ki >= first[b] (a tensor index: a [B, Lk] mask breaks inductor recompiles)
         def mask_mod(b, h, qi, ki):
             return (ki <= qi + offset) & ((ki >= first[b]) | (ki == qi + offset))
     return BlockMask.from_kv_blocks(
@@ -286,10 +284,10 @@ def _first_real(valid: torch.Tensor) -> torch.Tensor | None:
     return first.to(torch.int32)
 
 
-def _flex(q, k, v, layout: BlockLayout, scale: float, off: int, kv_valid) -> torch.Tensor:
+def _flex(q, k, v, layout: BlockLayout, scale: float, off: int, first) -> torch.Tensor:
     lq, lk = q.shape[2], k.shape[2]
-    bm = flex_block_mask(layout, lq, lk, off, kv_valid, q.device)
+    bm = flex_block_mask(layout, lq, lk, off, first, q.device)
     fn = _compiled_flex((q.device.type, layout.block_q, layout.block_k, q.shape[1] // k.shape[1],
-                         kv_valid is not None))
+                         first is not None))
     # rows with no visible key come back as zeros (FlexAttention's rule, which is ours)
     return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
