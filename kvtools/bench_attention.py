@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .attention.block_sparse import BlockLayout, block_sparse_attention, causal_block_count, causal_block_mask
-from .bench import SHAPES
+from .bench import SHAPES, _sync
 from .config import FlexPrefill, HipPrefill, load_config
 from .errors import ConfigError
 
@@ -74,12 +74,10 @@ class AttnRow:
 def _time(fn, repeats: int, device: torch.device) -> tuple[float, Any]:
     times, out = [], None
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         t = time.perf_counter()
         out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times), out
 
@@ -174,12 +172,10 @@ def attention_markdown(rows: list[AttnRow]) -> str:
 
 
 def plot_attention(rows: list[AttnRow], path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # object API: no pyplot state, no global backend switch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     for key in sorted({(r.method, r.backend) for r in rows}):
         rs = sorted((r for r in rows if (r.method, r.backend) == key), key=lambda r: r.length)
         ax.plot([r.length for r in rs], [r.speedup for r in rs], marker="o", label=f"{key[0]} ({key[1]})")
@@ -192,4 +188,3 @@ def plot_attention(rows: list[AttnRow], path: Path) -> None:
     ax.set_title("sparse prefill, attention only")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

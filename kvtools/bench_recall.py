@@ -66,7 +66,7 @@ def measure_recall(layers_qk, top_ks: list[int], kinds: list[str], n_sink: int =
                    **index_kw: Any) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from .methods.retrieval import build_index
+    from .methods.retrieval import build_index, topk_hits
 
     rows = []
     layer_ids = layers if layers is not None else list(range(len(layers_qk)))
@@ -98,8 +98,7 @@ def measure_recall(layers_qk, top_ks: list[int], kinds: list[str], n_sink: int =
                 n_q += len(evalq)
                 n_keys += len(keys)
                 for kk in top_ks:
-                    for i in range(len(evalq)):
-                        hits[kk] += len(set(found[i, :kk].tolist()) & set(exact[i, :kk].tolist()))
+                    hits[kk] += topk_hits(found[:, :kk], exact[:, :kk])
                     total[kk] += kk * len(evalq)
         for kk in top_ks:
             rows.append({"index": kind, "top_k": kk, "recall": hits[kk] / max(total[kk], 1),
@@ -146,12 +145,10 @@ def recall_markdown(rows: list[RecallRow]) -> str:
 
 
 def plot_recall(rows: list[RecallRow], path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # object API: no pyplot state, no global backend switch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for kk in sorted({r.top_k for r in rows}):
         rs = [r for r in rows if r.top_k == kk]
         ax.scatter([r.search_ms_per_query for r in rs], [r.recall for r in rs], label=f"top_k={kk}")
@@ -163,4 +160,3 @@ def plot_recall(rows: list[RecallRow], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -192,6 +192,13 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_out_seed_quiet(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options every benchmark command shares."""
+    parser.add_argument("--out", default=out, metavar="DIR", help=f"output folder (default: {out})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``kvtools`` command."""
     parser = argparse.ArgumentParser(
@@ -248,9 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
     bench.add_argument("--repeats", type=int, default=1, help="prefills timed per cell; median (default: 1)")
     bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
-    bench.add_argument("--out", default="runs/bench", metavar="DIR", help="output folder (default: runs/bench)")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_out_seed_quiet(bench, "runs/bench")
     bench.set_defaults(func=_cmd_bench)
 
     ba = sub.add_parser(
@@ -265,9 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--backends", default="torch,flex", help="comma list: torch, flex, triton")
     ba.add_argument("--repeats", type=int, default=3, help="timed runs per cell; median (default: 3)")
     ba.add_argument("--device", default="cpu")
-    ba.add_argument("--out", default="runs/bench-attention", metavar="DIR")
-    ba.add_argument("--seed", type=int, default=0)
-    ba.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_out_seed_quiet(ba, "runs/bench-attention")
     ba.set_defaults(func=_cmd_bench_attention)
 
     br = sub.add_parser(
@@ -283,9 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--n-sink", type=int, default=128)
     br.add_argument("--window", type=int, default=512)
     br.add_argument("--queries", type=int, default=64, help="last prompt queries searched per head")
-    br.add_argument("--out", default="runs/bench-recall", metavar="DIR")
-    br.add_argument("--seed", type=int, default=0)
-    br.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_out_seed_quiet(br, "runs/bench-recall")
     br.set_defaults(func=_cmd_bench_recall)
 
     cal = sub.add_parser("calibrate", help="calibrate a method's parameters on the model (duo: head gates)")

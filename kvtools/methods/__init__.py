@@ -36,14 +36,14 @@ def make_policy(config: KVConfig) -> CachePolicy:
             f"cache.method: '{config.cache.method}' has no implementation; allowed: {', '.join(CACHE_POLICIES)}"
         ) from None
     policy = cls(config.cache)
-    for stage, registry, attr in (("prefill", PREFILL_METHODS, "prefill"), ("decode", DECODE_METHODS, "decode")):
+    for stage, registry in (("prefill", PREFILL_METHODS), ("decode", DECODE_METHODS)):
         cfg = getattr(config, stage)
         if cfg.method == "dense" or (stage == "decode" and cfg.method == "retrieval"):  # the cache policy decodes
             continue
         if cfg.method not in registry:
             raise ConfigError(f"{stage}.method: '{cfg.method}' has no implementation; allowed: dense, "
                               f"{', '.join(registry)}")
-        setattr(policy, attr, registry[cfg.method](cfg))
+        setattr(policy, stage, registry[cfg.method](cfg))
     return policy
 
 

@@ -27,8 +27,9 @@ class StageMethod:
     def __init__(self, cfg: StageConfig) -> None:
         self.cfg = cfg
 
-    def applies(self, info: LayerInfo) -> bool:
-        """Whether this layer uses the method (sliding-window layers and dense first layers do not)."""
+    def applies(self, info: LayerInfo, n_keys: int) -> bool:
+        """Whether this layer, attending over ``n_keys`` slots, uses the method (sliding-window layers and
+        dense first layers do not; a method may also leave short inputs to dense attention)."""
         return info.sliding_window is None and info.layer_idx >= getattr(self.cfg, "dense_layers", 0)
 
 
@@ -75,9 +76,10 @@ class CachePolicy:
     def attend_table(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> torch.Tensor:
         """Attention of the step's queries over the slot table: a sparse prefill when one is configured
         and the table is exactly the prompt so far, a sparse decode method when one is, else dense."""
-        if step.is_prefill and self.prefill is not None and self.prefill.applies(info) and _fresh(layer, step):
+        if step.is_prefill and self.prefill is not None and self.prefill.applies(info, layer.size) and _fresh(
+                layer, step):
             return self.prefill.attend(q, layer.keys, layer.values, layer.valid[:, 0], info)
-        if not step.is_prefill and self.decode is not None and self.decode.applies(info):
+        if not step.is_prefill and self.decode is not None and self.decode.applies(info, layer.size):
             return self.decode.attend(layer, q, step, info)
         return attend_slots(
             q, layer.keys, layer.values, layer.valid, layer.idx, step.idx, info.scale, info.sliding_window

@@ -30,7 +30,6 @@ import math
 import torch
 
 from ..attention.block_sparse import BlockLayout, block_sparse_attention
-from ..attention.dense import sdpa_grouped
 from ..config import FlexPrefill
 from .base import LayerInfo, StageMethod
 
@@ -167,26 +166,11 @@ def _block_any(valid: torch.Tensor, nk: int, bs: int) -> torch.Tensor:
 class FlexPrefillMethod(StageMethod):
     cfg: FlexPrefill
 
-    def dense_below(self) -> int:
-        return max(2 * self.cfg.block_size, self.cfg.min_budget)
+    def applies(self, info: LayerInfo, n_keys: int) -> bool:
+        """Prompts of at most max(2 block_size, min_budget) tokens stay dense."""
+        return super().applies(info, n_keys) and n_keys > max(2 * self.cfg.block_size, self.cfg.min_budget)
 
     def attend(self, q, k, v, kv_valid, info: LayerInfo) -> torch.Tensor:
-        lq, lk = q.shape[2], k.shape[2]
-        if lk <= self.dense_below():
-            if lq == lk and (kv_valid is None or bool(kv_valid.all())):
-                return sdpa_grouped(q, k, v, None, info.scale, is_causal=True)
-            return _dense_masked(q, k, v, kv_valid, info.scale)
         mask, _ = flexprefill_blocks(q, k, kv_valid, self.cfg, info.scale)
         layout = BlockLayout.from_mask(mask, self.cfg.block_size, self.cfg.block_size)
         return block_sparse_attention(q, k, v, layout, info.scale, kv_valid=kv_valid, backend=self.cfg.backend)
-
-
-def _dense_masked(q, k, v, kv_valid, scale):
-    from ..attention.dense import build_slot_mask
-
-    b, lk = k.shape[0], k.shape[2]
-    lq = q.shape[2]
-    valid = torch.ones(b, 1, lk, dtype=torch.bool, device=k.device) if kv_valid is None else kv_valid[:, None]
-    idx = torch.arange(lk, device=k.device).expand(b, 1, lk)
-    mask = build_slot_mask(valid, idx, torch.arange(lk - lq, lk, device=k.device))
-    return sdpa_grouped(q, k, v, mask, scale)

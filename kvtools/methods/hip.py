@@ -21,6 +21,7 @@ import torch
 
 from ..attention.block_sparse import BlockLayout, block_sparse_attention
 from ..attention.dense import attend_slots
+from ..attention.merge import attention_with_lse
 from ..cache import SlotLayer, Step
 from ..config import HipDecode, HipPrefill
 from .base import LayerInfo, StageMethod
@@ -76,7 +77,7 @@ def hip_search(
     return out
 
 
-def _prefill_ranges(lq: int, off: int, cfg, nq: int, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prefill_ranges(off: int, cfg, nq: int, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per query block: first query index, and the searchable key-unit range [lo, hi) between sink and window."""
     bq, bk = cfg.block_q, cfg.block_k
     q_first = off + torch.arange(nq, device=dev) * bq
@@ -94,7 +95,7 @@ def hip_prefill_blocks(q: torch.Tensor, k: torch.Tensor, kv_valid: torch.Tensor 
     bq, bk = cfg.block_q, cfg.block_k
     nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
     dev = q.device
-    q_first, lo, hi = _prefill_ranges(lq, off, cfg, nq, dev)
+    q_first, lo, hi = _prefill_ranges(off, cfg, nq, dev)
     n_groups = max(1, cfg.k // bk)
     sel = hip_search(q, k, kv_valid, n_groups, bq, bk, lo, hi)  # [B, H, NQB, G]
     mask = torch.zeros(b, h, nq, nk + 1, dtype=torch.bool, device=dev)
@@ -156,6 +157,4 @@ class HipDecodeMethod(StageMethod):
         heads = (torch.arange(h, device=q.device) // g)[None, :, None]
         ks, vs = keys[rows, heads, tok], values[rows, heads, tok]  # [B, H, M, D]
         ok &= valid[rows, heads, tok] | (tok == q_abs)
-        s = torch.einsum("bhqd,bhmd->bhqm", q.float(), ks.float()) * info.scale
-        p = torch.softmax(s.masked_fill(~ok[:, :, None], float("-inf")), -1)
-        return torch.einsum("bhqm,bhmd->bhqd", p, vs.float()).to(q.dtype)
+        return attention_with_lse(q, ks, vs, ok[:, :, None], info.scale)[0].to(q.dtype)

@@ -87,7 +87,7 @@ class HeadStore:
         q = None if queries is None else queries.float().numpy()
         self._future: Future | None = _pool().submit(build_index, self.keys[: self.n].numpy().copy(), cfg, q)
         self._index = None
-        self._pending: list[tuple[np.ndarray]] = []
+        self._pending: list[np.ndarray] = []  # keys inserted while the index was still building
 
     def _put(self, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
         m = k.shape[0]
@@ -111,7 +111,7 @@ class HeadStore:
         if self._index is None and self._future is not None and self._future.done():
             self._index = self._future.result()
             self._future = None
-            for (k,) in self._pending:
+            for k in self._pending:
                 self._index.add(k)
             self._pending.clear()
         return self._index
@@ -122,7 +122,7 @@ class HeadStore:
         if self.index is not None:
             self.index.add(arr)
         else:
-            self._pending.append((arr,))
+            self._pending.append(arr)
 
     def search(self, q: np.ndarray, k: int) -> np.ndarray:
         """Ids [g, k] of the top-k keys for each query (-1: none); exact until the index is built."""
@@ -188,15 +188,17 @@ class RetrievalPolicy(CachePolicy):
     def _keep_queries(self, layer: SlotLayer, q: torch.Tensor, step: Step) -> None:
         if self.cfg.index != "ivf" or self.cfg.train_on != "queries":
             return
-        b, h, lq, d = q.shape
-        every = max(1, lq // 2048)
+        every = max(1, q.shape[2] // 2048)
         kept = layer.state.setdefault("train_q", [])
         kept.append(q[:, :, ::every].float().cpu())
 
+    def _device_slots(self, layer: SlotLayer) -> torch.Tensor:
+        """[B, Hk, S]: the slots that stay on the device, the first n_sink and the last window real ones."""
+        return keep_first_last(layer.valid, self.cfg.n_sink, self.cfg.window)
+
     def _offload(self, layer: SlotLayer, info: LayerInfo) -> None:
         cfg = self.cfg
-        device_keep = keep_first_last(layer.valid, cfg.n_sink, torch.full((layer.valid.shape[0],), cfg.window,
-                                                                             device=layer.valid.device))
+        device_keep = self._device_slots(layer)
         move = layer.valid & ~device_keep
         train_q = layer.state.pop("train_q", None)
         tq = torch.cat(train_q, dim=2) if train_q else None  # [B, H, n, D]
@@ -225,7 +227,7 @@ class RetrievalPolicy(CachePolicy):
         out_d, lse_d = attention_with_lse(qg, layer.keys[:, :, None], layer.values[:, :, None], ok, info.scale)
         # CPU part: one batched search per (row, KV head) for its g query heads (x Lq new tokens)
         top_k = self.cfg.top_k
-        qc = (qg.float() * 1.0).cpu()
+        qc = qg.float().cpu()
         ks = torch.zeros(b, hk, g * lq, top_k, d)
         vs = torch.zeros(b, hk, g * lq, top_k, layer.values.shape[-1])
         found = torch.zeros(b, hk, g * lq, top_k, dtype=torch.bool)
@@ -250,8 +252,7 @@ class RetrievalPolicy(CachePolicy):
         cap = cfg.n_sink + cfg.window
         if int(layer.valid.sum(-1).max()) <= cap:
             return
-        keep = keep_first_last(layer.valid, cfg.n_sink, torch.full((layer.valid.shape[0],), cfg.window,
-                                                                   device=layer.valid.device))
+        keep = self._device_slots(layer)
         leave = layer.valid & ~keep
         if cfg.insert:
             b, hk = leave.shape[:2]
@@ -270,8 +271,12 @@ def recall_at_k(store: HeadStore, queries: torch.Tensor, k: int) -> float:
     q = np.ascontiguousarray(queries.float().numpy())
     got = store.search(q, k)
     exact = torch.topk(torch.from_numpy(q) @ store.keys[: store.n].T, min(k, store.n), dim=-1).indices.numpy()
-    hits = sum(len(set(got[i].tolist()) & set(exact[i].tolist())) for i in range(len(q)))
-    return hits / exact.size
+    return topk_hits(got, exact) / exact.size
 
 
-__all__: list[Any] = ["RetrievalPolicy", "HeadStore", "OffloadStore", "build_index", "recall_at_k"]
+def topk_hits(found, exact) -> int:
+    """How many ids of each row of ``exact`` [Q, k] appear in the same row of ``found`` [Q, >= k]."""
+    return sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact))
+
+
+__all__: list[Any] = ["RetrievalPolicy", "HeadStore", "OffloadStore", "build_index", "recall_at_k", "topk_hits"]
