@@ -19,7 +19,7 @@ from kvtools.attention.block_sparse import (
 )
 
 
-def dense_masked(q, k, v, mask, bq, bk, scale, off, kv_valid=None):
+def dense_masked(q, k, v, mask, bq, bk, scale, off, kv_valid=None, window=None):
     """Plain reference: expand the block mask to tokens, repeat K/V per query head, softmax."""
     b, h, lq, _ = q.shape
     hk, lk = k.shape[1], k.shape[2]
@@ -28,6 +28,8 @@ def dense_masked(q, k, v, mask, bq, bk, scale, off, kv_valid=None):
     qi = off + torch.arange(lq)
     ki = torch.arange(lk)
     vis = sel & (ki[None, :] <= qi[:, None])
+    if window is not None:
+        vis &= (qi[:, None] - ki[None, :]) < window
     if kv_valid is not None:
         vis &= kv_valid[:, None, None, :] | (ki[None, :] == qi[:, None])
     s = (q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2)) * scale
@@ -58,14 +60,19 @@ CASES = [
 ]
 
 
-def check_backend(spec, backend):
+def check_backend(spec, backend, window=None):
     *shape, density, pad = spec
     q, k, v, mask, valid = case(*shape, density=density, pad=pad)
     bq, bk = shape[5], shape[6]
     lay = BlockLayout.from_mask(mask, bq, bk)
     off = k.shape[2] - q.shape[2]
-    out = block_sparse_attention(q, k, v, lay, 0.3, kv_valid=valid, backend=backend)
-    torch.testing.assert_close(out, dense_masked(q, k, v, mask, bq, bk, 0.3, off, valid), atol=1e-5, rtol=1e-4)
+    out = block_sparse_attention(q, k, v, lay, 0.3, kv_valid=valid, backend=backend, window=window)
+    ref = dense_masked(q, k, v, mask, bq, bk, 0.3, off, valid, window)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+# sliding windows that cut through blocks, span several blocks, or are shorter than one block
+WINDOWS = [(CASES[0], 100), (CASES[1], 64), (CASES[2], 7), (CASES[3], 40)]
 
 
 @pytest.mark.parametrize("spec", CASES)
@@ -82,6 +89,31 @@ def test_torch_backend_chunks_query_blocks(monkeypatch):
     whole = block_sparse_attention(q, k, v, lay, 0.25, kv_valid=valid, backend="torch")
     monkeypatch.setattr(bs, "_CHUNK_FLOATS", 1)  # one query block per chunk
     torch.testing.assert_close(block_sparse_attention(q, k, v, lay, 0.25, kv_valid=valid, backend="torch"), whole)
+
+
+@pytest.mark.parametrize("spec,window", WINDOWS)
+def test_torch_backend_sliding_window_matches_dense_masked(spec, window):
+    check_backend(spec, "torch", window)
+
+
+@pytest.mark.parametrize("lq,lk,bq,bk,window", [(300, 300, 64, 64, 100), (200, 333, 32, 64, 50), (129, 129, 16, 32, 16)])
+def test_window_band_layout_equals_sliding_sdpa(lq, lk, bq, bk, window):
+    """The band layout of a sliding-window layer holds exactly the blocks with a visible key, and
+    attention over it equals SDPA with the token-level sliding-window mask."""
+    q, k, v, _, _ = case(1, 4, 2, lq, lk, bq, bk)
+    off = lk - lq
+    band = causal_block_mask(1, 4, lq, lk, bq, bk, window=window)
+    qi, ki = off + torch.arange(lq), torch.arange(lk)
+    tok = (ki[None, :] <= qi[:, None]) & (qi[:, None] - ki[None, :] < window)
+    # per (query block, key block): does any query of the block see any key of the block
+    per_block = torch.stack([tok[qb * bq:(qb + 1) * bq].any(0) for qb in range(band.shape[2])])
+    needed = torch.stack([per_block[:, kb * bk:(kb + 1) * bk].any(1) for kb in range(band.shape[3])], 1)
+    assert torch.equal(band[0, 0], needed)
+    lay = BlockLayout.from_mask(band, bq, bk)
+    assert lay.blocks() == 4 * causal_block_count(lq, lk, bq, bk, window=window)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=tok, enable_gqa=True)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, lay, backend="torch", window=window), ref,
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_causal_layout_equals_sdpa():
@@ -114,10 +146,10 @@ def test_bad_layout_and_backend_are_clear_errors():
         block_sparse_attention(q[:, :3], k, v, lay, backend="torch")
 
 
-@pytest.mark.parametrize("spec", [CASES[0], CASES[1]])
-def test_flex_backend_matches_dense_masked(spec):
-    """FlexAttention compiled on CPU (inductor C++), full + partial blocks, GQA, padding, q offset."""
-    check_backend(spec, "flex")
+@pytest.mark.parametrize("spec,window", [(CASES[0], None), (CASES[1], None), WINDOWS[0], WINDOWS[1]])
+def test_flex_backend_matches_dense_masked(spec, window):
+    """FlexAttention compiled on CPU (inductor C++), full + partial blocks, GQA, padding, q offset, window."""
+    check_backend(spec, "flex", window)
 
 
 def test_triton_backend_matches_dense_masked_in_interpreter(tmp_path):
@@ -129,13 +161,14 @@ def test_triton_backend_matches_dense_masked_in_interpreter(tmp_path):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_block_sparse import case, dense_masked
         from kvtools.attention.block_sparse import BlockLayout, block_sparse_attention
-        for b, h, hk, lq, lk, bq, bk, dens, pad in [(2, 4, 2, 100, 100, 16, 16, 0.5, 0),
-                                                    (1, 6, 2, 70, 133, 16, 32, 0.4, 50),
-                                                    (2, 4, 4, 65, 65, 32, 32, 0.7, 9)]:
+        for b, h, hk, lq, lk, bq, bk, dens, pad, win in [(2, 4, 2, 100, 100, 16, 16, 0.5, 0, None),
+                                                         (1, 6, 2, 70, 133, 16, 32, 0.4, 50, None),
+                                                         (2, 4, 4, 65, 65, 32, 32, 0.7, 9, None),
+                                                         (1, 6, 2, 70, 133, 16, 32, 0.6, 50, 40)]:
             q, k, v, mask, valid = case(b, h, hk, lq, lk, bq, bk, density=dens, pad=pad, d=24)
             lay = BlockLayout.from_mask(mask, bq, bk)
-            out = block_sparse_attention(q, k, v, lay, 0.3, kv_valid=valid, backend="triton")
-            ref = dense_masked(q, k, v, mask, bq, bk, 0.3, lk - lq, valid)
+            out = block_sparse_attention(q, k, v, lay, 0.3, kv_valid=valid, backend="triton", window=win)
+            ref = dense_masked(q, k, v, mask, bq, bk, 0.3, lk - lq, valid, win)
             torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
         print("ok")
         """
@@ -143,3 +176,41 @@ def test_triton_backend_matches_dense_masked_in_interpreter(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("pad,window,chunk", [(0, 16, None), (9, 16, 16), (30, 7, 5), (0, 40, 64)])
+def test_banded_attention_equals_masked_slot_attention(pad, window, chunk):
+    """The O(L * window) path a long prompt takes through a sliding-window layer equals dense attention
+    over the slot table with the token-level mask, left padding included."""
+    from kvtools.attention.dense import banded_attention, build_slot_mask, sdpa_grouped
+
+    b, h, hk, lq, lk, d = 2, 6, 2, 90, 120, 16
+    q, k, v, _, valid = case(b, h, hk, lq, lk, 16, 16, pad=pad, d=d)
+    valid = torch.ones(b, lk, dtype=torch.bool) if valid is None else valid
+    idx = torch.arange(lk).expand(b, hk, lk)
+    mask = build_slot_mask(valid[:, None].expand(b, hk, lk), idx, torch.arange(lk - lq, lk), window)
+    ref = sdpa_grouped(q, k, v, mask, 0.25)
+    torch.testing.assert_close(banded_attention(q, k, v, valid, 0.25, window, chunk), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_long_sliding_prompt_takes_the_banded_path(monkeypatch):
+    """A fresh prompt longer than two windows goes through the band, and the patched tiny Gemma-3
+    (window 16) still equals the unpatched model with left padding in the batch."""
+    import kvtools
+    import kvtools.attention.dense as dense
+
+    from .conftest import random_ids, tiny_model
+
+    calls = []
+    real = dense.banded_attention
+    monkeypatch.setattr(dense, "banded_attention", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    model = tiny_model("gemma3")
+    ids = random_ids(2, 70, seed=3)
+    am = torch.ones_like(ids)
+    am[1, :11] = 0
+    ref = model(ids, attention_mask=am).logits
+    with kvtools.patch(model, "full"):
+        got = model(ids, attention_mask=am).logits
+    assert len(calls) == 2  # the two sliding layers, once each
+    torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[1, 11:], ref[1, 11:], atol=1e-4, rtol=0)

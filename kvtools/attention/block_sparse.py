@@ -6,9 +6,11 @@ The contract every backend keeps::
     k, v       [B, Hk, Lk, D]    keys / values, H = g * Hk (GQA: never expanded in memory)
     layout     BlockLayout       per (row, query head, query block): which key blocks to visit
     kv_valid   [B, Lk] bool      optional: False keys (left padding) are never attended
+    window     int or None       optional sliding window: key j is visible to query i only if i - j < window
 
-Inside the selected blocks the usual causal rule applies (key index <= query index),
-and a query also always sees its own key, so a padding query never gets an empty row.
+Inside the selected blocks the usual causal rule applies (key index <= query index,
+and inside the window when one is given), and a query also always sees its own key,
+so a padding query never gets an empty row.
 A query whose selected blocks hold no visible key gets a zero output. Query blocks
 are ``block_q`` rows of ``q`` counted from its first row; key blocks are ``block_k``
 keys counted from key 0; the last block of either may be partial.
@@ -63,25 +65,34 @@ class BlockLayout:
         return int(self.kv_num.sum())
 
 
-def causal_block_count(lq: int, lk: int, block_q: int, block_k: int, q_offset: int | None = None) -> int:
-    """Number of (query block, key block) pairs that hold at least one causally visible key, per (row, head)."""
+def causal_block_count(lq: int, lk: int, block_q: int, block_k: int, q_offset: int | None = None,
+                       window: int | None = None) -> int:
+    """Number of (query block, key block) pairs that hold at least one causally visible key (inside the
+    sliding window when one is given), per (row, head): the work of dense causal attention."""
     off = lk - lq if q_offset is None else q_offset
-    nq = math.ceil(lq / block_q)
+    nq, nk = math.ceil(lq / block_q), math.ceil(lk / block_k)
     total = 0
     for qb in range(nq):
         last_q = off + min((qb + 1) * block_q, lq) - 1
-        total += min(last_q // block_k + 1, math.ceil(lk / block_k))
+        lo = 0 if window is None else max(0, off + qb * block_q - window + 1) // block_k
+        total += min(last_q // block_k + 1, nk) - lo
     return total
 
 
 def causal_block_mask(b: int, h: int, lq: int, lk: int, block_q: int, block_k: int, q_offset: int | None = None,
-                      device: torch.device | str | None = None) -> torch.Tensor:
-    """Boolean [B, H, NQB, NKB]: every block with a causally visible key (dense causal attention)."""
+                      device: torch.device | str | None = None, window: int | None = None) -> torch.Tensor:
+    """Boolean [B, H, NQB, NKB]: every block with a causally visible key (dense causal attention;
+    with ``window``, the band of a sliding-window layer)."""
     off = lk - lq if q_offset is None else q_offset
     nq, nk = math.ceil(lq / block_q), math.ceil(lk / block_k)
-    last_q = off + torch.clamp((torch.arange(nq, device=device) + 1) * block_q, max=lq) - 1
+    q0 = torch.arange(nq, device=device) * block_q
+    last_q = off + torch.clamp(q0 + block_q, max=lq) - 1
     first_k = torch.arange(nk, device=device) * block_k
-    return (first_k[None, :] <= last_q[:, None]).expand(b, h, nq, nk)
+    mask = first_k[None, :] <= last_q[:, None]
+    if window is not None:  # the block's last key is inside the window of the block's first query
+        last_k = torch.clamp(first_k + block_k, max=lk) - 1
+        mask &= last_k[None, :] > (off + q0)[:, None] - window
+    return mask.expand(b, h, nq, nk)
 
 
 def block_sparse_attention(
@@ -93,6 +104,7 @@ def block_sparse_attention(
     q_offset: int | None = None,
     kv_valid: torch.Tensor | None = None,
     backend: str = "auto",
+    window: int | None = None,
 ) -> torch.Tensor:
     """Exact attention of ``q`` over the key blocks ``layout`` selects (see module docstring)."""
     b, h, lq, d = q.shape
@@ -102,6 +114,9 @@ def block_sparse_attention(
     nq = math.ceil(lq / layout.block_q)
     if tuple(layout.kv_num.shape) != (b, h, nq):
         raise ValueError(f"layout.kv_num has shape {tuple(layout.kv_num.shape)}, expected {(b, h, nq)}")
+    if window is not None and int(window) < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    window = None if window is None else int(window)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     off = lk - lq if q_offset is None else int(q_offset)
     if kv_valid is not None and bool(kv_valid.all()):
@@ -110,17 +125,17 @@ def block_sparse_attention(
     if name == "triton":
         from .triton_block_sparse import triton_block_sparse
 
-        return triton_block_sparse(q, k, v, layout, scale, off, kv_valid)
+        return triton_block_sparse(q, k, v, layout, scale, off, kv_valid, window)
     if name == "flex":
         first = None if kv_valid is None else _first_real(kv_valid.to(q.device))
         if kv_valid is None or first is not None:  # the kernel takes left padding as one index per row
             try:
-                return _flex(q, k, v, layout, scale, off, first)
+                return _flex(q, k, v, layout, scale, off, first, window)
             except Exception as exc:  # an inductor failure must not cost the user the result
                 if backend == "flex":
                     raise
                 _warn_once(f"FlexAttention failed ({type(exc).__name__}); using the torch block-sparse reference")
-    return _torch_reference(q, k, v, layout, scale, off, kv_valid)
+    return _torch_reference(q, k, v, layout, scale, off, kv_valid, window)
 
 
 @lru_cache(maxsize=None)
@@ -178,7 +193,7 @@ def _why_not(backend: str) -> str | None:
 _CHUNK_FLOATS = 1 << 25
 
 
-def _torch_reference(q, k, v, layout: BlockLayout, scale: float, off: int, kv_valid) -> torch.Tensor:
+def _torch_reference(q, k, v, layout: BlockLayout, scale: float, off: int, kv_valid, window=None) -> torch.Tensor:
     b, h, lq, d = q.shape
     hk, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = h // hk
@@ -210,6 +225,8 @@ def _torch_reference(q, k, v, layout: BlockLayout, scale: float, off: int, kv_va
         k_abs = idx[..., None] * bk + torch.arange(bk, device=dev)  # [B, H, n, m, bk]
         q_abs = off + (torch.arange(c0, c1, device=dev)[:, None] * bq + torch.arange(bq, device=dev))  # [n, bq]
         vis = (k_abs[:, :, :, None] <= q_abs[None, None, :, :, None, None]) & used[:, :, :, None, :, None]
+        if window is not None:
+            vis &= (q_abs[None, None, :, :, None, None] - k_abs[:, :, :, None]) < window
         ok = valid_k[rows[:, None, None, None], idx]  # [B, H, n, m, bk]
         vis &= ok[:, :, :, None] | (k_abs[:, :, :, None] == q_abs[None, None, :, :, None, None])
         s = s.masked_fill(~vis, float("-inf")).flatten(-2)  # [B, H, n, bq, m*bk]
@@ -240,10 +257,11 @@ def _compiled_flex(key: tuple):
     return torch.compile(flex_attention, dynamic=True)
 
 
-def flex_block_mask(layout: BlockLayout, lq: int, lk: int, off: int, first: torch.Tensor | None, device):
-    """A FlexAttention BlockMask for ``layout``: blocks wholly below the diagonal with no padding
-    are passed as full blocks (no mask_mod evaluated), the rest as partial blocks. ``first`` [B]:
-    each row's first real key (left padding, see :func:`_first_real`), or None without padding."""
+def flex_block_mask(layout: BlockLayout, lq: int, lk: int, off: int, first: torch.Tensor | None, device,
+                    window: int | None = None):
+    """A FlexAttention BlockMask for ``layout``: blocks wholly below the diagonal (and wholly inside
+    the window) with no padding are passed as full blocks (no mask_mod evaluated), the rest as partial
+    blocks. ``first`` [B]: each row's first real key (left padding, see :func:`_first_real`), or None."""
     from torch.nn.attention.flex_attention import BlockMask
 
     bq, bk = layout.block_q, layout.block_k
@@ -254,6 +272,9 @@ def flex_block_mask(layout: BlockLayout, lq: int, lk: int, off: int, first: torc
     start_k = torch.arange(nk, device=dev) * bk
     last_k = torch.clamp(start_k + bk, max=lk) - 1
     full = sel & (last_k[None, :] <= first_q[:, None])
+    if window is not None:  # the block's last query sees the block's first key
+        last_q = off + torch.clamp(torch.arange(1, nq + 1, device=dev) * bq, max=lq) - 1
+        full &= (last_q[:, None] - start_k[None, :]) < window
     if first is not None:  # a block holding padding, or running past the keys, is partial
         whole = (start_k[None, :] >= first[:, None]) & (start_k + bk <= lk)[None, :]  # [B, nk]
         full &= whole[:, None, None, :]
@@ -261,12 +282,16 @@ def flex_block_mask(layout: BlockLayout, lq: int, lk: int, off: int, first: torc
     p = BlockLayout.from_mask(partial, bq, bk, full_width=True)
     f = BlockLayout.from_mask(full, bq, bk, full_width=True)
     offset = torch.tensor(off, device=dev)
-    if first is None:
+    win = torch.tensor(lq + lk + off + 1 if window is None else window, device=dev)
+    if first is None and window is None:
         def mask_mod(b, h, qi, ki):
             return ki <= qi + offset
+    elif first is None:
+        def mask_mod(b, h, qi, ki):
+            return (ki <= qi + offset) & (qi + offset - ki < win)
     else:  # key ki is real when ki >= first[b] (a tensor index: a [B, Lk] mask breaks inductor recompiles)
         def mask_mod(b, h, qi, ki):
-            return (ki <= qi + offset) & ((ki >= first[b]) | (ki == qi + offset))
+            return (ki <= qi + offset) & (qi + offset - ki < win) & ((ki >= first[b]) | (ki == qi + offset))
     return BlockMask.from_kv_blocks(
         p.kv_num, p.kv_idx, f.kv_num, f.kv_idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod, seq_lengths=(lq, lk),
         compute_q_blocks=False,  # inference only: no backward layout
@@ -284,10 +309,10 @@ def _first_real(valid: torch.Tensor) -> torch.Tensor | None:
     return first.to(torch.int32)
 
 
-def _flex(q, k, v, layout: BlockLayout, scale: float, off: int, first) -> torch.Tensor:
+def _flex(q, k, v, layout: BlockLayout, scale: float, off: int, first, window=None) -> torch.Tensor:
     lq, lk = q.shape[2], k.shape[2]
-    bm = flex_block_mask(layout, lq, lk, off, first, q.device)
+    bm = flex_block_mask(layout, lq, lk, off, first, q.device, window)
     fn = _compiled_flex((q.device.type, layout.block_q, layout.block_k, q.shape[1] // k.shape[1],
-                         first is not None))
+                         first is not None, window is not None))
     # rows with no visible key come back as zeros (FlexAttention's rule, which is ours)
     return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

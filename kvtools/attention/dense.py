@@ -83,5 +83,67 @@ def attend_slots(
     )
     if fresh:  # a whole prompt on an empty cache: plain causal attention
         return sdpa_grouped(q, keys, values, None, scale, is_causal=True)
+    if sliding_window is not None and s > _BAND_MIN * sliding_window and _stream_ordered(valid, idx, q_idx):
+        # a long prompt through a sliding-window layer: only the band, O(L * window) instead of O(L^2)
+        return banded_attention(q, keys, values, valid[:, 0], scale, sliding_window)
     mask = build_slot_mask(valid, idx, q_idx, sliding_window)
     return sdpa_grouped(q, keys, values, mask, scale)
+
+
+# a sliding-window layer takes the banded path once the table is this many windows long
+_BAND_MIN = 2
+
+
+def _stream_ordered(valid: torch.Tensor, idx: torch.Tensor, q_idx: torch.Tensor) -> bool:
+    """Slot j holds stream token j for every head, and the queries are the last tokens (a fresh prompt,
+    possibly left-padded: padding is a per-row prefix of invalid slots)."""
+    s, lq = idx.shape[-1], q_idx.numel()
+    ar = torch.arange(s, device=idx.device)
+    if not bool((idx == ar).all()) or not bool((valid == valid[:, :1]).all()):
+        return False
+    return bool((q_idx.to(idx.device) == ar[s - lq:]).all())
+
+
+def banded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_valid: torch.Tensor,
+    scale: float,
+    window: int,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Sliding-window causal attention of q [B, H, Lq, D] (the last Lq of the keys) over k, v [B, Hk, Lk, D]:
+    key j is visible to query i when i - window < j <= i and ``kv_valid`` [B, Lk] (a query always sees its
+    own key). Work is O(Lq * window).
+
+    On CUDA with Triton this is the block-sparse engine over the band layout; elsewhere each chunk of
+    queries runs SDPA over just the keys its window reaches (on CPU that measured faster than the
+    engine's torch and flex backends: 0.9 s vs 1.6 s / 4.5 s at 32k, Gemma-3 shapes, window 512).
+    """
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    off = lk - lq
+    if q.is_cuda:
+        from .block_sparse import BlockLayout, available, block_sparse_attention, causal_block_mask
+
+        if available("triton"):
+            bs = 64
+            band = causal_block_mask(b, h, lq, lk, bs, bs, q_offset=off, device=q.device, window=window)
+            lay = BlockLayout.from_mask(band, bs, bs)
+            return block_sparse_attention(q, k, v, lay, scale, off, kv_valid, backend="triton", window=window)
+    chunk = chunk or max(window, 256)
+    all_valid = bool(kv_valid.all())
+    outs = []
+    for s in range(0, lq, chunk):
+        e = min(s + chunk, lq)
+        q0, q1 = off + s, off + e  # stream indices of the chunk's queries
+        lo = max(0, q0 - window + 1)
+        qi = torch.arange(q0, q1, device=q.device)[:, None]
+        ki = torch.arange(lo, q1, device=q.device)[None, :]
+        m = (ki <= qi) & (qi - ki < window)  # [c, n]
+        m = m[None, None]
+        if not all_valid:
+            m = m & (kv_valid[:, None, None, lo:q1].to(q.device) | (ki == qi)[None, None])
+        outs.append(sdpa_grouped(q[:, :, s:e], k[:, :, lo:q1], v[:, :, lo:q1], m, scale))
+    return torch.cat(outs, 2)

@@ -22,7 +22,7 @@ def _block_sparse_fwd(
     sob, soh, sol,
     snb, snh,
     sib, sih, siq,
-    H, G, LQ, LK, OFF, D, scale,
+    H, G, LQ, LK, OFF, WIN, D, scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     qb = tl.program_id(0)
@@ -49,6 +49,7 @@ def _block_sparse_fwd(
         v = tl.load(V + b * svb + hk * svh + ka[:, None] * svl + rd[None, :], mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
         vis = (ka[None, :] <= q_abs[:, None]) & (ka[None, :] < LK)
+        vis = vis & ((q_abs[:, None] - ka[None, :]) < WIN)
         vis = vis & ((ka[None, :] >= first) | (ka[None, :] == q_abs[:, None]))
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -63,7 +64,7 @@ def _block_sparse_fwd(
              mask=(rq[:, None] < LQ) & (rd[None, :] < D))
 
 
-def triton_block_sparse(q, k, v, layout, scale: float, off: int, kv_valid) -> torch.Tensor:
+def triton_block_sparse(q, k, v, layout, scale: float, off: int, kv_valid, window: int | None = None) -> torch.Tensor:
     """Launch the kernel; see the contract in :mod:`kvtools.attention.block_sparse`."""
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
@@ -95,7 +96,7 @@ def triton_block_sparse(q, k, v, layout, scale: float, off: int, kv_valid) -> to
         out.stride(0), out.stride(1), out.stride(2),
         num.stride(0), num.stride(1),
         idx.stride(0), idx.stride(1), idx.stride(2),
-        h, h // hk, lq, lk, off, d, scale,
+        h, h // hk, lq, lk, off, lq + lk + off + 1 if window is None else window, d, scale,
         BLOCK_Q=bq, BLOCK_K=bk, BLOCK_D=max(16, triton.next_power_of_2(d)),
     )
     return out
