@@ -1,13 +1,16 @@
 """Attention-only prefill speed: sparse prefill methods vs dense SDPA, side by side in one process.
 
-One attention layer of a real architecture's shape (``--shape``), on queries and keys with
-the structure real attention has (a strong sink, locality from a slowly varying shared
-component, a few heavy key columns, noise), so a method's selection is as sparse as it
-would be on a real model rather than on uniform random scores. Per length, in this order:
+Inputs are either one attention layer of a real architecture's shape (``--shape``), on
+queries and keys with the structure real attention has (a strong sink, locality from a
+slowly varying shared component, a few heavy key columns, noise), or (``--model``) the
+real rotated q/k/v of a model's full-attention layers, captured from one dense pass over a
+needle-in-a-haystack prompt of the longest length (a shorter length is that prompt's
+prefix: causal attention makes it the same as a shorter prompt). Per length, in this order:
 dense SDPA (causal, GQA), then every (method, backend): the method's block selection and
 the block-sparse attention, timed separately (median of ``repeats``). Reported: seconds,
 speedup vs dense, fraction of causal blocks computed (density), ``1 / density`` (the
-limit a perfect kernel reaches), and the output's relative error vs dense.
+limit a perfect kernel reaches), and the output's relative error vs dense. With several
+captured layers, times and blocks are summed over the layers and the error is averaged.
 """
 
 from __future__ import annotations
@@ -95,10 +98,39 @@ def _selection(cfg, q, k, scale):
     raise ConfigError(f"bench-attention: '{cfg.method}' is not a sparse prefill method (flexprefill, hip)")
 
 
+def _model_layers(model_name: str, length: int, layers: list[int] | None, seed: int):
+    """Real q/k/v of ``layers`` (default: every full-attention layer, at most 4 evenly spaced) from one
+    dense pass over a NIAH prompt of ``length`` tokens; returns (label, captured layers, tokens)."""
+    from .bench_recall import capture_qkv
+    from .eval.haystack import build_niah_prompt
+    from .models import canonical_name, load_model
+
+    model, tok = load_model(model_name)
+    n_layers = model.config.num_hidden_layers
+    if layers is not None and any(not 0 <= i < n_layers for i in layers):
+        raise ConfigError(f"--layers: the model has layers 0..{n_layers - 1}, got {layers}")
+    prompt = build_niah_prompt(tok, length, 50, seed=seed, max_new_tokens=16)
+    ids = torch.tensor([prompt.input_ids])
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * n_layers
+    full = [i for i, t in enumerate(types) if t != "sliding_attention"]
+    if layers is None:
+        layers = full if len(full) <= 4 else [full[round(j * (len(full) - 1) / 3)] for j in range(4)]
+    bad = [i for i in layers if i not in full]
+    if bad:
+        raise ConfigError(f"--layers {bad}: sliding-window layers; sparse prefill applies to full-attention layers "
+                          f"({full})")
+    want = set(layers)
+    got = capture_qkv(model, ids, keep=lambda info: info.layer_idx in want, values=True)
+    label = f"{canonical_name(model_name)} layers {','.join(map(str, layers))}"
+    del model
+    return label, got, ids.shape[1]
+
+
 def run_attention_bench(configs: list[Any], lengths: list[int], shape: str = "smollm2-135m",
                         backends: list[str] | None = None, repeats: int = 3, device: str = "cpu",
-                        out: str | Path | None = None, seed: int = 0, quiet: bool = False) -> list[AttnRow]:
-    if shape not in SHAPES:
+                        out: str | Path | None = None, seed: int = 0, quiet: bool = False,
+                        model: str | None = None, layers: list[int] | None = None) -> list[AttnRow]:
+    if model is None and shape not in SHAPES:
         raise ConfigError(f"--shape {shape!r}: one of {', '.join(SHAPES)}")
     cfgs = [load_config(c) for c in configs]
     for c in cfgs:
@@ -106,13 +138,24 @@ def run_attention_bench(configs: list[Any], lengths: list[int], shape: str = "sm
             raise ConfigError(f"config '{c.name}': prefill.method is '{c.prefill.method}'; bench-attention "
                               "measures sparse prefill methods (flexprefill, hip)")
     backends = backends or ["torch", "flex"]
-    s = SHAPES[shape]
-    h, hk = s["num_attention_heads"], s["num_key_value_heads"]
-    d = s.get("head_dim") or s["hidden_size"] // h
     dev = torch.device(device)
-    scale = d ** -0.5
-    rows: list[AttnRow] = []
     out_dir = Path(out) if out else None
+    if model is not None:
+        label, captured, n_tok = _model_layers(model, max(lengths), layers, seed)
+        lengths = sorted({min(n, n_tok) for n in lengths})
+
+        def inputs(n):
+            return [(c.q[..., :n, :].to(dev), c.k[..., :n, :].to(dev), c.v[..., :n, :].to(dev), c.scale)
+                    for c in captured]
+    else:
+        sh = SHAPES[shape]
+        h, hk = sh["num_attention_heads"], sh["num_key_value_heads"]
+        d = sh.get("head_dim") or sh["hidden_size"] // h
+        label = shape
+
+        def inputs(n):
+            return [(*structured_qkv(n, h, hk, d, seed=seed, device=dev), d ** -0.5)]
+    rows: list[AttnRow] = []
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
@@ -121,25 +164,36 @@ def run_attention_bench(configs: list[Any], lengths: list[int], shape: str = "sm
     bar = tqdm(total=len(todo), desc="bench-attention", unit="cell", disable=quiet)
     with torch.no_grad():
         for n in lengths:
-            q, k, v = structured_qkv(n, h, hk, d, seed=seed, device=dev)
-            dense_s, ref = _time(lambda: torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=True), repeats, dev)
+            lays = inputs(n)
+            dense_s, refs = 0.0, []
+            for q, k, v, scale in lays:
+                t, ref = _time(lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=scale, enable_gqa=True), repeats, dev)
+                dense_s, refs = dense_s + t, refs + [ref]
             for c in cfgs:
                 p = c.prefill
-                sel_s, layout = _time(lambda: _selection(p, q, k, scale), repeats, dev)
-                causal = causal_block_count(n, n, layout.block_q, layout.block_k) * h
-                density = layout.blocks() / causal
+                sel_s, layouts, blocks, causal = 0.0, [], 0, 0
+                for q, k, v, scale in lays:
+                    t, layout = _time(lambda: _selection(p, q, k, scale), repeats, dev)
+                    sel_s, layouts = sel_s + t, layouts + [layout]
+                    blocks += layout.blocks()
+                    causal += causal_block_count(n, n, layout.block_q, layout.block_k) * q.shape[0] * q.shape[1]
+                density = blocks / causal
                 for b in backends:
                     bar.set_postfix(length=n, method=c.name, backend=b)
-                    warm = BlockLayout.from_mask(causal_block_mask(1, h, 256, 256, layout.block_q, layout.block_k),
-                                                 layout.block_q, layout.block_k)
-                    block_sparse_attention(q[:, :, :256], k[:, :, :256], v[:, :, :256], warm, scale,
-                                           backend=b)  # compile / warm up outside the timing
-                    attn_s, o = _time(lambda: block_sparse_attention(q, k, v, layout, scale, backend=b), repeats,
-                                      dev)
-                    err = float((o.float() - ref.float()).abs().mean() / ref.float().abs().mean())
+                    attn_s, errs = 0.0, []
+                    for (q, k, v, scale), layout, ref in zip(lays, layouts, refs):
+                        warm = BlockLayout.from_mask(
+                            causal_block_mask(q.shape[0], q.shape[1], 256, 256, layout.block_q, layout.block_k),
+                            layout.block_q, layout.block_k)
+                        block_sparse_attention(q[:, :, :256], k[:, :, :256], v[:, :, :256], warm, scale,
+                                               backend=b)  # compile / warm up outside the timing
+                        t, o = _time(lambda: block_sparse_attention(q, k, v, layout, scale, backend=b), repeats,
+                                     dev)
+                        attn_s += t
+                        errs.append(float((o.float() - ref.float()).abs().mean() / ref.float().abs().mean()))
                     row = AttnRow(n, c.name, b, sel_s, attn_s, sel_s + attn_s, dense_s, dense_s / (sel_s + attn_s),
-                                  dense_s / attn_s, density, 1 / density, err, shape, str(dev))
+                                  dense_s / attn_s, density, 1 / density, sum(errs) / len(errs), label, str(dev))
                     rows.append(row)
                     if out_dir:
                         with (out_dir / "attention.jsonl").open("a") as f:
@@ -156,8 +210,10 @@ def attention_markdown(rows: list[AttnRow]) -> str:
     if not rows:
         return "(no rows)\n"
     lines = [
-        f"Attention-only prefill, one layer of `{rows[0].shape}` shape on {rows[0].device} "
-        "(structured synthetic q/k/v; medians).",
+        (f"Attention-only prefill, real q/k/v of `{rows[0].shape}` (a NIAH prompt) on {rows[0].device}; "
+         "times summed over the layers, medians." if " layers " in rows[0].shape else
+         f"Attention-only prefill, one layer of `{rows[0].shape}` shape on {rows[0].device} "
+         "(structured synthetic q/k/v; medians)."),
         "",
         "| length | method | backend | dense s | select s | attention s | speedup (total) | speedup (attention) "
         "| density | 1/density | rel. error |",

@@ -45,14 +45,34 @@ class RecallRow:
 
 def capture_qk(model: Any, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per attention layer: (q [H, L, D], k [Hk, L, D]) after RoPE, from one dense pass."""
+    return [(c.q[0], c.k[0]) for c in capture_qkv(model, ids)]
+
+
+@dataclass
+class Captured:
+    """One attention layer's inputs from a dense pass: q [B, H, L, D], k, v [B, Hk, L, D] (after RoPE)."""
+
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor | None
+    scale: float
+    sliding_window: int | None
+
+
+def capture_qkv(model: Any, ids: torch.Tensor, keep: Any = None, values: bool = False) -> list[Captured]:
+    """The rotated queries and keys (and values) of every layer ``keep(info)`` accepts, from one dense
+    pass over ``ids``, on the CPU in fp32."""
     from . import patch
 
-    got: list[tuple[torch.Tensor, torch.Tensor]] = []
+    got: list[Captured] = []
     with patch(model, "full") as p:
         orig = p.policy.attend
 
         def attend(layer, q, k, v, step, info):
-            got.append((q[0].detach().float().cpu(), k[0].detach().float().cpu()))
+            if keep is None or keep(info):
+                cpu = [None if x is None else x.detach().float().cpu() for x in (q, k, v if values else None)]
+                got.append(Captured(info.layer_idx, *cpu, info.scale, info.sliding_window))
             return orig(layer, q, k, v, step, info)
 
         p.policy.attend = attend

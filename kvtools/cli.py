@@ -103,8 +103,15 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
     bad = [b for b in backends if b not in BACKENDS]
     if bad:
         raise ConfigError(f"--backends: unknown {', '.join(bad)}; allowed: {', '.join(BACKENDS)}")
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(x) for x in args.layers.split(",")]
+        except ValueError:
+            raise ConfigError(f"--layers: a comma list of layer indices, got {args.layers!r}") from None
     rows = run_attention_bench(configs, lengths, shape=args.shape, backends=backends, repeats=args.repeats,
-                               device=args.device, out=args.out, seed=args.seed, quiet=args.quiet)
+                               device=args.device, out=args.out, seed=args.seed, quiet=args.quiet,
+                               model=args.model, layers=layers)
     print(attention_markdown(rows))
     print(f"wrote attention.jsonl, attention.md, attention.png to {args.out}")
     return 0
@@ -261,9 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     ba = sub.add_parser(
         "bench-attention",
         help="attention-only prefill time of sparse prefill methods vs dense SDPA, with block density",
-        description="One attention layer of a real shape on structured synthetic q/k/v: selection + "
-                    "block-sparse attention per backend vs dense SDPA, side by side.",
+        description="One attention layer of a real shape on structured synthetic q/k/v, or a real model's "
+                    "captured q/k/v (--model): selection + block-sparse attention per backend vs dense SDPA, "
+                    "side by side.",
     )
+    ba.add_argument("--model", default=None,
+                    help="capture real q/k/v from this model's full-attention layers (e.g. gemma3-270m) "
+                         "instead of synthetic inputs")
+    ba.add_argument("--layers", default=None, help="with --model: comma list of layer indices "
+                                                   "(default: full-attention layers, at most 4)")
     ba.add_argument("--config", default="flexprefill,hip", help="comma list of presets / YAML paths")
     ba.add_argument("--lengths", default="8k,16k,32k", help="prompt lengths (k = 1024)")
     ba.add_argument("--shape", default="smollm2-135m", help="head layout: llama-3-8b, qwen3-8b, smollm2-135m")

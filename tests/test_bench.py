@@ -67,3 +67,33 @@ def test_bench_attention_reports_density_speed_and_error(tmp_path):
     assert (tmp_path / "attention.md").exists() and (tmp_path / "attention.png").exists()
     with pytest.raises(ConfigError, match="sparse prefill methods"):
         run_attention_bench(["full"], [1024], quiet=True)
+
+
+def test_bench_attention_on_captured_model_layers(tmp_path, monkeypatch):
+    """--model: real q/k/v of the full-attention layers only (Gemma-3's sliding layers are skipped), a
+    shorter length is the captured prompt's prefix, and a budget covering everything is exact."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import kvtools.models
+    from kvtools.bench_attention import run_attention_bench
+
+    from .conftest import tiny_config
+    from .helpers import byte_tokenizer
+
+    cfg = tiny_config("gemma3")
+    cfg.vocab_size, cfg.max_position_embeddings = 300, 4096
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    monkeypatch.setattr(kvtools.models, "load_model", lambda name=None, **kw: (model, byte_tokenizer()))
+    every = {"name": "fp-all", "prefill": {"method": "flexprefill", "block_size": 32, "min_budget": 4096}}
+    some = {"name": "fp", "prefill": {"method": "flexprefill", "block_size": 32, "min_budget": 64, "gamma": 0.5}}
+    rows = run_attention_bench([every, some], [512, 2000], backends=["torch"], repeats=1, out=tmp_path,
+                               quiet=True, model="tiny-gemma3")
+    assert all(r.shape.endswith("layers 2") for r in rows)  # layers 0 and 1 slide
+    assert rows[0].length == 512 and 1800 < rows[-1].length <= 2000  # the prompt as built
+    full = [r for r in rows if r.method == "fp-all"]
+    assert all(r.density == 1 and r.rel_err < 1e-5 for r in full)
+    assert any(r.density < 1 for r in rows if r.method == "fp")
+    with pytest.raises(ConfigError, match="sliding-window layers"):
+        run_attention_bench([some], [256], backends=["torch"], quiet=True, model="tiny-gemma3", layers=[0])
