@@ -76,8 +76,8 @@ def capture_qkv(model: Any, ids: torch.Tensor, keep: Any = None, values: bool = 
             return orig(layer, q, k, v, step, info)
 
         p.policy.attend = attend
-        with torch.no_grad():
-            model(input_ids=ids, **p.cache_kwargs(p.make_cache()))
+        with torch.no_grad():  # logits of the last token only: all of them would be L x vocab floats
+            model(input_ids=ids, logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
     return got
 
 

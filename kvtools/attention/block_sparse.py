@@ -194,6 +194,9 @@ _CHUNK_FLOATS = 1 << 25
 
 
 def _torch_reference(q, k, v, layout: BlockLayout, scale: float, off: int, kv_valid, window=None) -> torch.Tensor:
+    """Gather each (row, head, query block)'s selected key blocks and run SDPA over them with the
+    token-level mask. Items are processed in order of block count, in chunks padded only to the
+    chunk's own largest count, so ragged selections waste little work on padding."""
     b, h, lq, d = q.shape
     hk, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = h // hk
@@ -206,35 +209,37 @@ def _torch_reference(q, k, v, layout: BlockLayout, scale: float, off: int, kv_va
     valid_k = torch.arange(nk * bk, device=dev) < lk
     valid_k = valid_k.expand(b, -1) if kv_valid is None else valid_k & _pad_to(kv_valid.to(dev, torch.bool), nk * bk, 1)
     valid_k = valid_k.view(b, nk, bk)
-    out = q.new_zeros(b, h, nq, bq, dv)
-    heads = torch.arange(h, device=dev) // g
-    rows = torch.arange(b, device=dev)
-    per_block = max(1, b * h * (bq * bk + 2 * bk * d) * max(int(layout.kv_idx.shape[-1]), 1))
-    step = max(1, _CHUNK_FLOATS // per_block)
-    for c0 in range(0, nq, step):
-        c1 = min(c0 + step, nq)
-        num = layout.kv_num[:, :, c0:c1].to(dev).long()
-        m = int(num.max()) if num.numel() else 0
-        if m == 0:
-            continue
-        idx = layout.kv_idx[:, :, c0:c1, :m].to(dev).long().clamp_(0, nk - 1)  # [B, H, n, m]
-        used = torch.arange(m, device=dev) < num[..., None]  # [B, H, n, m]
-        ks = kp[rows[:, None, None, None], heads[None, :, None, None], idx]  # [B, H, n, m, bk, D]
-        vs = vp[rows[:, None, None, None], heads[None, :, None, None], idx]
-        s = torch.einsum("bhnqd,bhnmkd->bhnqmk", qp[:, :, c0:c1].float(), ks.float()) * scale
-        k_abs = idx[..., None] * bk + torch.arange(bk, device=dev)  # [B, H, n, m, bk]
-        q_abs = off + (torch.arange(c0, c1, device=dev)[:, None] * bq + torch.arange(bq, device=dev))  # [n, bq]
-        vis = (k_abs[:, :, :, None] <= q_abs[None, None, :, :, None, None]) & used[:, :, :, None, :, None]
+    out = q.new_zeros(b * h * nq, bq, dv)
+    num = layout.kv_num.to(dev).long().reshape(-1)  # items: (row, head, query block), flattened
+    kv_idx = layout.kv_idx.to(dev).long().reshape(num.numel(), -1)
+    order = torch.argsort(num, descending=True)
+    order = order[num[order] > 0]
+    counts = num[order].tolist()
+    ar_q, ar_k = torch.arange(bq, device=dev), torch.arange(bk, device=dev)
+    i = 0
+    while i < len(order):
+        m = counts[i]
+        n = max(1, min(len(order) - i, _CHUNK_FLOATS // (m * bk * (bq + d + dv))))
+        items = order[i:i + n]
+        i += n
+        rb = torch.div(items, h * nq, rounding_mode="floor")
+        rh = torch.div(items, nq, rounding_mode="floor") % h
+        rq = items % nq
+        idx = kv_idx[items, :m].clamp(0, nk - 1)  # [n, m]
+        used = torch.arange(m, device=dev) < num[items, None]  # [n, m]
+        ks = kp[rb[:, None], (rh // g)[:, None], idx].flatten(1, 2)  # [n, m*bk, D]
+        vs = vp[rb[:, None], (rh // g)[:, None], idx].flatten(1, 2)
+        k_abs = (idx[..., None] * bk + ar_k).flatten(1)  # [n, m*bk]
+        q_abs = off + rq[:, None] * bq + ar_q  # [n, bq]
+        vis = k_abs[:, None, :] <= q_abs[:, :, None]
         if window is not None:
-            vis &= (q_abs[None, None, :, :, None, None] - k_abs[:, :, :, None]) < window
-        ok = valid_k[rows[:, None, None, None], idx]  # [B, H, n, m, bk]
-        vis &= ok[:, :, :, None] | (k_abs[:, :, :, None] == q_abs[None, None, :, :, None, None])
-        s = s.masked_fill(~vis, float("-inf")).flatten(-2)  # [B, H, n, bq, m*bk]
-        mx = s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)
-        p = torch.exp(s - mx)
-        p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
-        o = torch.einsum("bhnqj,bhnjd->bhnqd", p, vs.float().flatten(3, 4))
-        out[:, :, c0:c1] = o.to(out.dtype)
+            vis &= (q_abs[:, :, None] - k_abs[:, None, :]) < window
+        ok = valid_k[rb[:, None], idx].flatten(1)  # [n, m*bk]: real keys (padding and past the end: not)
+        vis &= ok[:, None, :] | (k_abs[:, None, :] == q_abs[:, :, None])
+        vis &= used.repeat_interleave(bk, 1)[:, None, :]  # the padded tail of a short selection
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qp[rb, rh, rq][:, None], ks[:, None], vs[:, None], attn_mask=vis[:, None], scale=scale)[:, 0]
+        out[items] = torch.where(vis.any(-1, keepdim=True), o, 0.0).to(out.dtype)
     return out.view(b, h, nq * bq, dv)[:, :, :lq]
 
 
