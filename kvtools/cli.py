@@ -21,11 +21,32 @@ from kvtools.errors import ConfigError, KVToolsError
 __all__ = ["build_parser", "main"]
 
 
-def _split_configs(spec: str) -> list[str]:
+def _split_list(spec: str, option: str, what: str, allowed=None, cast=None) -> list:
+    """A comma list option: no empty items, each in ``allowed`` / converted by ``cast``, else a clear error."""
     items = [item.strip() for item in spec.split(",")]
     if not items or any(not item for item in items):
-        raise ConfigError(f"--config: empty name in '{spec}'; give preset names or YAML paths separated by commas")
+        raise ConfigError(f"{option}: empty item in '{spec}'; give {what} separated by commas")
+    if allowed is not None:
+        bad = [i for i in items if i not in allowed]
+        if bad:
+            raise ConfigError(f"{option}: unknown {', '.join(bad)}; allowed: {', '.join(allowed)}")
+    if cast is not None:
+        try:
+            items = [cast(i) for i in items]
+        except ValueError:
+            raise ConfigError(f"{option}: expected {what}, got '{spec}'") from None
     return items
+
+
+def _split_configs(spec: str) -> list[str]:
+    return _split_list(spec, "--config", "preset names or YAML paths")
+
+
+def _positive_int(x: str) -> int:
+    v = int(x)
+    if v < 1:
+        raise ValueError(x)
+    return v
 
 
 def _cmd_niah(args: argparse.Namespace) -> int:
@@ -96,19 +117,14 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
 
     configs = _split_configs(args.config)
     lengths = parse_lengths(args.lengths)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     from kvtools.attention.block_sparse import BACKENDS
+
+    backends = _split_list(args.backends, "--backends", "backend names", allowed=BACKENDS)
+    layers = None if args.layers is None else _split_list(args.layers, "--layers", "layer indices", cast=int)
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
     from kvtools.bench_attention import attention_markdown, run_attention_bench
 
-    bad = [b for b in backends if b not in BACKENDS]
-    if bad:
-        raise ConfigError(f"--backends: unknown {', '.join(bad)}; allowed: {', '.join(BACKENDS)}")
-    layers = None
-    if args.layers:
-        try:
-            layers = [int(x) for x in args.layers.split(",")]
-        except ValueError:
-            raise ConfigError(f"--layers: a comma list of layer indices, got {args.layers!r}") from None
     rows = run_attention_bench(configs, lengths, shape=args.shape, backends=backends, repeats=args.repeats,
                                device=args.device, out=args.out, seed=args.seed, quiet=args.quiet,
                                model=args.model, layers=layers)
@@ -120,14 +136,14 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
 def _cmd_bench_recall(args: argparse.Namespace) -> int:
     from kvtools.eval.niah import parse_lengths
 
-    (length,) = parse_lengths(args.length)
-    top_ks = [int(x) for x in args.top_k.split(",") if x.strip()]
+    lengths = parse_lengths(args.length)
+    if len(lengths) != 1:
+        raise ConfigError(f"--length: one prompt length, got {args.length!r}")
+    (length,) = lengths
+    top_ks = _split_list(args.top_k, "--top-k", "integers >= 1", cast=_positive_int)
     from kvtools.bench_recall import KINDS, recall_markdown, run_recall_bench
 
-    kinds = [x.strip() for x in args.index.split(",") if x.strip()]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad or not top_ks or min(top_ks) < 1:
-        raise ConfigError(f"--index: allowed {', '.join(KINDS)} (got {', '.join(bad) or '-'}); --top-k: ints >= 1")
+    kinds = _split_list(args.index, "--index", "index kinds", allowed=list(KINDS))
     rows = run_recall_bench(args.model, length, top_ks, kinds, out=args.out, n_sink=args.n_sink,
                             window=args.window, n_eval=args.queries, seed=args.seed, quiet=args.quiet)
     print(recall_markdown(rows))

@@ -210,9 +210,8 @@ def _check_fractions(stage: str, cfg: StageConfig) -> None:
     for key in ("budget", "window", "top_k"):
         val = getattr(cfg, key, None)
         if isinstance(val, float) and not (0 < val <= 1):
-            raise ConfigError(
-                f"{stage}.{key}: a float means a fraction of the prompt and must be in (0, 1], got {val}"
-            )
+            of = "the cached slots" if stage == "decode" else "the prompt"
+            raise ConfigError(f"{stage}.{key}: a float means a fraction of {of} and must be in (0, 1], got {val}")
     if isinstance(cfg, DuoCache):
         if (cfg.pattern is None) == (cfg.retrieval_heads is None):
             raise ConfigError("cache.pattern / cache.retrieval_heads: give exactly one of them (duo)")

@@ -388,6 +388,28 @@ def test_cli_bad_grid_prints_error_and_exits_2(capsys):
     assert main(["niah", "--config", "full,,snapkv"]) == 2
 
 
+@pytest.mark.parametrize("argv,msg", [
+    (["bench-attention", "--backends", "torch,,flex"], "--backends: empty item"),
+    (["bench-attention", "--backends", "torch,cuda"], "--backends: unknown cuda"),
+    (["bench-attention", "--layers", "1,x"], "--layers: expected layer indices"),
+    (["bench-attention", "--repeats", "0"], "--repeats must be >= 1"),
+    (["bench-recall", "--top-k", "128,abc"], "--top-k: expected integers >= 1"),
+    (["bench-recall", "--top-k", "0"], "--top-k: expected integers >= 1"),
+    (["bench-recall", "--index", "flat,,hnsw"], "--index: empty item"),
+    (["bench-recall", "--index", "annoy"], "--index: unknown annoy"),
+    (["bench-recall", "--length", "4k,8k"], "--length: one prompt length"),
+])
+def test_cli_bench_lists_are_checked_before_any_work(argv, msg, capsys, monkeypatch):
+    """Every comma-list option rejects empty and unknown items the same way, with a clear message."""
+    import kvtools.models
+    from kvtools.cli import main
+
+    monkeypatch.setattr(kvtools.models, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
 def test_cli_lists_methods_and_configs(capsys, monkeypatch):
     import kvtools.config
     from kvtools.cli import main
