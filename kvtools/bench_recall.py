@@ -27,6 +27,8 @@ KINDS: dict[str, dict[str, Any]] = {
     "hnsw": {"index": "hnsw"},
     "ivf-keys": {"index": "ivf", "train_on": "keys"},
     "ivf-queries": {"index": "ivf", "train_on": "queries"},
+    "hnsw+hot": {"index": "hnsw", "hot_keys": 256},
+    "ivf+hot": {"index": "ivf", "hot_keys": 256},
 }
 
 
@@ -86,7 +88,7 @@ def measure_recall(layers_qk, top_ks: list[int], kinds: list[str], n_sink: int =
                    **index_kw: Any) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from .methods.retrieval import build_index, topk_hits
+    from .methods.retrieval import build_index, hot_set, rerank, topk_hits
 
     rows = []
     layer_ids = layers if layers is not None else list(range(len(layers_qk)))
@@ -110,10 +112,16 @@ def measure_recall(layers_qk, top_ks: list[int], kinds: list[str], n_sink: int =
                 trainq = np.ascontiguousarray(qs[:, lo:n - n_eval].reshape(-1, d).numpy())
                 t = time.perf_counter()
                 index = build_index(keys, cfg, trainq)
+                hot = None
+                if cfg.hot_keys:  # picked by the prompt queries just before the evaluation queries
+                    obs = qs[:, max(lo, n - n_eval - cfg.hot_window):n - n_eval].reshape(-1, d)
+                    hot = hot_set(obs, torch.from_numpy(keys), d ** -0.5, cfg.hot_keys)
                 build_s += time.perf_counter() - t
                 exact = torch.topk(torch.from_numpy(evalq) @ torch.from_numpy(keys).T, max(top_ks), -1).indices
                 t = time.perf_counter()
                 found = index.search(evalq, max(top_ks))[1]
+                if hot is not None:
+                    found = rerank(found, hot, evalq, torch.from_numpy(keys), max(top_ks))
                 search_s += time.perf_counter() - t
                 n_q += len(evalq)
                 n_keys += len(keys)

@@ -142,6 +142,11 @@ class RetrievalCache(StageConfig):
         default="keys", description="ivf: centroids from the keys, or from the prefill queries (keys filed by "
                                     "inner product; measured recall is poor, see README)")
     insert: bool = Field(default=True, description="tokens leaving the window are added to the index")
+    hot_keys: int = Field(
+        default=0, ge=0, description="attention-aware candidates: the offloaded keys the last hot_window prompt "
+                                     "queries attend to most, scored exactly with the index's results each step "
+                                     "(0: off)")
+    hot_window: int = Field(default=256, ge=1, description="prompt queries (per query head) that pick the hot keys")
 
 
 class DuoCache(StageConfig):

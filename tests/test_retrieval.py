@@ -108,7 +108,55 @@ def test_recall_bench_on_captured_model_queries(llama):
 
     qk = capture_qk(llama, random_ids(1, 120))
     assert len(qk) == llama.config.num_hidden_layers
-    rows = measure_recall(qk, [8], ["flat", "hnsw", "ivf-queries"], n_sink=4, window=8, n_eval=16, quiet=True)
+    rows = measure_recall(qk, [8], ["flat", "hnsw", "ivf-queries", "ivf+hot"], n_sink=4, window=8, n_eval=16,
+                          quiet=True)
     by = {r["index"]: r for r in rows}
     assert by["flat"]["recall"] == 1.0
     assert 0 < by["ivf-queries"]["recall"] <= 1 and by["hnsw"]["n_queries"] > 0
+    assert 0 < by["ivf+hot"]["recall"] <= 1
+
+
+def test_hot_set_and_rerank_against_plain_reference():
+    """The hot set is the top-H keys by attention summed over the observation queries, and the rerank keeps
+    the best k distinct candidates by exact q.k (index results and hot keys together)."""
+    import numpy as np
+
+    from kvtools.methods.retrieval import hot_set, rerank
+
+    g = torch.Generator().manual_seed(0)
+    keys, obs, q = torch.randn(50, 8, generator=g), torch.randn(12, 8, generator=g), torch.randn(3, 8, generator=g)
+    hot = hot_set(obs, keys, 0.5, 10)
+    mass = [sum(torch.softmax(obs[i] @ keys.T * 0.5, 0)[j].item() for i in range(12)) for j in range(50)]
+    assert sorted(hot.tolist()) == sorted(sorted(range(50), key=lambda j: -mass[j])[:10])
+    ids = np.array([[0, 1, 2, -1], [hot[0].item(), 5, 5, 7], [-1, -1, -1, -1]])  # repeats, misses, overlap with hot
+    got = rerank(ids, hot, q.numpy(), keys, 4)
+    for r in range(3):
+        cand = {int(i) for i in ids[r] if i >= 0} | set(hot.tolist())
+        want = sorted(cand, key=lambda j: -(q[r] @ keys[j]).item())[:4]
+        assert got[r].tolist() == want  # best first, distinct
+
+
+class _Inline:
+    """An executor that builds indexes at once, so the first decode step already searches the index."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+
+def test_hot_keys_covering_everything_make_any_index_exact(llama, monkeypatch):
+    """With every offloaded key hot, a step scores all of them exactly: equal to full attention through an
+    IVF index that probes one of its four lists (and not equal without the hot keys)."""
+    import kvtools.methods.retrieval as retr
+
+    monkeypatch.setattr(retr, "_pool", lambda: _Inline())
+    ivf = dict(top_k=500, nlist=4, nprobe=1)
+    cache = assert_matches_unpatched(llama, retrieval("ivf", hot_keys=500, **ivf), 200, 1, batch=1)
+    hs = cache.layers[0].state["offload"].heads[0][0]
+    hs.wait()
+    assert hs.index.nlist == 4 and len(hs.hot) == 200 - 4 - 8  # every offloaded prompt key is hot
+    with pytest.raises(AssertionError):
+        assert_matches_unpatched(llama, retrieval("ivf", **ivf), 200, 1, batch=1)

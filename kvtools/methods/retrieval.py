@@ -18,6 +18,14 @@ and each key is filed under the query centroid it scores highest with. Measured 
 8k (``kvtools bench-recall``) this is a negative result: recall@128 0.07 against 0.85 for
 key-trained IVF (keys pile into a few lists). ``train_on: keys`` is the default;
 ``recall_at_k`` / ``kvtools bench-recall`` measure any index against exact attention.
+
+Hot keys (``hot_keys: H``, the attention-aware option that works): decode queries are out of
+distribution for an index built on keys, but they resemble the last prompt queries. At the end
+of prefill the last ``hot_window`` prompt queries of each KV head's query heads score the
+offloaded keys; the H keys with the largest summed attention become that head's hot set. Each
+step the index's ``top_k`` results and the hot set are scored exactly by q.k and the best
+``top_k`` distinct keys kept. Measured on SmolLM2 at 8k, recall@128 rises from 0.60 to 0.79
+(hnsw) and 0.84 to 0.87 (ivf) with H = 256.
 """
 
 from __future__ import annotations
@@ -76,8 +84,9 @@ class HeadStore:
     """One (row, KV head)'s offloaded keys/values (CPU, growable) and its index."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, cfg: RetrievalCache,
-                 queries: torch.Tensor | None) -> None:
+                 queries: torch.Tensor | None, hot: torch.Tensor | None = None) -> None:
         self.cfg = cfg
+        self.hot = hot  # store positions always scored with the index's results (attention-aware)
         cap = max(16, 2 * keys.shape[0])
         self.keys = torch.zeros(cap, keys.shape[1])
         self.values = torch.zeros(cap, values.shape[1])
@@ -134,7 +143,10 @@ class HeadStore:
             kk = min(k, self.n)
             ids = torch.topk(s, kk, dim=-1).indices.numpy()
             return np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
-        return index.search(q, k)[1]
+        ids = index.search(q, k)[1]
+        if self.hot is not None and len(self.hot):
+            ids = rerank(ids, self.hot, q, self.keys[: self.n], k)
+        return ids
 
     def wait(self) -> None:
         _ = self._future.result() if self._future is not None else None
@@ -177,7 +189,7 @@ class RetrievalPolicy(CachePolicy):
                 self._keep_queries(layer, q, step)
             out = super().attend(layer, q, k, v, step, info)
             if step.end_of_prompt and store is None and info.sliding_window is None:
-                self._offload(layer, info)
+                self._offload(layer, info, q[:, :, -self.cfg.hot_window:] if self.cfg.hot_keys else None)
             return out
         layer.append(k, v, step)
         out = self._decode(layer, store, q, step, info)
@@ -196,7 +208,9 @@ class RetrievalPolicy(CachePolicy):
         """[B, Hk, S]: the slots that stay on the device, the first n_sink and the last window real ones."""
         return keep_first_last(layer.valid, self.cfg.n_sink, self.cfg.window)
 
-    def _offload(self, layer: SlotLayer, info: LayerInfo) -> None:
+    def _offload(self, layer: SlotLayer, info: LayerInfo, last_q: torch.Tensor | None = None) -> None:
+        """Move all but the device slots to CPU stores; ``last_q`` [B, H, n, D]: the prompt's last queries,
+        which pick each head's hot keys when ``hot_keys`` is set."""
         cfg = self.cfg
         device_keep = self._device_slots(layer)
         move = layer.valid & ~device_keep
@@ -210,8 +224,13 @@ class RetrievalPolicy(CachePolicy):
             for h in range(hk):
                 sel = move[r, h]
                 queries = None if tq is None else tq[r, h * g:(h + 1) * g].reshape(-1, tq.shape[-1])
-                row.append(HeadStore(layer.keys[r, h, sel], layer.values[r, h, sel], layer.idx[r, h, sel], cfg,
-                                     queries))
+                keys = layer.keys[r, h, sel]
+                hot = None
+                if last_q is not None:
+                    gq = last_q.shape[1] // hk
+                    hot = hot_set(last_q[r, h * gq:(h + 1) * gq].reshape(-1, last_q.shape[-1]).cpu(), keys.cpu(),
+                                  info.scale, cfg.hot_keys)
+                row.append(HeadStore(keys, layer.values[r, h, sel], layer.idx[r, h, sel], cfg, queries, hot))
             heads.append(row)
         layer.state["offload"] = OffloadStore(heads)
         layer.keep(device_keep)
@@ -265,6 +284,30 @@ class RetrievalPolicy(CachePolicy):
         layer.keep(keep)
 
 
+def hot_set(queries: torch.Tensor, keys: torch.Tensor, scale: float, n: int) -> torch.Tensor:
+    """Ids of the ``n`` keys [N, D] with the largest attention summed over ``queries`` [Q, D] (softmax over
+    these keys per query): the keys the end of the prompt attends to."""
+    if n <= 0 or keys.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long)
+    p = torch.softmax(queries.float() @ keys.float().T * scale, dim=-1).sum(0)
+    return torch.topk(p, min(n, keys.shape[0])).indices
+
+
+def rerank(ids: np.ndarray, hot: torch.Tensor, q: np.ndarray, keys: torch.Tensor, k: int) -> np.ndarray:
+    """The best ``k`` distinct ids by exact q.k among each query's ``ids`` [Q, k'] (-1: none) and ``hot``."""
+    cand = torch.cat([torch.from_numpy(ids).long(), hot[None].expand(ids.shape[0], -1)], 1)  # [Q, C]
+    s = (torch.from_numpy(q)[:, None, :] * keys[cand.clamp_min(0)]).sum(-1)
+    srt, order = torch.sort(cand, dim=1)
+    dup = torch.zeros_like(cand, dtype=torch.bool)
+    dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
+    repeat = torch.zeros_like(dup).scatter_(1, order, dup)  # a later copy of an id already present
+    s = s.masked_fill((cand < 0) | repeat, float("-inf"))
+    kk = min(k, cand.shape[1])
+    best, pick = torch.topk(s, kk, dim=1)
+    out = torch.gather(cand, 1, pick).masked_fill(best == float("-inf"), -1)
+    return np.pad(out.numpy(), ((0, 0), (0, k - kk)), constant_values=-1)
+
+
 def recall_at_k(store: HeadStore, queries: torch.Tensor, k: int) -> float:
     """Fraction of each query's exact top-k keys (by q.k over the store) that the index returns."""
     store.wait()
@@ -279,4 +322,5 @@ def topk_hits(found, exact) -> int:
     return sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact))
 
 
-__all__: list[Any] = ["RetrievalPolicy", "HeadStore", "OffloadStore", "build_index", "recall_at_k", "topk_hits"]
+__all__: list[Any] = ["RetrievalPolicy", "HeadStore", "OffloadStore", "build_index", "hot_set", "recall_at_k",
+                      "rerank", "topk_hits"]
