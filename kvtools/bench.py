@@ -5,6 +5,7 @@ For each length, every method runs on the same random prompt, interleaved
 
 * a length counts the prompt and the generated tokens (prompt = length - warmup - decode_tokens);
 * prefill seconds: median over ``repeats`` fresh prefills;
+* prefill: after one untimed 1k-token prefill per method (kernel compilation is not timed);
 * decode ms/token: median over ``decode_tokens`` single-token steps after ``warmup`` steps;
 * KV bytes: what the cache holds after prefill + decode (``KVCache.nbytes``);
 * memory: CUDA max allocated during the method's run, or on CPU the process RSS after it;
@@ -109,6 +110,10 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+# tokens of the untimed warm-up prefill (long enough for sparse prefill methods to leave their dense path)
+_WARM_PREFILL = 1024
+
+
 @torch.inference_mode()
 def measure(
     model: Any,
@@ -124,6 +129,8 @@ def measure(
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
     with patch(model, config) as p:
+        # one untimed short prefill first: compiled kernels (FlexAttention) are built outside the timing
+        model(input_ids=ids[:, :_WARM_PREFILL], logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
         for _ in range(repeats):
             cache = p.make_cache()
             _sync(dev)
