@@ -91,6 +91,9 @@ class RecycledDecode(StageConfig):
     stride: int = Field(default=16, ge=1, description="decode steps per full step (1: always full)")
     dynamic: bool = Field(default=False, description="also run a full step when the query drifts (cosine < s)")
     s: float = Field(default=0.8, ge=-1, le=1, description="cosine threshold of the dynamic schedule")
+    pool: int = Field(default=1, ge=1, description="max-pool the full step's scores over this many following "
+                                                   "slots before the top-k, so a picked token brings the tokens "
+                                                   "after it (copying needs them; 1: the paper's top-k)")
 
 
 class FullCache(StageConfig):

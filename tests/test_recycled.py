@@ -89,6 +89,25 @@ def test_recycle_set_and_recycled_step_match_plain_references():
             torch.testing.assert_close(out[b, hh, 0], ref, atol=1e-5, rtol=1e-4)
 
 
+def test_pooled_recycle_set_matches_plain_reference():
+    """pool = w: a slot scores the largest summed attention among itself and the w - 1 slots before it."""
+    from kvtools.methods.recycled import recycle_set
+
+    g = torch.Generator().manual_seed(2)
+    probs = torch.rand(2, 2, 3, 40, generator=g)
+    ok = torch.rand(2, 2, 40, generator=g) > 0.2
+    for pool in (1, 4):
+        sel = recycle_set(probs, ok, 9, pool)
+        for b in range(2):
+            for hk in range(2):
+                raw = probs[b, hk].sum(0).masked_fill(~ok[b, hk], -1.0)
+                score = [max(raw[max(0, j - pool + 1): j + 1].tolist()) if ok[b, hk, j] else -1.0 for j in range(40)]
+                want = sorted(range(40), key=lambda j: (-score[j], j))[:9]
+                # ties (a peak shared by its followers) may break either way: compare the scores chosen
+                assert sorted(score[j] for j in sel[b, hk].tolist()) == sorted(score[j] for j in want)
+                assert all(ok[b, hk, j] for j in sel[b, hk].tolist())
+
+
 def test_dynamic_schedule_runs_full_steps_when_the_query_drifts():
     d, n = 8, 64
     layer = _layer(n)

@@ -7,7 +7,10 @@ slot and records, per row and KV head, the ``top_k`` slots with the most attenti
 slots plus the slots appended since the full step: work ~ top_k instead of the context.
 The full cache is kept (nothing is evicted), so a full step sees everything again. The set is
 chosen among the slots before the full step's own token: that token and all later ones are
-attended at every recycled step (they are the ones "generated since").
+attended at every recycled step (they are the ones "generated since"). ``pool: w`` (an
+extension) scores each slot by the largest attention among itself and the w - 1 slots before
+it, so an attended token brings the ones after it: the full step's induction heads attend to
+the next token to copy, and without pooling the tokens after that one are rarely kept.
 """
 
 from __future__ import annotations
@@ -31,9 +34,16 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: to
     return out.reshape(b, h, 1, -1).to(q.dtype), p
 
 
-def recycle_set(probs: torch.Tensor, ok: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Top-k slots per (row, KV head) by attention summed over the group's query heads: [B, Hk, K]."""
+def recycle_set(probs: torch.Tensor, ok: torch.Tensor, k: torch.Tensor, pool: int = 1) -> torch.Tensor:
+    """Top-k slots per (row, KV head) by attention summed over the group's query heads: [B, Hk, K].
+
+    With ``pool`` > 1 a slot scores the largest attention among itself and the ``pool - 1`` slots before
+    it, so each strongly attended token brings the tokens that follow it."""
     score = probs.sum(2).masked_fill(~ok, -1.0)  # [B, Hk, S]
+    if pool > 1:
+        b, hk, n = score.shape
+        padded = torch.nn.functional.pad(score.reshape(b * hk, 1, n), (pool - 1, 0), value=-1.0)
+        score = torch.nn.functional.max_pool1d(padded, pool, stride=1).view(b, hk, n).masked_fill(~ok, -1.0)
     return torch.topk(score, int(k), dim=-1).indices.sort(-1).values
 
 
@@ -57,7 +67,7 @@ class RecycledDecodeMethod(StageMethod):
             # are "generated since the full step" and always attended
             n_old = n - 1
             k = int(resolve_tokens(self.cfg.top_k, torch.tensor([n_old])).clamp(1, max(n_old, 1)))
-            sel = recycle_set(p[..., :n_old], ok_all[..., :n_old], k) if n_old > 0 else None
+            sel = recycle_set(p[..., :n_old], ok_all[..., :n_old], k, self.cfg.pool) if n_old > 0 else None
             st.update(sel=sel, since=1, n_full=n_old, q_full=q.float().flatten(2), full_steps=st["full_steps"] + 1)
             return out
         sel = st["sel"]  # [B, Hk, K] slot positions (slots are only appended while decoding)
