@@ -370,3 +370,14 @@ def load_config(spec: str | Path | dict | KVConfig, base_dir: Path | None = None
         return config_from_dict(yaml.safe_load(candidate.read_text()) or {}, name=text, base_dir=presets)
     names = sorted(p.stem for p in presets.glob("*.yaml"))
     raise ConfigError(f"unknown preset '{text}'{_closest(text, names)}; available presets: {', '.join(names)}")
+
+
+def same_method(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a method config recorded by an earlier run (``to_dict``) is the one ``new`` resolves to:
+    the old record is re-validated first, so parameters added since, at their defaults, do not count."""
+    if old == new:
+        return True
+    try:
+        return load_config(old).to_dict() == new
+    except ConfigError:
+        return False

@@ -152,6 +152,24 @@ def test_refuses_to_mix_with_a_different_run(tmp_path, tiny):
         run_eval(raw, quiet=True, model=model, tokenizer=tok)
 
 
+def test_resume_accepts_a_record_without_parameters_added_since(tmp_path, tiny):
+    """A run recorded before a method gained a parameter (here recycled's pool, at its default) resumes;
+    a real change of a parameter is still refused."""
+    model, tok = tiny
+    raw = run_dict(tmp_path)
+    raw["suites"] = raw["suites"][:1]
+    raw["methods"] = [{"name": "rec", "decode": {"method": "recycled", "top_k": 0.5}}]
+    run_eval(raw, quiet=True, model=model, tokenizer=tok)
+    run_json = Path(raw["out"]) / "run.json"
+    old = json.loads(run_json.read_text())
+    del old["methods"]["rec"]["decode"]["pool"]  # as written by a version without the parameter
+    run_json.write_text(json.dumps(old))
+    run_eval(raw, quiet=True, model=model, tokenizer=tok)
+    raw["methods"] = [{"name": "rec", "decode": {"method": "recycled", "top_k": 0.5, "pool": 4}}]
+    with pytest.raises(ConfigError, match="method 'rec'"):
+        run_eval(raw, quiet=True, model=model, tokenizer=tok)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="multi-process launch tested on Linux")
 def test_accelerate_launch_two_cpu_processes(tmp_path, tiny):
     """`accelerate launch -m kvtools eval` with 2 CPU processes == one process (content)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvtools.config import KVConfig, load_config
+from kvtools.config import KVConfig, load_config, same_method
 from kvtools.errors import ConfigError, InputTooLongError
 
 from .haystack import NiahPrompt, build_niah_prompt, load_haystack_dir
@@ -275,7 +275,7 @@ def _check_resume(out: Path, run_config: dict[str, Any]) -> dict[str, Any]:
         if old.get(k) != run_config.get(k)
     ]
     for name, cfg in run_config["configs"].items():
-        if name in old.get("configs", {}) and old["configs"][name] != cfg:
+        if name in old.get("configs", {}) and not same_method(old["configs"][name], cfg):
             diffs.append(f"config '{name}': {old['configs'][name]} there, {cfg} now")
     if diffs:
         raise ConfigError(

@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import KVConfig, load_config, read_yaml, validate_fields
+from ..config import KVConfig, load_config, read_yaml, same_method, validate_fields
 from ..errors import ConfigError, InputTooLongError
 from .report import read_results
 from .suites import Item, SuiteSpec, suite_from_dict
@@ -192,7 +192,7 @@ def run_eval(
         old = json.loads(run_json.read_text())
         diffs = [k for k in ("model", "seed") if old.get(k) != resolved[k]]
         diffs += [f"method '{n}'" for n, c in resolved["methods"].items() if n in old.get("methods", {})
-                  and old["methods"][n] != c]
+                  and not same_method(old["methods"][n], c)]
         if diffs:
             raise ConfigError(f"{out_dir} holds a different run ({', '.join(diffs)} differ); results would be "
                               "mixed: use another out, or delete that folder to start over")
