@@ -25,6 +25,7 @@ from .config import RetrievalCache
 KINDS: dict[str, dict[str, Any]] = {
     "flat": {"index": "flat"},
     "hnsw": {"index": "hnsw"},
+    "hnsw-ip": {"index": "hnsw", "hnsw_space": "ip"},
     "ivf-keys": {"index": "ivf", "train_on": "keys"},
     "ivf-queries": {"index": "ivf", "train_on": "queries"},
     "hnsw+hot": {"index": "hnsw", "hot_keys": 256},

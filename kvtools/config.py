@@ -139,6 +139,10 @@ class RetrievalCache(StageConfig):
     hnsw_m: int = Field(default=32, ge=2, description="hnsw: neighbours per node")
     ef_construction: int = Field(default=64, ge=1, description="hnsw: build beam")
     ef_search: int = Field(default=128, ge=1, description="hnsw: search beam")
+    hnsw_space: Literal["l2-augmented", "ip"] = Field(
+        default="l2-augmented", description="hnsw: an L2 graph over keys given one extra coordinate so all have "
+                                            "the same norm (exact reduction of inner-product search), or a graph "
+                                            "built on inner product itself (navigates poorly: measured recall ~0.6)")
     nlist: int = Field(default=64, ge=1, description="ivf: clusters (capped by the keys available)")
     nprobe: int = Field(default=8, ge=1, description="ivf: clusters searched")
     train_on: Literal["keys", "queries"] = Field(

@@ -160,3 +160,22 @@ def test_hot_keys_covering_everything_make_any_index_exact(llama, monkeypatch):
     assert hs.index.nlist == 4 and len(hs.hot) == 200 - 4 - 8  # every offloaded prompt key is hot
     with pytest.raises(AssertionError):
         assert_matches_unpatched(llama, retrieval("ivf", **ivf), 200, 1, batch=1)
+
+
+def test_augmented_hnsw_is_exact_inner_product_search_on_small_sets():
+    """The L2 graph over norm-equalised keys ranks by inner product: with a search beam covering the set it
+    returns the exact top-k, also for keys inserted later (norms up to the build headroom)."""
+    import numpy as np
+
+    from kvtools.methods.retrieval import AugmentedHNSW
+
+    g = np.random.default_rng(0)
+    keys = (g.standard_normal((300, 16)) * g.uniform(0.1, 5.0, (300, 1))).astype(np.float32)  # varied norms
+    q = g.standard_normal((20, 16)).astype(np.float32)
+    index = AugmentedHNSW(keys[:250], RetrievalCache(index="hnsw", ef_search=400, hnsw_m=16))
+    more = keys[250:] * 0.9  # inserted later, inside the headroom
+    index.add(more)
+    allk = np.concatenate([keys[:250], more])
+    exact = np.argsort(-(q @ allk.T), axis=1)[:, :10]
+    assert index.ntotal == 300
+    assert (np.sort(index.search(q, 10)[1], 1) == np.sort(exact, 1)).all()

@@ -63,6 +63,8 @@ def build_index(keys: np.ndarray, cfg: RetrievalCache, queries: np.ndarray | Non
     n, d = keys.shape
     if cfg.index == "flat" or n == 0:
         index = faiss.IndexFlatIP(d)
+    elif cfg.index == "hnsw" and cfg.hnsw_space == "l2-augmented":
+        return AugmentedHNSW(keys, cfg)
     elif cfg.index == "hnsw":
         index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = cfg.ef_construction
@@ -78,6 +80,40 @@ def build_index(keys: np.ndarray, cfg: RetrievalCache, queries: np.ndarray | Non
     if n:
         index.add(np.ascontiguousarray(keys, dtype=np.float32))
     return index
+
+
+class AugmentedHNSW:
+    """Inner-product search through an L2 HNSW graph: each key k gets one more coordinate
+    sqrt(M^2 - |k|^2) so every key has norm M, and a query gets 0 there; then
+    |q' - k'|^2 = |q|^2 + M^2 - 2 q.k, so the nearest keys are exactly the largest inner products
+    (the MIPS-to-NN reduction). A graph built on raw inner products navigates poorly (not a metric).
+    M is 1.2x the largest norm at build time; a later key with a larger norm gets 0 (its ranking is
+    then approximate). Same ``add`` / ``search`` as a FAISS index."""
+
+    HEADROOM = 1.2
+
+    def __init__(self, keys: np.ndarray, cfg: RetrievalCache) -> None:
+        import faiss
+
+        d = keys.shape[1]
+        self.m2 = float((np.linalg.norm(keys, axis=1).max() * self.HEADROOM) ** 2) if len(keys) else 1.0
+        self.index = faiss.IndexHNSWFlat(d + 1, cfg.hnsw_m)
+        self.index.hnsw.efConstruction = cfg.ef_construction
+        self.index.hnsw.efSearch = cfg.ef_search
+        self.add(keys)
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def add(self, keys: np.ndarray) -> None:
+        if len(keys):
+            extra = np.sqrt(np.maximum(self.m2 - (keys.astype(np.float64) ** 2).sum(1), 0.0))
+            self.index.add(np.ascontiguousarray(np.concatenate([keys, extra[:, None]], 1), dtype=np.float32))
+
+    def search(self, q: np.ndarray, k: int):
+        qx = np.ascontiguousarray(np.concatenate([q, np.zeros((len(q), 1), q.dtype)], 1), dtype=np.float32)
+        return self.index.search(qx, k)
 
 
 class HeadStore:
@@ -322,5 +358,5 @@ def topk_hits(found, exact) -> int:
     return sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact))
 
 
-__all__: list[Any] = ["RetrievalPolicy", "HeadStore", "OffloadStore", "build_index", "hot_set", "recall_at_k",
+__all__: list[Any] = ["AugmentedHNSW", "RetrievalPolicy", "HeadStore", "OffloadStore", "build_index", "hot_set", "recall_at_k",
                       "rerank", "topk_hits"]
