@@ -24,8 +24,11 @@ distribution for an index built on keys, but they resemble the last prompt queri
 of prefill the last ``hot_window`` prompt queries of each KV head's query heads score the
 offloaded keys; the H keys with the largest summed attention become that head's hot set. Each
 step the index's ``top_k`` results and the hot set are scored exactly by q.k and the best
-``top_k`` distinct keys kept. Measured on SmolLM2 at 8k, recall@128 rises from 0.60 to 0.79
-(hnsw) and 0.84 to 0.87 (ivf) with H = 256.
+``top_k`` distinct keys kept. Measured on SmolLM2 at 8k (``kvtools bench-recall``), recall@128
+rises from 0.942 to 0.957 (hnsw) and 0.845 to 0.885 (ivf) with H = 256.
+
+HNSW (``hnsw_space: l2-augmented``, the default) is an L2 graph over keys padded to equal norm
+(:class:`AugmentedHNSW`): recall@128 0.94, against 0.53 for a graph built on inner product.
 """
 
 from __future__ import annotations
