@@ -83,7 +83,7 @@ def attend_slots(
     )
     if fresh:  # a whole prompt on an empty cache: plain causal attention
         return sdpa_grouped(q, keys, values, None, scale, is_causal=True)
-    if sliding_window is not None and s > _BAND_MIN * sliding_window and _stream_ordered(valid, idx, q_idx):
+    if sliding_window is not None and s > _BAND_MIN * sliding_window and stream_ordered(valid, idx, q_idx):
         # a long prompt through a sliding-window layer: only the band, O(L * window) instead of O(L^2)
         return banded_attention(q, keys, values, valid[:, 0], scale, sliding_window)
     mask = build_slot_mask(valid, idx, q_idx, sliding_window)
@@ -94,10 +94,12 @@ def attend_slots(
 _BAND_MIN = 2
 
 
-def _stream_ordered(valid: torch.Tensor, idx: torch.Tensor, q_idx: torch.Tensor) -> bool:
-    """Slot j holds stream token j for every head, and the queries are the last tokens (a fresh prompt,
-    possibly left-padded: padding is a per-row prefix of invalid slots)."""
+def stream_ordered(valid: torch.Tensor, idx: torch.Tensor, q_idx: torch.Tensor) -> bool:
+    """Slot j holds stream token j for every head (no eviction yet), and the queries at stream indices
+    ``q_idx`` are the last tokens (a fresh prompt, possibly left-padded: a per-row prefix of invalid slots)."""
     s, lq = idx.shape[-1], q_idx.numel()
+    if lq > s:
+        return False
     ar = torch.arange(s, device=idx.device)
     if not bool((idx == ar).all()) or not bool((valid == valid[:, :1]).all()):
         return False

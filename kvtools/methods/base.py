@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.dense import attend_slots
+from ..attention.dense import attend_slots, stream_ordered
 from ..cache import SlotLayer, Step
 from ..config import StageConfig
 
@@ -35,11 +35,7 @@ class StageMethod:
 
 def _fresh(layer: SlotLayer, step: Step) -> bool:
     """The slot table holds exactly the stream so far, in order, the same for every head (no eviction yet)."""
-    idx = layer.idx
-    if idx.shape[-1] != int(step.idx[-1]) + 1:
-        return False
-    ar = torch.arange(idx.shape[-1], device=idx.device)
-    return bool((idx == ar).all()) and bool((layer.valid == layer.valid[:, :1]).all())
+    return stream_ordered(layer.valid, layer.idx, step.idx)
 
 
 class CachePolicy:

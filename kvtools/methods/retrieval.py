@@ -361,5 +361,5 @@ def topk_hits(found, exact) -> int:
     return sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact))
 
 
-__all__: list[Any] = ["AugmentedHNSW", "RetrievalPolicy", "HeadStore", "OffloadStore", "build_index", "hot_set", "recall_at_k",
-                      "rerank", "topk_hits"]
+__all__: list[Any] = ["AugmentedHNSW", "RetrievalPolicy", "HeadStore", "OffloadStore", "build_index", "hot_set",
+                      "recall_at_k", "rerank", "topk_hits"]
