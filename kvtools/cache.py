@@ -33,6 +33,7 @@ class Step:
     prompt_real: torch.Tensor  # [B] long: real tokens in the whole call (all chunks)
     end_of_prompt: bool  # last chunk of the call
     chunk: int = 0  # chunk number inside this call
+    start: int = 0  # stream index of the call's first token (a later call on the same cache starts after 0)
 
     @property
     def q_len(self) -> int:
@@ -90,16 +91,13 @@ class SlotLayer(CacheLayerMixin):
         self.state = {}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._apply(lambda t: t[indices])
+        self._apply(lambda t: t[indices])
 
     # --- slot table operations
     @property
@@ -109,14 +107,19 @@ class SlotLayer(CacheLayerMixin):
 
     def _apply(self, fn) -> None:
         """Apply a batch-axis operation to every tensor of the table and of its sub-tables."""
-        for name in ("keys", "values", "valid", "pos", "idx"):
-            setattr(self, name, fn(getattr(self, name)))
-        for sub in self.state.values():
+        if self.is_initialized:
+            for name in ("keys", "values", "valid", "pos", "idx"):
+                setattr(self, name, fn(getattr(self, name)))
+        for key, sub in list(self.state.items()):  # also when this table is empty (duo: all heads streaming)
             if isinstance(sub, SlotLayer):
-                if sub.is_initialized:
-                    sub._apply(fn)
-            elif hasattr(sub, "_apply"):  # other stores (e.g. the retrieval cache's CPU side) decide themselves
                 sub._apply(fn)
+            elif hasattr(sub, "_apply"):  # RowState, or other stores (the retrieval CPU side) decide themselves
+                sub._apply(fn)
+            elif torch.is_tensor(sub) and sub.dim() > 0:  # a per-row tensor (batch first)
+                self.state[key] = fn(sub)
+            elif isinstance(sub, dict):
+                raise TypeError(f"layer.state['{key}'] is an untyped dict and cannot follow batch reordering; keep "
+                                "per-row method state in a kvtools.cache.RowState")
 
     def append(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
         """Append new tokens' slots. k, v: [B, Hk, Lq, D]."""
@@ -181,6 +184,27 @@ class SlotLayer(CacheLayerMixin):
         return total
 
 
+class RowState:
+    """Per-(cache, layer) run-time state of a method (e.g. Recycled Attention's recycled set).
+
+    Every tensor attribute has the batch on axis 0, so beam search (``reorder_cache``) and batch
+    selection reorder it with the slot table; other attributes (step counters) are shared by all rows.
+    Subclass it (a dataclass works) and keep it in ``layer.state[name]``.
+    """
+
+    def _apply(self, fn) -> None:
+        for name, val in list(vars(self).items()):
+            if torch.is_tensor(val) and val.dim() > 0:
+                setattr(self, name, fn(val))
+
+    def nbytes(self, device: str | torch.device | None = None) -> int:
+        return sum(
+            v.numel() * v.element_size()
+            for v in vars(self).values()
+            if torch.is_tensor(v) and (device is None or v.device.type == torch.device(device).type)
+        )
+
+
 class KVCache(Cache):
     """A ``transformers.Cache`` whose layers are slot tables driven by a kvtools policy.
 
@@ -196,7 +220,11 @@ class KVCache(Cache):
     def __init__(self, num_layers: int | None = None) -> None:
         super().__init__(layers=[SlotLayer() for _ in range(num_layers or 0)])
         self.step: Step | None = None
-        self.pad_mask: torch.Tensor | None = None  # [B, seen] bool, real tokens so far
+        #: tokens seen by the model through this cache (every layer, whatever it keeps; even a layer whose
+        #: heads all live in a method's own store): HF derives positions from it
+        self.seen = 0
+        #: (model id, config) of the patch that first used this cache; another patch may not continue it
+        self.owner: tuple[int, Any] | None = None
 
     def ensure_layers(self, num_layers: int) -> None:
         while len(self.layers) < num_layers:
@@ -207,9 +235,15 @@ class KVCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far (not slots kept): HF derives absolute positions from it."""
-        if not self.layers:
-            return 0
-        return self.layers[layer_idx].seen
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen = 0
+        self.owner = None
 
     def nbytes(self, device: str | torch.device | None = None, offloaded: bool | None = None) -> int:
         """Bytes this cache holds (keys, values and slot metadata), optionally on one device type only;

@@ -24,7 +24,7 @@ from torch import nn
 
 from .cache import KVCache, Step
 from .config import KVConfig, load_config
-from .errors import KVToolsError
+from .errors import ConfigError, KVToolsError
 from .methods import LayerInfo, make_policy
 from .patches import adapter_for
 
@@ -42,6 +42,7 @@ class Patch:
         self.config: KVConfig = load_config(config)  # validate before touching the model
         self.policy = make_policy(self.config)
         self.adapter = adapter_for(model)
+        _check_backends(self.config, model)
         if getattr(model, _MARK, None) is not None:
             raise KVToolsError(
                 f"model is already patched with '{getattr(model, _MARK).config.name}'; unpatch it first"
@@ -60,25 +61,27 @@ class Patch:
                 layer_idx=getattr(module, "layer_idx", i),
                 scale=self.adapter.scale(module),
                 inv_freq=self.adapter.inv_freq(self.model, module),
-                sliding_window=self.adapter.sliding_window(module),
+                sliding_window=self.adapter.sliding_window(self.model, getattr(module, "layer_idx", i)),
             )
             self._replace(module, types.MethodType(_attention_forward(self, info), module))
         params = inspect.signature(self.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self._replace(self.model, _model_forward(self, self.model.forward))
+        if callable(getattr(self.model, "generate", None)):
+            self._replace(self.model, _generate(self, self.model.generate), "generate")
         setattr(self.model, _MARK, self)
 
-    def _replace(self, module: nn.Module, fn: Any) -> None:
-        self._saved.append((module, module.__dict__.get("forward", _MISSING)))
-        module.forward = fn
+    def _replace(self, module: nn.Module, fn: Any, name: str = "forward") -> None:
+        self._saved.append((module, name, module.__dict__.get(name, _MISSING)))
+        setattr(module, name, fn)
 
     def unpatch(self) -> None:
         """Restore every replaced forward; the model behaves exactly as before patching."""
-        for module, old in reversed(self._saved):
+        for module, name, old in reversed(self._saved):
             if old is _MISSING:
-                module.__dict__.pop("forward", None)
+                module.__dict__.pop(name, None)
             else:
-                module.forward = old
+                setattr(module, name, old)
         self._saved.clear()
         if getattr(self.model, _MARK, None) is self:
             delattr(self.model, _MARK)
@@ -106,6 +109,15 @@ class Patch:
     def _ensure_cache(self, cache: Any) -> KVCache:
         if isinstance(cache, KVCache):
             cache.ensure_layers(self.num_layers)
+            owner = (id(self.model), self.config)
+            if cache.seen == 0 or cache.owner is None:
+                cache.owner = owner
+            elif cache.owner != owner:
+                raise KVToolsError(
+                    f"this KVCache holds {cache.seen} tokens written under another model or config "
+                    f"({cache.owner[1].name!r}); continue it under that patch, or pass a new cache "
+                    f"(patch.make_cache()) for '{self.config.name}'"
+                )
             return cache
         if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
             return self.make_cache()  # e.g. the empty DynamicCache generate() creates
@@ -115,6 +127,25 @@ class Patch:
 
 
 _MISSING = object()
+
+
+def _check_backends(config: KVConfig, model: nn.Module) -> None:
+    """``backend: triton`` needs the model on a CUDA device with Triton installed: say so at patch()."""
+    for stage in ("prefill", "decode"):
+        cfg = getattr(config, stage)
+        if getattr(cfg, "backend", None) != "triton":
+            continue
+        param = next(iter(model.parameters()), None)
+        dev = param.device if param is not None else torch.device("cpu")
+        if dev.type != "cuda":
+            raise ConfigError(
+                f"{stage}.backend: 'triton' runs on CUDA only and this model is on {dev.type}; use 'auto' "
+                "(flex or torch here), 'flex' or 'torch'"
+            )
+        from .attention.block_sparse import available
+
+        if not available("triton"):
+            raise ConfigError(f"{stage}.backend: 'triton' is not installed; pip install triton, or use 'auto'")
 
 
 def patch(model: nn.Module, config: Any = "full") -> Patch:
@@ -167,7 +198,11 @@ def _model_forward(patch: Patch, orig: Any):
         kw.update(extra)
         cache = kw.pop("cache", None)
         legacy = kw.pop("past_key_values", None)
-        cache = patch._ensure_cache(cache if cache is not None else legacy)
+        given = cache if cache is not None else legacy
+        # use_cache=False with no cache given: this call attends through a private cache that is dropped
+        # after it (HF's generate would otherwise feed a returned cache back while re-feeding the sequence)
+        private = kw.get("use_cache") is False and not isinstance(given, KVCache)
+        cache = patch.make_cache() if private else patch._ensure_cache(given)
         ids = kw.get("input_ids")
         embeds = kw.get("inputs_embeds")
         x = ids if ids is not None else embeds
@@ -195,18 +230,47 @@ def _model_forward(patch: Patch, orig: Any):
                 prompt_real=real,
                 end_of_prompt=e == n,
                 chunk=c,
+                start=seen,
             )
             ckw = dict(kw)
             if len(bounds) > 1:
                 ckw = _slice_inputs(kw, s, e)
             ckw[cache_kw] = cache
+            if private:
+                ckw["use_cache"] = True
             outs.append(orig(**ckw))
+            cache.seen += e - s
+        cache.step = None
         out = outs[-1]
         if len(outs) > 1 and not kw.get("logits_to_keep") and getattr(out, "logits", None) is not None:
             out.logits = torch.cat([o.logits for o in outs], dim=1)  # every chunk's logits, as one call
+        if private:
+            for name in ("cache", "past_key_values"):
+                if name in out:
+                    out[name] = None
         return out
 
     return forward
+
+
+def _generate(patch: Patch, orig: Any):
+    """``generate`` unchanged, after refusing what the patch's methods cannot do (beam search where
+    per-row method state cannot follow the beams) before any prefill work."""
+
+    @functools.wraps(orig)
+    def generate(*args: Any, **kwargs: Any):
+        gen_cfg = kwargs.get("generation_config") or getattr(patch.model, "generation_config", None)
+        beams = kwargs.get("num_beams") or getattr(gen_cfg, "num_beams", 1) or 1
+        if int(beams) > 1:
+            for method in patch.policy.methods():
+                if not method.supports_reorder:
+                    raise KVToolsError(
+                        f"num_beams={beams}: '{method.cfg.method}' keeps per-row state that cannot follow beam "
+                        "reordering (e.g. per-row CPU indexes); use num_beams=1 (greedy or sampling) with it"
+                    )
+        return orig(*args, **kwargs)
+
+    return generate
 
 
 def _new_token_mask(attention_mask: Any, b: int, n: int, dev: torch.device) -> torch.Tensor:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 VOCAB = 128
 
@@ -19,6 +26,11 @@ def tiny_config(family: str):
         return LlamaConfig(num_hidden_layers=2, **common)
     if family == "qwen3":
         return Qwen3Config(num_hidden_layers=2, **common)
+    if family == "mistral":  # a window shorter than the test prompts, on every layer
+        return MistralConfig(num_hidden_layers=2, sliding_window=16, **common)
+    if family == "qwen2":  # use_sliding_window: layers from max_window_layers on slide
+        return Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=16, max_window_layers=1,
+                           **common)
     if family == "gemma3":
         common["num_key_value_heads"] = 1
         return Gemma3TextConfig(
@@ -29,12 +41,14 @@ def tiny_config(family: str):
 
 
 FAMILIES = ["llama", "qwen3", "gemma3"]
+#: every family the README lists (the contract suite runs on all of them)
+ALL_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 
 
-def tiny_model(family: str, seed: int = 0):
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
-    return model
+    return model.to(dtype)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -31,7 +31,7 @@ def test_recycled_really_drops_work_and_follows_the_stride(llama):
     with kvtools.patch(llama, {"decode": {"method": "recycled", "stride": 6, "top_k": 8}}) as p:
         got, cache = prefill_then_decode(llama, ids, 60, cache=p.make_cache())
     st = cache.layers[0].state["recycled"]
-    assert st["full_steps"] == math.ceil(20 / 6)  # steps 0, 6, 12, 18
+    assert st.full_steps == math.ceil(20 / 6)  # steps 0, 6, 12, 18
     assert not torch.allclose(got, ref, atol=1e-4)
 
 
@@ -59,7 +59,7 @@ def test_recycle_set_and_recycled_step_match_plain_references():
     info = LayerInfo(0, d ** -0.5, torch.ones(1), None)
     q = torch.randn(2, 4, 1, d, generator=g)
     method.attend(layer, q, _step(n - 1), info)  # a full step
-    sel = layer.state["recycled"]["sel"]
+    sel = layer.state["recycled"].sel
     for b in range(2):
         for hk in range(2):
             score = torch.zeros(n)
@@ -97,7 +97,8 @@ def test_pooled_recycle_set_matches_plain_reference():
     probs = torch.rand(2, 2, 3, 40, generator=g)
     ok = torch.rand(2, 2, 40, generator=g) > 0.2
     for pool in (1, 4):
-        sel = recycle_set(probs, ok, 9, pool)
+        sel, in_set = recycle_set(probs, ok, 9, pool)
+        assert bool(in_set.all())
         for b in range(2):
             for hk in range(2):
                 raw = probs[b, hk].sum(0).masked_fill(~ok[b, hk], -1.0)
@@ -117,9 +118,9 @@ def test_dynamic_schedule_runs_full_steps_when_the_query_drifts():
     q0 = torch.randn(2, 4, 1, d, generator=g)
     method.attend(layer, q0, _step(n - 1), info)
     method.attend(layer, q0 + 0.01 * torch.randn(2, 4, 1, d, generator=g), _step(n - 1), info)  # same direction
-    assert layer.state["recycled"]["full_steps"] == 1
+    assert layer.state["recycled"].full_steps == 1
     method.attend(layer, -q0, _step(n - 1), info)  # opposite direction: a full step
-    assert layer.state["recycled"]["full_steps"] == 2
+    assert layer.state["recycled"].full_steps == 2
 
 
 def test_recycled_config_errors():

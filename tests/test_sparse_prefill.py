@@ -195,8 +195,8 @@ def test_hip_decode_refreshes_on_schedule(llama):
     with kvtools.patch(llama, cfg) as p:
         _, cache = prefill_then_decode(llama, ids, 120, cache=p.make_cache())
     st = cache.layers[0].state["hip"]
-    assert st["age"] == 20
-    assert st["refreshed"] == math.ceil(20 / 6)  # steps 0, 6, 12, 18
+    assert st.age == 20
+    assert st.refreshed == math.ceil(20 / 6)  # steps 0, 6, 12, 18
 
 
 def test_hip_decode_attends_only_to_sink_window_and_selection(llama):
@@ -219,7 +219,7 @@ def test_hip_decode_attends_only_to_sink_window_and_selection(llama):
     cfg = HipDecode(k=32, block_k=8, n_sink=8, window=40, dense_layers=0)
     info = LayerInfo(0, d ** -0.5, torch.ones(1), None)
     out = HipDecodeMethod(cfg).attend(layer, q, step, info)
-    sel = layer.state["hip"]["sel"]  # [1, H, G]
+    sel = layer.state["hip"].sel  # [1, H, G]
     for h in range(4):
         allowed = torch.zeros(n, dtype=torch.bool)
         allowed[:8] = True

@@ -22,7 +22,19 @@ class LayerInfo:
 
 
 class StageMethod:
-    """A prefill or decode stage method (sparse attention); holds only its config, state lives in the cache."""
+    """A prefill or decode stage method (sparse attention); holds only its config, state lives in the cache.
+
+    A prefill method implements ``attend(q, k, v, kv_valid, info)`` over a fresh, unpadded prompt (the
+    policy hands it each row's real tokens: left padding never shifts its block grid); a decode method
+    implements ``attend(layer, q, step, info)`` for one new token over the slot table, keeping its per-row
+    state in a :class:`~kvtools.cache.RowState` under ``layer.state[state_key]`` (dropped whenever a
+    multi-token call changes the table, so a decode method never reuses a selection across calls).
+    """
+
+    #: per-row state follows beam reordering (False: ``generate(num_beams > 1)`` is refused up front)
+    supports_reorder = True
+    #: key of this method's RowState in ``layer.state`` (decode methods)
+    state_key: str | None = None
 
     def __init__(self, cfg: StageConfig) -> None:
         self.cfg = cfg
@@ -31,6 +43,55 @@ class StageMethod:
         """Whether this layer, attending over ``n_keys`` slots, uses the method (sliding-window layers and
         dense first layers do not; a method may also leave short inputs to dense attention)."""
         return info.sliding_window is None and info.layer_idx >= getattr(self.cfg, "dense_layers", 0)
+
+
+def leading_padding(valid: torch.Tensor) -> torch.Tensor | None:
+    """[B] count of leading invalid slots of each row of ``valid`` [B, S], or None when some row's invalid
+    slots are not a prefix (not left padding)."""
+    pads = (~valid).long().cumprod(-1).sum(-1)
+    real = valid.sum(-1)
+    if bool((pads + real != valid.shape[-1]).any()):
+        return None
+    return pads
+
+
+def row_groups(pads: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(padding, rows) for each distinct amount of left padding in ``pads`` [B]."""
+    return [(int(p), (pads == p).nonzero().flatten()) for p in torch.unique(pads).tolist()]
+
+
+def prefill_by_row(method: StageMethod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   kv_valid: torch.Tensor, info: LayerInfo) -> torch.Tensor:
+    """A sparse prefill method over each row's real tokens only, rows with the same left padding together.
+
+    q [B, H, Lq, D] are the last Lq of the keys k, v [B, Hk, Lk, D]; ``kv_valid`` [B, Lk] marks real keys.
+    A block-sparse method places its blocks from the first key, so running it over a padded row would shift
+    its grid (and its "last block" estimate) by the padding: each row gets the selection it gets alone.
+    A row too short for the method (``applies`` with its real length) is attended densely; padding
+    queries get zeros (they feed nothing real)."""
+    if bool(kv_valid.all()):
+        return method.attend(q, k, v, None, info)
+    pads = leading_padding(kv_valid)
+    if pads is None:  # holes that are not left padding: the method masks them itself
+        return method.attend(q, k, v, kv_valid, info)
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    off = lk - lq
+    out = q.new_zeros(b, h, lq, v.shape[-1])
+    for pad, rows in row_groups(pads):
+        q0 = max(0, pad - off)  # the first real query of these rows
+        if q0 >= lq:
+            continue
+        qr, kr, vr = q[rows, :, q0:], k[rows, :, pad:], v[rows, :, pad:]
+        n = lk - pad
+        if method.applies(info, n):
+            o = method.attend(qr, kr, vr, None, info)
+        else:
+            ar = torch.arange(n, device=k.device)
+            ok = torch.ones(len(rows), 1, n, dtype=torch.bool, device=k.device)
+            o = attend_slots(qr, kr, vr, ok, ar.view(1, 1, n), ar[n - (lq - q0):], info.scale)
+        out[rows, :, q0:] = o.to(out.dtype)
+    return out
 
 
 def _fresh(layer: SlotLayer, step: Step) -> bool:
@@ -52,9 +113,15 @@ class CachePolicy:
     #: sparse prefill / decode stage methods (None: dense), set by ``make_policy``
     prefill: StageMethod | None = None
     decode: StageMethod | None = None
+    #: per-row state follows beam reordering (False: ``generate(num_beams > 1)`` is refused up front)
+    supports_reorder = True
 
     def __init__(self, cfg: StageConfig) -> None:
         self.cfg = cfg
+
+    def methods(self) -> list[CachePolicy | StageMethod]:
+        """This policy and its stage methods."""
+        return [m for m in (self, self.prefill, self.decode) if m is not None]
 
     def attend(
         self, layer: SlotLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, info: LayerInfo
@@ -72,9 +139,11 @@ class CachePolicy:
     def attend_table(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> torch.Tensor:
         """Attention of the step's queries over the slot table: a sparse prefill when one is configured
         and the table is exactly the prompt so far, a sparse decode method when one is, else dense."""
+        if step.is_prefill and self.decode is not None and self.decode.state_key:
+            layer.state.pop(self.decode.state_key, None)  # slots move in a multi-token call: select afresh
         if step.is_prefill and self.prefill is not None and self.prefill.applies(info, layer.size) and _fresh(
                 layer, step):
-            return self.prefill.attend(q, layer.keys, layer.values, layer.valid[:, 0], info)
+            return prefill_by_row(self.prefill, q, layer.keys, layer.values, layer.valid[:, 0], info)
         if not step.is_prefill and self.decode is not None and self.decode.applies(info, layer.size):
             return self.decode.attend(layer, q, step, info)
         return attend_slots(

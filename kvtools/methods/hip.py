@@ -16,15 +16,16 @@ covered by the window meanwhile) and gathers only the selected keys.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..attention.block_sparse import BlockLayout, block_sparse_attention
 from ..attention.dense import attend_slots
 from ..attention.merge import attention_with_lse
-from ..cache import SlotLayer, Step
+from ..cache import RowState, SlotLayer, Step
 from ..config import HipDecode, HipPrefill
-from .base import LayerInfo, StageMethod
+from .base import LayerInfo, StageMethod, leading_padding, row_groups
 
 # bound on the floats one chunk of query blocks materialises during the search
 _SEARCH_FLOATS = 1 << 24
@@ -118,43 +119,80 @@ class HipPrefillMethod(StageMethod):
         return block_sparse_attention(q, k, v, layout, info.scale, kv_valid=kv_valid, backend=self.cfg.backend)
 
 
+@dataclass
+class HipState(RowState):
+    """HiP decode's selection (per row, batch first: follows beam reordering) and the refresh schedule."""
+
+    sel: torch.Tensor  # [B, H, G] selected key units counted from the row's first real slot (-1: none)
+    age: int = 0  # decode steps taken with a selection
+    refreshed: int = 0  # searches run
+
+
 class HipDecodeMethod(StageMethod):
-    """Decode with a tree-searched selection refreshed every ``refresh_interval`` steps (state in the cache)."""
+    """Decode with a tree-searched selection refreshed every ``refresh_interval`` steps (state in the cache).
+
+    Sinks, window and search units count from each row's first real token, so a left-padded row selects
+    what it selects alone."""
 
     cfg: HipDecode
+    state_key = "hip"
 
     def attend(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> torch.Tensor:
         cfg = self.cfg
         keys, values, valid = layer.keys, layer.values, layer.valid
         b, h, lq, d = q.shape
-        hk, n = keys.shape[1], keys.shape[2]
-        bk = cfg.block_k
+        n = keys.shape[2]
         q_abs = int(step.idx[-1])
-        n_groups = max(1, cfg.k // bk)
-        lo = math.ceil(cfg.n_sink / bk)
-        hi = max(lo, (q_abs + 1 - cfg.window) // bk)
-        if hi - lo <= n_groups or lq != 1 or n != q_abs + 1:  # the budget covers everything: exact attention
+        pads = leading_padding(valid[:, 0])
+        if lq != 1 or n != q_abs + 1 or pads is None:  # not a stream-ordered full cache: exact attention
             return attend_slots(q, keys, values, valid, layer.idx, step.idx, info.scale)
-        st = layer.state.setdefault("hip", {"age": 0, "sel": None})
-        if st["sel"] is None or st["age"] % cfg.refresh_interval == 0:
-            sel = hip_search(q, keys, valid[:, 0], n_groups, 1, bk, torch.tensor([lo], device=q.device),
-                             torch.tensor([hi], device=q.device))[:, :, 0]  # [B, H, G]
-            st["sel"] = sel
-            st["refreshed"] = st.get("refreshed", 0) + 1
-        st["age"] += 1
-        sel = st["sel"]
+        n_groups = max(1, cfg.k // cfg.block_k)
+        lo = math.ceil(cfg.n_sink / cfg.block_k)
+        st: HipState | None = layer.state.get(self.state_key)
+        refresh = st is None or st.age % cfg.refresh_interval == 0
+        out = q.new_empty(b, h, lq, values.shape[-1])
+        sparse = searched = False
+        for pad, rows in row_groups(pads):
+            q_loc = q_abs - pad  # the new token's index among the row's real tokens
+            hi = max(lo, (q_loc + 1 - cfg.window) // cfg.block_k)
+            if hi - lo <= n_groups:  # the budget covers everything for these rows: exact attention
+                out[rows] = attend_slots(q[rows], keys[rows], values[rows], valid[rows], layer.idx[rows], step.idx,
+                                         info.scale)
+                continue
+            if st is None:
+                st = layer.state[self.state_key] = HipState(
+                    sel=torch.full((b, h, n_groups), -1, dtype=torch.long, device=q.device))
+            kr, vr, okr = keys[rows, :, pad:], values[rows, :, pad:], valid[rows, :, pad:]
+            sel = st.sel[rows]
+            if refresh or bool((sel < 0).all()):
+                sel = hip_search(q[rows], kr, None, n_groups, 1, cfg.block_k, torch.tensor([lo], device=q.device),
+                                 torch.tensor([hi], device=q.device))[:, :, 0]  # [b, H, G]
+                st.sel[rows] = sel
+                searched = True
+            out[rows] = self._attend_selection(q[rows], kr, vr, okr, sel, q_loc, info)
+            sparse = True
+        if sparse:
+            st.refreshed += int(searched)
+            st.age += 1
+        return out
+
+    def _attend_selection(self, q, keys, values, valid, sel, q_loc: int, info: LayerInfo) -> torch.Tensor:
+        """One query per row (row-local token q_loc) over sink + selected units + window, gathered."""
+        cfg = self.cfg
+        bk = cfg.block_k
+        b, h = q.shape[:2]
+        hk, n = keys.shape[1], keys.shape[2]
         g = h // hk
-        # tokens: sink [0, n_sink) + selected units + window [q_abs + 1 - window, q_abs]
-        units = sel.clamp_min(0)[..., None] * bk + torch.arange(bk, device=q.device)  # [B, H, G, bk]
+        units = sel.clamp_min(0)[..., None] * bk + torch.arange(bk, device=q.device)  # [b, H, G, bk]
         tok_sel = units.flatten(2)
         ok_sel = (sel >= 0)[..., None].expand(-1, -1, -1, bk).flatten(2) & (tok_sel < n)
-        w0 = max(0, q_abs + 1 - cfg.window)
+        w0 = max(0, q_loc + 1 - cfg.window)
         fixed = torch.cat([torch.arange(min(cfg.n_sink, w0), device=q.device),
-                           torch.arange(w0, q_abs + 1, device=q.device)])
-        tok = torch.cat([fixed.expand(b, h, -1), tok_sel.clamp(max=n - 1)], -1)  # [B, H, M]
+                           torch.arange(w0, q_loc + 1, device=q.device)])
+        tok = torch.cat([fixed.expand(b, h, -1), tok_sel.clamp(max=n - 1)], -1)  # [b, H, M]
         ok = torch.cat([torch.ones(b, h, fixed.numel(), dtype=torch.bool, device=q.device), ok_sel], -1)
         rows = torch.arange(b, device=q.device)[:, None, None]
         heads = (torch.arange(h, device=q.device) // g)[None, :, None]
-        ks, vs = keys[rows, heads, tok], values[rows, heads, tok]  # [B, H, M, D]
-        ok &= valid[rows, heads, tok] | (tok == q_abs)
+        ks, vs = keys[rows, heads, tok], values[rows, heads, tok]  # [b, H, M, D]
+        ok &= valid[rows, heads, tok] | (tok == q_loc)
         return attention_with_lse(q, ks, vs, ok[:, :, None], info.scale)[0].to(q.dtype)

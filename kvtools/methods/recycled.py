@@ -15,9 +15,11 @@ the next token to copy, and without pooling the tokens after that one are rarely
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..cache import SlotLayer, Step
+from ..cache import RowState, SlotLayer, Step
 from ..config import RecycledDecode
 from .base import LayerInfo, StageMethod
 from .common import resolve_tokens
@@ -34,9 +36,11 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: to
     return out.reshape(b, h, 1, -1).to(q.dtype), p
 
 
-def recycle_set(probs: torch.Tensor, ok: torch.Tensor, k: torch.Tensor, pool: int = 1) -> torch.Tensor:
-    """Top-k slots per (row, KV head) by attention summed over the group's query heads: [B, Hk, K].
+def recycle_set(probs: torch.Tensor, ok: torch.Tensor, k: int | torch.Tensor, pool: int = 1):
+    """Top-k slots per (row, KV head) by attention summed over the group's query heads.
 
+    ``k``: one count, or one per (row, KV head) [B, Hk]. Returns (slots [B, Hk, K], in_set [B, Hk, K]) with
+    K the largest count, slots in table order; ``in_set`` is False past a row's own count.
     With ``pool`` > 1 a slot scores the largest attention among itself and the ``pool - 1`` slots before
     it, so each strongly attended token brings the tokens that follow it."""
     score = probs.sum(2).masked_fill(~ok, -1.0)  # [B, Hk, S]
@@ -44,37 +48,63 @@ def recycle_set(probs: torch.Tensor, ok: torch.Tensor, k: torch.Tensor, pool: in
         b, hk, n = score.shape
         padded = torch.nn.functional.pad(score.reshape(b * hk, 1, n), (pool - 1, 0), value=-1.0)
         score = torch.nn.functional.max_pool1d(padded, pool, stride=1).view(b, hk, n).masked_fill(~ok, -1.0)
-    return torch.topk(score, int(k), dim=-1).indices.sort(-1).values
+    k = torch.as_tensor(k, device=score.device).expand(score.shape[:2])
+    kmax = int(k.max())
+    top = torch.topk(score, kmax, dim=-1).indices  # by score, best first
+    in_set = torch.arange(kmax, device=score.device) < k[..., None]
+    order = top.argsort(-1)
+    return top.gather(-1, order), in_set.gather(-1, order)
+
+
+@dataclass
+class RecycledState(RowState):
+    """A layer's recycled set (per row, batch first: follows beam reordering) and the shared schedule."""
+
+    sel: torch.Tensor  # [B, Hk, K] slot positions of each row's recycled set
+    sel_ok: torch.Tensor  # [B, Hk, K] the entry is in the row's set (rows' fractional top_k differ)
+    q_full: torch.Tensor  # [B, H, D] the last full step's query (dynamic schedule)
+    n_full: int  # slots before the last full step's token
+    since: int = 1  # decode steps since the last full step
+    full_steps: int = 1
 
 
 class RecycledDecodeMethod(StageMethod):
     cfg: RecycledDecode
+    state_key = "recycled"
 
     def attend(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> torch.Tensor:
         keys, values, valid = layer.keys, layer.values, layer.valid
         n = keys.shape[2]
         own = layer.idx == step.idx[-1]  # the new token's slot: always visible to itself
         ok_all = valid | own
-        st = layer.state.setdefault("recycled", {"sel": None, "since": 0, "n_full": 0, "q_full": None,
-                                                 "full_steps": 0})
-        full = st["sel"] is None or st["since"] >= self.cfg.stride or n <= st["n_full"]
-        if not full and self.cfg.dynamic and st["q_full"] is not None:
-            cos = torch.nn.functional.cosine_similarity(q.float().flatten(2), st["q_full"], dim=-1)  # [B, H]
+        st: RecycledState | None = layer.state.get(self.state_key)
+        full = st is None or st.since >= self.cfg.stride or n <= st.n_full
+        if not full and self.cfg.dynamic:
+            cos = torch.nn.functional.cosine_similarity(q.float().flatten(2), st.q_full, dim=-1)  # [B, H]
             full = bool((cos < self.cfg.s).any())
         if full:
             out, p = _grouped_attention(q, keys, values, ok_all, info.scale)
             # the set is chosen among the slots before this step's token; that token and every later one
             # are "generated since the full step" and always attended
             n_old = n - 1
-            k = int(resolve_tokens(self.cfg.top_k, torch.tensor([n_old])).clamp(1, max(n_old, 1)))
-            sel = recycle_set(p[..., :n_old], ok_all[..., :n_old], k, self.cfg.pool) if n_old > 0 else None
-            st.update(sel=sel, since=1, n_full=n_old, q_full=q.float().flatten(2), full_steps=st["full_steps"] + 1)
+            if n_old <= 0:
+                layer.state.pop(self.state_key, None)
+                return out
+            # a fractional top_k is a fraction of each row's own real slots (left padding does not count)
+            real = valid[:, :, :n_old].sum(-1)  # [B, Hk]
+            k_row = resolve_tokens(self.cfg.top_k, real.flatten()).view_as(real).clamp(min=1)
+            k_row = torch.minimum(k_row, real.clamp(min=1))
+            sel, sel_ok = recycle_set(p[..., :n_old], ok_all[..., :n_old], k_row, self.cfg.pool)
+            prev = 0 if st is None else st.full_steps
+            layer.state[self.state_key] = RecycledState(sel=sel, sel_ok=sel_ok, q_full=q.float().flatten(2),
+                                                        n_full=n_old, since=1, full_steps=prev + 1)
             return out
-        sel = st["sel"]  # [B, Hk, K] slot positions (slots are only appended while decoding)
-        fresh = torch.arange(st["n_full"], n, device=keys.device).expand(*sel.shape[:2], -1)
+        sel = st.sel  # [B, Hk, K] slot positions (slots are only appended while decoding)
+        fresh = torch.arange(st.n_full, n, device=keys.device).expand(*sel.shape[:2], -1)
         pos = torch.cat([sel, fresh], -1)
         gk = torch.gather(keys, 2, pos[..., None].expand(-1, -1, -1, keys.shape[-1]))
         gv = torch.gather(values, 2, pos[..., None].expand(-1, -1, -1, values.shape[-1]))
         ok = torch.gather(ok_all, 2, pos)
-        st["since"] += 1
+        ok[..., : sel.shape[-1]] &= st.sel_ok
+        st.since += 1
         return _grouped_attention(q, gk, gv, ok, info.scale)[0]

@@ -7,7 +7,8 @@ averaged over the g query heads of each KV head (the cache keeps Hk heads, so
 GQA's saving survives). Each KV head keeps its top ``budget - window`` prefix
 tokens plus the window. Prefill attention itself stays dense. A chunked prompt
 is compressed after its last chunk, with the window's queries carried across
-chunks.
+chunks. A later multi-token call on the same cache (a follow-up question) compresses its own tokens
+the same way, with the budget resolved from its own length; what earlier calls kept stays.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ def snapkv_scores(
     scale: float,
     kernel: int,
     pool: str,
+    candidates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores [B, Hk, S] of each slot from the window queries q_win [B, H, w, D] at stream indices q_idx [w].
 
     The window is the last ``w`` valid slots of each row; its own scores are zero (it is always kept).
+    ``candidates`` [B, Hk, S] (default: every valid slot): the slots being compressed (a later call's own
+    tokens); the others still take part in each query's softmax but get score zero.
     """
     b, h, w, d = q_win.shape
     hk, s = keys.shape[1], keys.shape[2]
@@ -44,6 +48,8 @@ def snapkv_scores(
     # only the prefix is pooled (as in the reference): the window's own votes do not leak into it
     rank = valid_rank(valid)
     prefix = valid & (rank < valid.sum(-1, keepdim=True) - w)  # [B, Hk, S]
+    if candidates is not None:
+        prefix &= candidates
     votes = (probs.sum(-2) * prefix[:, :, None, :]).reshape(-1, 1, s)  # [B*Hk*g, 1, S]
     if pool == "max":
         pooled = F.max_pool1d(votes, kernel, stride=1, padding=kernel // 2)
@@ -85,13 +91,16 @@ class SnapKVPolicy(CachePolicy):
             layer.state["q_tail"] = (q_tail, i_tail)
             return
         layer.state.pop("q_tail", None)
-        n_real = layer.valid[:, 0].sum(-1)  # [B]
+        # only this call's tokens are compressed, by a budget from this call's length: a follow-up call
+        # (a question after a document, a chat turn) never re-budgets what earlier calls left
+        call = layer.valid & (layer.idx >= step.start)  # [B, Hk, S]
+        n_real = call[:, 0].sum(-1)  # [B]
         budget = resolve_tokens(self.cfg.budget, step.prompt_real.to(n_real.device))
         budget = torch.maximum(budget, torch.clamp(n_real, max=w))
         if bool((n_real <= budget).all()):
             return
         scores = snapkv_scores(
             q_tail, layer.keys, layer.valid, layer.idx, i_tail.to(layer.idx.device),
-            info.scale, self.cfg.kernel, self.cfg.pool,
+            info.scale, self.cfg.kernel, self.cfg.pool, candidates=call,
         )
-        layer.keep(snapkv_keep(scores, layer.valid, budget, w))
+        layer.keep(snapkv_keep(scores, call, budget, w) | (layer.valid & ~call))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention.rope import rotate
 
 
 class FamilyAdapter:
@@ -42,8 +41,16 @@ class FamilyAdapter:
     def scale(self, module: nn.Module) -> float:
         return float(module.scaling)
 
-    def sliding_window(self, module: nn.Module) -> int | None:
-        return getattr(module, "sliding_window", None)
+    def sliding_window(self, model: nn.Module, layer_idx: int) -> int | None:
+        """This layer's sliding window, decided from the config the way transformers decides it: with
+        ``layer_types``, the window applies to the ``sliding_attention`` layers only (Qwen2/Qwen3 with
+        ``use_sliding_window``, Gemma3); without, ``sliding_window`` applies to every layer (Mistral)."""
+        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        window = getattr(cfg, "sliding_window", None)
+        types = getattr(cfg, "layer_types", None)
+        if types is not None:
+            return window if types[layer_idx] == "sliding_attention" else None
+        return window
 
     def output(self, module: nn.Module, out: torch.Tensor) -> torch.Tensor:
         """out [B, H, L, D] -> o_proj([B, L, H*D])."""
@@ -58,8 +65,6 @@ class FamilyAdapter:
 
             raise UnsupportedModelError(f"attention logit soft-capping ({cap}) is not supported yet")
 
-    def rerotate(self, x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-        return rotate(x, delta, inv_freq)
 
 
 class QKNormAdapter(FamilyAdapter):
