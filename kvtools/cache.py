@@ -168,7 +168,10 @@ class SlotLayer(CacheLayerMixin):
         only / all but stores a method offloaded (also meaningful on a CPU-only machine)."""
         total = 0
         for t in self.state.values():
-            if callable(getattr(t, "nbytes", None)):
+            if torch.is_tensor(t):  # a bare per-row tensor
+                if not offloaded and (device is None or t.device.type == torch.device(device).type):
+                    total += t.numel() * t.element_size()
+            elif callable(getattr(t, "nbytes", None)):
                 off = bool(getattr(t, "offloaded", False))
                 if offloaded is None or off == offloaded:
                     total += t.nbytes(device)

@@ -131,3 +131,20 @@ def test_chunked_prefill_compresses_once_at_the_end(llama):
     assert chunked.slots() == [12, 12]
     for a, c in zip(one.layers, chunked.layers):
         assert torch.equal(a.idx.sort(-1).values, c.idx.sort(-1).values)
+
+
+def test_follow_up_call_compresses_only_its_own_tokens(llama):
+    """A second multi-token call (a question after a document) never re-budgets what the first call kept:
+    with budget 1.0 nothing is dropped; with 0.5 the old slots stay and the new call keeps half of its own."""
+    doc, question = random_ids(1, 60, seed=1), random_ids(1, 20, seed=2)
+    for budget, want in ((1.0, 80), (0.5, 30 + 10)):
+        with kvtools.patch(llama, {"cache": {"method": "snapkv", "budget": budget, "window": 4, "kernel": 3}}) as p:
+            cache = p.make_cache()
+            llama(doc, past_key_values=cache)
+            before = [layer.idx[0, 0].tolist() for layer in cache.layers]
+            llama(question, past_key_values=cache)
+        assert cache.slots() == [want] * len(cache.layers)
+        for layer, old in zip(cache.layers, before):
+            kept = layer.idx[0, 0].tolist()
+            assert kept[: len(old)] == old  # the first call's slots are untouched
+            assert all(i >= 60 for i in kept[len(old):])
