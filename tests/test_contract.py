@@ -236,11 +236,12 @@ def test_per_row_state_follows_batch_reordering(model, config):
         want, _ = run_calls(model, ids, [40] + [1] * 12, cache=p.make_cache())
         got1, cache = run_calls(model, ids[:, :46], [40] + [1] * 6, cache=p.make_cache())
         swap = torch.tensor([1, 0])
-        if not case.beams:
-            with pytest.raises(kvtools.KVToolsError):
-                cache.reorder_cache(swap)
+        try:
+            cache.reorder_cache(swap)
+        except kvtools.KVToolsError:
+            # allowed only for a method that refuses beams up front (generate never gets here with it)
+            assert not case.beams
             return
-        cache.reorder_cache(swap)
         got2, _ = run_calls(model, ids[swap, 46:], [1] * 6, cache=cache)
     close(got1, want[:, :46])
     close(got2, want[swap, 46:])

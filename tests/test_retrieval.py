@@ -179,3 +179,198 @@ def test_augmented_hnsw_is_exact_inner_product_search_on_small_sets():
     exact = np.argsort(-(q @ allk.T), axis=1)[:, :10]
     assert index.ntotal == 300
     assert (np.sort(index.search(q, 10)[1], 1) == np.sort(exact, 1)).all()
+
+
+# ---------------------------------------------------------------- later multi-token calls, nbytes, exit, copies
+@torch.no_grad()
+def run_calls(model, ids: torch.Tensor, lens: list[int], cache=None, attention_mask=None,
+              start: int = 0) -> tuple[torch.Tensor, object]:
+    """Feed ``ids[:, start:]`` in consecutive calls of ``lens`` tokens (a prompt, decode steps, a second turn, ...)
+    on one cache (holding ``ids[:, :start]`` already); returns the logits of every token of every call
+    [B, sum(lens), V] and the cache."""
+    b, n = ids.shape
+    am = attention_mask if attention_mask is not None else torch.ones(b, n, dtype=torch.long)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    logits, s = [], start
+    for m in lens:
+        out = model(input_ids=ids[:, s:s + m], attention_mask=am[:, :s + m], position_ids=pos[:, s:s + m],
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+        s += m
+    return torch.cat(logits, 1), cache
+
+
+def assert_calls_match_unpatched(model, config, lens: list[int], batch: int = 2, attention_mask=None):
+    """Patched with ``config``, the call schedule ``lens`` gives the unpatched model's logits at every real token
+    (fp32, 1e-4); returns the patched cache."""
+    ids = random_ids(batch, sum(lens))
+    ref, _ = run_calls(model, ids, lens, attention_mask=attention_mask)
+    with kvtools.patch(model, config) as p:
+        got, cache = run_calls(model, ids, lens, cache=p.make_cache(), attention_mask=attention_mask)
+    real = torch.ones(ids.shape, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=0)
+    return cache
+
+
+def assert_every_token_once(cache, seen: int, cap: int = 4 + 8) -> None:
+    """Each (layer, row, KV head) holds every stream token exactly once (device or CPU), at most ``cap`` on the
+    device (full-attention layers)."""
+    for layer in cache.layers:
+        store = layer.state.get("offload")
+        if store is None:
+            continue
+        assert int(layer.valid.sum(-1).max()) <= cap
+        for r, row in enumerate(store.heads):
+            for h, hs in enumerate(row):
+                dev = layer.idx[r, h][layer.valid[r, h]].tolist()
+                assert sorted(dev + hs.idx[: hs.n].tolist()) == list(range(seen))
+
+
+@pytest.mark.mechanics
+def test_second_multi_token_call_after_offload_equals_full(family_model):
+    """A prompt, decode steps, a 7-token second turn, more steps: the turn attends to the offloaded keys too
+    (covering flat index: equal to the unpatched model at every token, turn included)."""
+    lens = [40, 1, 1, 1, 7, 1, 1, 1]
+    cache = assert_calls_match_unpatched(family_model[1], retrieval(), lens)
+    assert_every_token_once(cache, sum(lens))
+
+
+def test_first_call_shorter_than_sink_window_then_turns(llama):
+    """A 5-token first call offloads nothing; the store appears when the table outgrows sink + window (here during
+    decode steps), and later turns, one longer than the window, stay exact."""
+    lens = [5] + [1] * 10 + [7, 1, 1, 20, 1, 1]
+    cache = assert_calls_match_unpatched(llama, retrieval(), lens)
+    assert_every_token_once(cache, sum(lens))
+    with kvtools.patch(llama, retrieval()) as p:
+        _, short = run_calls(llama, random_ids(2, 12), [5, 1, 1, 1, 1, 1, 1, 1], cache=p.make_cache())
+    assert "offload" not in short.layers[0].state  # sink + window not exceeded yet: nothing moved
+
+
+def test_second_turn_left_padded_batch_equals_full(llama):
+    am = torch.ones(2, 60, dtype=torch.long)
+    am[1, :9] = 0
+    assert_calls_match_unpatched(llama, retrieval(), [30, 1, 1, 9, 1, 16, 1, 1], attention_mask=am)
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivf"])
+def test_second_turn_through_built_ann_indexes_equals_full(llama, index, monkeypatch):
+    """Indexes built at once (so the turn really searches them, one search per (row, KV head) for g x 7 queries)
+    and covering everything: still exact."""
+    import kvtools.methods.retrieval as retr
+
+    monkeypatch.setattr(retr, "_pool", lambda: _Inline())
+    cache = assert_calls_match_unpatched(llama, retrieval(index, ef_search=256, nprobe=64), [80, 1, 7, 1, 1],
+                                         batch=1)
+    assert cache.layers[0].state["offload"].heads[0][0].index is not None
+
+
+def _true_cpu_bytes(hs) -> int:
+    """What a store holds, measured independently: its tensors at full size plus the serialized index."""
+    import faiss
+
+    from kvtools.methods.retrieval import AugmentedHNSW
+
+    tensors = sum(t.numel() * t.element_size() for t in (hs.keys, hs.values, hs.idx))
+    index = hs.index.index if isinstance(hs.index, AugmentedHNSW) else hs.index
+    return tensors + faiss.serialize_index(index).nbytes
+
+
+@pytest.mark.parametrize("index,kw", [("flat", {}), ("hnsw", {}), ("hnsw", {"hnsw_space": "ip"}),
+                                      ("ivf", {"nlist": 8})])
+def test_nbytes_counts_buffers_at_capacity_and_the_index(index, kw):
+    """HeadStore.nbytes = its buffers' full size (exactly) + the index's memory (vectors, ids, centroids, HNSW
+    links: within 1% of FAISS's serialized size), before and after inserts grow the buffers."""
+    from kvtools.methods.retrieval import index_nbytes
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(600, 32, generator=g)
+    hs = HeadStore(keys, keys[:, :16], torch.arange(600), RetrievalCache(index=index, **kw), None)
+    hs.wait()
+    for extra in (0, 1, 37):
+        if extra:
+            new = torch.randn(extra, 32, generator=g)
+            hs.insert(new, new[:, :16], torch.arange(hs.n, hs.n + extra))
+        tensors = sum(t.numel() * t.element_size() for t in (hs.keys, hs.values, hs.idx))
+        assert hs.nbytes() - index_nbytes(hs.index) == tensors
+        assert abs(hs.nbytes() - _true_cpu_bytes(hs)) <= 0.01 * _true_cpu_bytes(hs)
+        assert hs.keys.shape[0] <= 1.25 * hs.n + 16  # spare capacity bounded (growth by 1.25x)
+    assert hs.index.ntotal == hs.n == 638
+
+
+def test_cache_nbytes_offloaded_is_what_the_stores_hold(llama):
+    with kvtools.patch(llama, retrieval("hnsw")) as p:
+        _, cache = run_calls(llama, random_ids(2, 110), [100, 1, 1, 7, 1], cache=p.make_cache())
+    stores = [layer.state["offload"] for layer in cache.layers]
+    for s in stores:
+        s.wait()
+    true = sum(_true_cpu_bytes(hs) for s in stores for row in s.heads for hs in row)
+    assert abs(cache.nbytes(offloaded=True) - true) <= 0.01 * true
+
+
+def test_store_keeps_the_model_dtype_and_stays_exact():
+    """bf16 keys / values stay bf16 on CPU (half the bytes) and the attention over them is bit-identical to the
+    same keys held in fp32."""
+    g = torch.Generator().manual_seed(0)
+    keys, vals = torch.randn(200, 16, generator=g).bfloat16(), torch.randn(200, 16, generator=g).bfloat16()
+    q = torch.randn(12, 16, generator=g)
+    cfg = RetrievalCache(index="flat")
+    low = HeadStore(keys, vals, torch.arange(200), cfg, None)
+    full = HeadStore(keys.float(), vals.float(), torch.arange(200), cfg, None)
+    low.wait()
+    full.wait()
+    assert low.keys.dtype == low.values.dtype == torch.bfloat16
+    for a, b in zip(low.attention(q, 50, 0.25), full.attention(q, 50, 0.25)):
+        assert torch.equal(a, b)
+    assert low.nbytes() < full.nbytes()
+
+
+_EXIT_SCRIPT = """
+import time, torch
+from kvtools.config import RetrievalCache
+from kvtools.methods.retrieval import HeadStore
+keys = torch.randn(4000, 64, generator=torch.Generator().manual_seed(0))
+cfg = RetrievalCache(index="hnsw", ef_construction=200)
+stores = [HeadStore(keys, keys[:, :1], torch.arange(4000), cfg, None) for _ in range(64)]
+print(time.time(), flush=True)
+"""
+
+
+def test_pending_index_builds_do_not_delay_interpreter_exit():
+    """64 HNSW builds queued (about a minute of work on two cores) and the script ends: the process exits at
+    once, cleanly, abandoning the builds."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, text=True, timeout=120)
+    done = time.time()
+    assert proc.returncode == 0, proc.stderr
+    assert done - float(proc.stdout.split()[-1]) < 10
+
+
+def test_deepcopied_cache_continues_identically_and_independently(llama):
+    """A deep copy (taken while indexes may still build) continues decoding exactly like the original; advancing
+    one afterwards leaves the other untouched."""
+    import copy
+
+    ids = random_ids(2, 120)
+    other = torch.cat([ids[:, :102], random_ids(2, 18, seed=5)], 1)
+    lens = [1, 1, 7, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    with kvtools.patch(llama, retrieval("hnsw", top_k=16)) as p:
+        _, cache = run_calls(llama, ids, [100, 1, 1], cache=p.make_cache())
+        twin, spare = copy.deepcopy(cache), copy.deepcopy(cache)
+        hs, hs2 = cache.layers[0].state["offload"].heads[0][0], twin.layers[0].state["offload"].heads[0][0]
+        assert hs2 is not hs and hs2.keys.data_ptr() != hs.keys.data_ptr() and hs2.index is not hs.index
+        run_calls(llama, other, lens, cache=twin, start=102)  # the twin moves on with other tokens
+        a, _ = run_calls(llama, ids, lens, cache=cache, start=102)
+        b, _ = run_calls(llama, ids, lens, cache=spare, start=102)
+    assert torch.equal(a, b)
+    assert not torch.equal(hs.keys[: hs.n], hs2.keys[: hs2.n])  # each store has its own tokens
+
+
+def test_policy_declares_it_cannot_follow_beams():
+    """Per-row CPU indexes cannot be reordered: the patch refuses beam search before any work."""
+    from kvtools.methods.retrieval import RetrievalPolicy
+
+    assert RetrievalPolicy.supports_reorder is False

@@ -1,17 +1,26 @@
 """RetrievalAttention: CPU-offloaded KV searched through one FAISS index per (layer, row, KV head).
 
-Prefill is dense. At its end every slot except the first ``n_sink`` real tokens and the
-last ``window`` moves to CPU (the device table really shrinks) and gets indexed by inner
-product (``flat`` exact, ``hnsw``, ``ivf``). Index building runs in a background thread;
-until an index is ready its queries are answered by exact search over the same keys.
+Prefill is dense. At the end of the first call that leaves a layer with more than ``n_sink + window``
+real slots, every slot except the first ``n_sink`` real tokens and the last ``window`` moves to CPU
+(the device table really shrinks) and gets indexed by inner product (``flat`` exact, ``hnsw``,
+``ivf``). Index building runs in a background daemon thread; until an index is ready (and while a
+store holds fewer than ``MIN_INDEX_KEYS`` keys) its queries are answered by exact search over the
+same keys.
 
-Each decode step: the new token joins the device table; every query head attends densely
-to the device slots (with its log-sum-exp), and to the ``top_k`` keys its KV head's index
-returns for it (one batched search per KV head for its g query heads, exact attention over
-the retrieved keys on CPU); the two parts are merged by a stable LSE merge. When the
-device table exceeds sink + window, the oldest non-sink slots leave it: with ``insert``
-they are added to the CPU store and the index (every token stays reachable exactly once),
-otherwise they are dropped.
+Every later call, one token (decode) or many (a second chat turn, a question after a document): the
+new tokens join the device table; every query head attends to the device slots causally (a query
+sees the slots up to its own stream index) with its log-sum-exp, and to the ``top_k`` keys its KV
+head's index returns for it (one batched search per (row, KV head) for its g query heads x the new
+tokens, exact attention over the retrieved keys on CPU); the two parts are merged by a stable LSE
+merge. Everything on CPU is older than the call, so the CPU part needs no causal mask. When the
+device table exceeds sink + window, the oldest non-sink slots leave it: with ``insert`` they are
+added to the CPU store and the index (every token stays reachable exactly once), otherwise they are
+dropped.
+
+The CPU copies keep the model's dtype (bf16 halves them; converting to fp32 for the exact part is
+lossless, so results do not change); the index holds its own fp32 copy, as FAISS needs.
+``cache.nbytes(offloaded=True)`` counts every CPU byte a store holds: its buffers at full capacity,
+the index (vectors, IVF ids and centroids, HNSW links) and keys queued for an index still building.
 
 Query-trained IVF (``train_on: queries``): the centroids are trained on the prefill queries
 and each key is filed under the query centroid it scores highest with. Measured on SmolLM2 at
@@ -29,13 +38,18 @@ rises from 0.942 to 0.957 (hnsw) and 0.845 to 0.885 (ivf) with H = 256.
 
 HNSW (``hnsw_space: l2-augmented``, the default) is an L2 graph over keys padded to equal norm
 (:class:`AugmentedHNSW`): recall@128 0.94, against 0.53 for a graph built on inner product.
+
+A cache holding these stores can be deep-copied or pickled (pending builds are waited for, indexes are
+serialized), but not reordered: ``supports_reorder`` is False, so beam search is refused up front.
 """
 
 from __future__ import annotations
 
+import atexit
+import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -47,15 +61,62 @@ from ..errors import KVToolsError
 from .base import CachePolicy, LayerInfo
 from .common import keep_first_last
 
-_POOL: ThreadPoolExecutor | None = None
+#: a store searches exactly (no index) until it holds this many keys: an index built on a handful of
+#: keys is no faster, and IVF centroids / the augmented-HNSW norm bound drawn from so few would be poor
+MIN_INDEX_KEYS = 64
+
+#: the growable CPU buffers grow by this factor (amortised O(1) inserts, at most 25% spare capacity)
+GROWTH = 1.25
+
+#: elements of one fp32 score block (device part: H x queries x slots; CPU part: queries x top_k x D):
+#: long multi-token calls are processed in query blocks of about this size (128 MiB)
+_BLOCK_ELEMS = 1 << 25
+
+
+class _IndexBuilder:
+    """Builds indexes one after another on a single daemon thread.
+
+    Not a ``ThreadPoolExecutor``: its worker is joined at interpreter exit (``concurrent.futures``
+    registers that hook), which finishes every queued build first, a minute after a short generate with
+    many heads. A daemon thread is abandoned at exit instead (an unfinished index is useless then), and
+    once exit begins queued builds are cancelled rather than started. FAISS releases the GIL while it
+    builds, so the main thread is not held meanwhile."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kvtools-index", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            fut, fn, args = self._jobs.get()
+            if _EXITING.is_set():
+                fut.cancel()
+                continue
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the index
+                fut.set_exception(exc)
+
+
+_POOL: _IndexBuilder | None = None
 _POOL_LOCK = threading.Lock()
+_EXITING = threading.Event()
+atexit.register(_EXITING.set)
 
 
-def _pool() -> ThreadPoolExecutor:
+def _pool() -> _IndexBuilder:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtools-index")
+            _POOL = _IndexBuilder()
         return _POOL
 
 
@@ -83,6 +144,39 @@ def build_index(keys: np.ndarray, cfg: RetrievalCache, queries: np.ndarray | Non
     if n:
         index.add(np.ascontiguousarray(keys, dtype=np.float32))
     return index
+
+
+def index_nbytes(index: Any) -> int:
+    """CPU bytes an index holds, from its sizes (no copy): the stored vectors, plus IVF list ids and
+    centroids, plus HNSW links and levels. Matches ``faiss.serialize_index``'s size up to its headers;
+    unknown index types are measured by serializing them."""
+    import faiss
+
+    if isinstance(index, AugmentedHNSW):
+        return index_nbytes(index.index)
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexFlatCodes):
+        return int(index.ntotal) * int(index.code_size)
+    if isinstance(index, faiss.IndexHNSW):
+        h = index.hnsw
+        links = (h.neighbors.size() + h.levels.size() + h.cum_nneighbor_per_level.size()) * 4
+        return index_nbytes(index.storage) + links + (h.offsets.size() + h.assign_probas.size()) * 8
+    if isinstance(index, faiss.IndexIVF) and isinstance(index.invlists, faiss.ArrayInvertedLists):
+        return index_nbytes(index.quantizer) + int(index.ntotal) * (int(index.code_size) + 8)
+    return int(faiss.serialize_index(index).nbytes)
+
+
+def _serialize(index: Any) -> Any:
+    """A picklable form of an index (FAISS objects are SWIG pointers)."""
+    import faiss
+
+    return index if isinstance(index, AugmentedHNSW) else faiss.serialize_index(index)
+
+
+def _deserialize(state: Any) -> Any:
+    import faiss
+
+    return faiss.deserialize_index(state) if isinstance(state, np.ndarray) else state
 
 
 class AugmentedHNSW:
@@ -118,39 +212,55 @@ class AugmentedHNSW:
         qx = np.ascontiguousarray(np.concatenate([q, np.zeros((len(q), 1), q.dtype)], 1), dtype=np.float32)
         return self.index.search(qx, k)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"m2": self.m2, "index": _serialize(self.index)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.m2 = state["m2"]
+        self.index = _deserialize(state["index"])
+
 
 class HeadStore:
-    """One (row, KV head)'s offloaded keys/values (CPU, growable) and its index."""
+    """One (row, KV head)'s offloaded keys/values (CPU, growable, in the model's dtype) and its index.
+
+    The index is built in the background once the store holds ``MIN_INDEX_KEYS`` keys; keys inserted
+    while it builds are queued and added when it is ready. Deep copies and pickles wait for the build
+    and carry the index serialized."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, cfg: RetrievalCache,
                  queries: torch.Tensor | None, hot: torch.Tensor | None = None) -> None:
         self.cfg = cfg
         self.hot = hot  # store positions always scored with the index's results (attention-aware)
-        cap = max(16, 2 * keys.shape[0])
-        self.keys = torch.zeros(cap, keys.shape[1])
-        self.values = torch.zeros(cap, values.shape[1])
-        self.idx = torch.full((cap,), -1, dtype=torch.long)
+        n = keys.shape[0]  # exactly as large as the bulk offload: the buffers grow on insert
+        self.keys = torch.empty(n, keys.shape[1], dtype=keys.dtype)
+        self.values = torch.empty(n, values.shape[1], dtype=values.dtype)
+        self.idx = torch.empty(n, dtype=torch.long)
         self.n = 0
         self._put(keys, values, idx)
-        q = None if queries is None else queries.float().numpy()
-        self._future: Future | None = _pool().submit(build_index, self.keys[: self.n].numpy().copy(), cfg, q)
+        self._queries = None if queries is None else queries.float().numpy()  # IVF training, until built
         self._index = None
+        self._future: Future | None = None
+        self._snapshot: np.ndarray | None = None  # the keys handed to the build in progress
         self._pending: list[np.ndarray] = []  # keys inserted while the index was still building
+        if self.n >= MIN_INDEX_KEYS:
+            self._build()
+
+    def _build(self) -> None:
+        self._snapshot = self.keys[: self.n].to(torch.float32, copy=True).numpy()
+        q, self._queries = self._queries, None
+        self._future = _pool().submit(build_index, self._snapshot, self.cfg, q)
 
     def _put(self, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
         m = k.shape[0]
         if self.n + m > self.keys.shape[0]:
-            cap = max(2 * self.keys.shape[0], self.n + m)
-            for name in ("keys", "values"):
+            cap = max(int(GROWTH * self.keys.shape[0]) + 16, self.n + m)
+            for name in ("keys", "values", "idx"):
                 old = getattr(self, name)
-                new = torch.zeros(cap, old.shape[1])
+                new = old.new_empty(cap, *old.shape[1:])
                 new[: self.n] = old[: self.n]
                 setattr(self, name, new)
-            idx_new = torch.full((cap,), -1, dtype=torch.long)
-            idx_new[: self.n] = self.idx[: self.n]
-            self.idx = idx_new
-        self.keys[self.n: self.n + m] = k.float().cpu()
-        self.values[self.n: self.n + m] = v.float().cpu()
+        self.keys[self.n: self.n + m] = k.to(self.keys.dtype).cpu()
+        self.values[self.n: self.n + m] = v.to(self.values.dtype).cpu()
         self.idx[self.n: self.n + m] = idx.cpu()
         self.n += m
 
@@ -158,7 +268,7 @@ class HeadStore:
     def index(self):
         if self._index is None and self._future is not None and self._future.done():
             self._index = self._future.result()
-            self._future = None
+            self._future = self._snapshot = None
             for k in self._pending:
                 self._index.add(k)
             self._pending.clear()
@@ -166,6 +276,10 @@ class HeadStore:
 
     def insert(self, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
         self._put(k, v, idx)
+        if self._index is None and self._future is None:  # no index yet: build one once there are enough keys
+            if self.n >= MIN_INDEX_KEYS:
+                self._build()
+            return
         arr = np.ascontiguousarray(k.float().cpu().numpy())
         if self.index is not None:
             self.index.add(arr)
@@ -177,8 +291,8 @@ class HeadStore:
         if self.n == 0:
             return np.full((q.shape[0], k), -1, dtype=np.int64)
         index = self.index
-        if index is None:  # still building: exact search over the same keys
-            s = torch.from_numpy(q) @ self.keys[: self.n].T
+        if index is None:  # no index (yet): exact search over the same keys
+            s = torch.from_numpy(q) @ self.keys[: self.n].float().T
             kk = min(k, self.n)
             ids = torch.topk(s, kk, dim=-1).indices.numpy()
             return np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
@@ -187,12 +301,49 @@ class HeadStore:
             ids = rerank(ids, self.hot, q, self.keys[: self.n], k)
         return ids
 
+    def attention(self, q: torch.Tensor, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact attention of queries q [Q, D] (CPU) over each one's ``k`` retrieved keys: (out [Q, Dv],
+        lse [Q]) fp32; a query with nothing retrieved gets out 0, lse -inf. One search for all Q, then
+        the gathered keys in blocks of queries (Q x k x D can be large for a long multi-token call)."""
+        q = q.float()
+        ids = torch.from_numpy(self.search(np.ascontiguousarray(q.numpy()), k))
+        out = torch.zeros(q.shape[0], self.values.shape[1])
+        lse = torch.full((q.shape[0],), float("-inf"))
+        blk = max(1, _BLOCK_ELEMS // (k * max(q.shape[1], self.values.shape[1])))
+        for s in range(0, q.shape[0], blk):
+            i = ids[s: s + blk]
+            safe = i.clamp_min(0)
+            o, l_ = attention_with_lse(q[s: s + blk, None], self.keys[safe].float(), self.values[safe].float(),
+                                       (i >= 0)[:, None], scale)
+            out[s: s + blk], lse[s: s + blk] = o[:, 0], l_[:, 0]
+        return out, lse
+
     def wait(self) -> None:
         _ = self._future.result() if self._future is not None else None
         _ = self.index
 
     def nbytes(self) -> int:
-        return self.n * (self.keys.shape[1] + self.values.shape[1]) * 4 + self.n * 8
+        """CPU bytes held: the buffers at full capacity, the hot set, the index, and what waits for it (keys
+        queued during a build, the build's input copy, IVF training queries)."""
+        total = sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.idx))
+        total += 0 if self.hot is None else self.hot.numel() * self.hot.element_size()
+        total += sum(a.nbytes for a in self._pending)
+        total += sum(a.nbytes for a in (self._snapshot, self._queries) if a is not None)
+        index = self.index
+        return total + (0 if index is None else index_nbytes(index))
+
+    def __getstate__(self) -> dict[str, Any]:
+        self.wait()
+        state = dict(self.__dict__)
+        state["_future"] = None
+        if self._index is not None:
+            state["_index"] = _serialize(self._index)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._index is not None:
+            self._index = _deserialize(self._index)
 
 
 class OffloadStore:
@@ -221,21 +372,29 @@ class OffloadStore:
 class RetrievalPolicy(CachePolicy):
     cfg: RetrievalCache
 
+    #: per-row CPU indexes cannot follow beam reordering: ``generate(num_beams > 1)`` is refused up front
+    supports_reorder = False
+
     def attend(self, layer: SlotLayer, q, k, v, step: Step, info: LayerInfo):
         store: OffloadStore | None = layer.state.get("offload")
-        if store is None or step.is_prefill:
-            if step.is_prefill and store is None:  # keep some prefill queries for attention-aware IVF training
+        if store is None:  # nothing offloaded yet: the device table holds every token, dense is exact
+            if step.is_prefill:  # keep some prefill queries for attention-aware IVF training
                 self._keep_queries(layer, q, step)
             out = super().attend(layer, q, k, v, step, info)
-            if step.end_of_prompt and store is None and info.sliding_window is None:
+            if step.end_of_prompt and info.sliding_window is None and self._over(layer):
                 self._offload(layer, info, q[:, :, -self.cfg.hot_window:] if self.cfg.hot_keys else None)
             return out
+        # offloaded: any call (one decode token or a multi-token turn) needs the device and the CPU parts
         layer.append(k, v, step)
-        out = self._decode(layer, store, q, step, info)
+        out = self._attend_split(layer, store, q, step, info)
         self._slide(layer, store, info)
         return out
 
-    # ------------------------------------------------------------ prefill end: offload + index
+    def _over(self, layer: SlotLayer) -> bool:
+        """Some (row, KV head) holds more real slots than sink + window."""
+        return layer.valid is not None and int(layer.valid.sum(-1).max()) > self.cfg.n_sink + self.cfg.window
+
+    # ------------------------------------------------------------ first overflow: offload + index
     def _keep_queries(self, layer: SlotLayer, q: torch.Tensor, step: Step) -> None:
         if self.cfg.index != "ivf" or self.cfg.train_on != "queries":
             return
@@ -248,7 +407,7 @@ class RetrievalPolicy(CachePolicy):
         return keep_first_last(layer.valid, self.cfg.n_sink, self.cfg.window)
 
     def _offload(self, layer: SlotLayer, info: LayerInfo, last_q: torch.Tensor | None = None) -> None:
-        """Move all but the device slots to CPU stores; ``last_q`` [B, H, n, D]: the prompt's last queries,
+        """Move all but the device slots to CPU stores; ``last_q`` [B, H, n, D]: the call's last queries,
         which pick each head's hot keys when ``hot_keys`` is set."""
         cfg = self.cfg
         device_keep = self._device_slots(layer)
@@ -274,41 +433,47 @@ class RetrievalPolicy(CachePolicy):
         layer.state["offload"] = OffloadStore(heads)
         layer.keep(device_keep)
 
-    # ------------------------------------------------------------ decode
-    def _decode(self, layer: SlotLayer, store: OffloadStore, q: torch.Tensor, step: Step, info: LayerInfo):
+    # ------------------------------------------------------------ every later call
+    def _attend_split(self, layer: SlotLayer, store: OffloadStore, q: torch.Tensor, step: Step, info: LayerInfo):
+        """Attention of the call's queries q [B, H, Lq, D] over the device slots (causal by stream index; the
+        table already holds the call's own keys) and the CPU stores, merged by log-sum-exp; long calls in
+        blocks of queries."""
         b, h, lq, d = q.shape
         hk = layer.keys.shape[1]
         g = h // hk
         qg = q.view(b, hk, g, lq, d)
-        own = layer.idx == step.idx[-1]
-        ok = (layer.valid | own)[:, :, None, None, :]  # [B, Hk, 1, 1, S]
-        out_d, lse_d = attention_with_lse(qg, layer.keys[:, :, None], layer.values[:, :, None], ok, info.scale)
-        # CPU part: one batched search per (row, KV head) for its g query heads (x Lq new tokens)
-        top_k = self.cfg.top_k
+        q_idx = step.idx.to(layer.idx.device)
+        k_idx = layer.idx[:, :, None, None, :]  # [B, Hk, 1, 1, S]
+        valid = layer.valid[:, :, None, None, :]
+        blk = max(1, _BLOCK_ELEMS // (b * h * max(1, layer.size)))
+        outs = []
+        for s in range(0, lq, blk):
+            e = min(s + blk, lq)
+            qi = q_idx[s:e].view(1, 1, 1, e - s, 1)
+            ok = (k_idx <= qi) & (valid | (k_idx == qi))  # [B, Hk, 1, Lb, S]: a query always sees its own key
+            out_d, lse_d = attention_with_lse(qg[:, :, :, s:e], layer.keys[:, :, None], layer.values[:, :, None],
+                                              ok, info.scale)
+            out_c, lse_c = self._attend_cpu(store, qg[:, :, :, s:e], info)
+            out, _ = merge_lse(out_d, lse_d, out_c.to(q.device), lse_c.to(q.device))
+            outs.append(out)
+        return torch.cat(outs, dim=3).reshape(b, h, lq, -1).to(q.dtype)
+
+    def _attend_cpu(self, store: OffloadStore, qg: torch.Tensor, info: LayerInfo):
+        """qg [B, Hk, g, Lq, D] over the CPU stores: one batched search per (row, KV head) for its g x Lq
+        queries -> (out [B, Hk, g, Lq, Dv], lse [B, Hk, g, Lq]) on CPU, fp32."""
+        b, hk, g, lq, d = qg.shape
         qc = qg.float().cpu()
-        ks = torch.zeros(b, hk, g * lq, top_k, d)
-        vs = torch.zeros(b, hk, g * lq, top_k, layer.values.shape[-1])
-        found = torch.zeros(b, hk, g * lq, top_k, dtype=torch.bool)
+        outs, lses = [], []
         for r in range(b):
             for kh in range(hk):
-                hs = store.heads[r][kh]
-                qs = np.ascontiguousarray(qc[r, kh].reshape(g * lq, d).numpy())
-                ids = torch.from_numpy(hs.search(qs, top_k))
-                hit = ids >= 0
-                safe = ids.clamp_min(0)
-                ks[r, kh] = hs.keys[safe]
-                vs[r, kh] = hs.values[safe]
-                found[r, kh] = hit
-        out_c, lse_c = attention_with_lse(qc.reshape(b, hk, g * lq, 1, d), ks, vs, found[..., None, :], info.scale)
-        out_c = out_c.view(b, hk, g, lq, -1).to(q.device)
-        lse_c = lse_c.view(b, hk, g, lq).to(q.device)
-        out, _ = merge_lse(out_d, lse_d, out_c, lse_c)
-        return out.reshape(b, h, lq, -1).to(q.dtype)
+                o, l_ = store.heads[r][kh].attention(qc[r, kh].reshape(g * lq, d), self.cfg.top_k, info.scale)
+                outs.append(o.view(g, lq, -1))
+                lses.append(l_.view(g, lq))
+        return torch.stack(outs).view(b, hk, g, lq, -1), torch.stack(lses).view(b, hk, g, lq)
 
     def _slide(self, layer: SlotLayer, store: OffloadStore, info: LayerInfo) -> None:
         cfg = self.cfg
-        cap = cfg.n_sink + cfg.window
-        if int(layer.valid.sum(-1).max()) <= cap:
+        if not self._over(layer):
             return
         keep = self._device_slots(layer)
         leave = layer.valid & ~keep
@@ -335,7 +500,7 @@ def hot_set(queries: torch.Tensor, keys: torch.Tensor, scale: float, n: int) -> 
 def rerank(ids: np.ndarray, hot: torch.Tensor, q: np.ndarray, keys: torch.Tensor, k: int) -> np.ndarray:
     """The best ``k`` distinct ids by exact q.k among each query's ``ids`` [Q, k'] (-1: none) and ``hot``."""
     cand = torch.cat([torch.from_numpy(ids).long(), hot[None].expand(ids.shape[0], -1)], 1)  # [Q, C]
-    s = (torch.from_numpy(q)[:, None, :] * keys[cand.clamp_min(0)]).sum(-1)
+    s = (torch.from_numpy(q)[:, None, :] * keys[cand.clamp_min(0)].float()).sum(-1)
     srt, order = torch.sort(cand, dim=1)
     dup = torch.zeros_like(cand, dtype=torch.bool)
     dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
@@ -352,7 +517,7 @@ def recall_at_k(store: HeadStore, queries: torch.Tensor, k: int) -> float:
     store.wait()
     q = np.ascontiguousarray(queries.float().numpy())
     got = store.search(q, k)
-    exact = torch.topk(torch.from_numpy(q) @ store.keys[: store.n].T, min(k, store.n), dim=-1).indices.numpy()
+    exact = torch.topk(torch.from_numpy(q) @ store.keys[: store.n].float().T, min(k, store.n), dim=-1).indices.numpy()
     return topk_hits(got, exact) / exact.size
 
 
@@ -361,5 +526,5 @@ def topk_hits(found, exact) -> int:
     return sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact))
 
 
-__all__: list[Any] = ["AugmentedHNSW", "RetrievalPolicy", "HeadStore", "OffloadStore", "build_index", "hot_set",
-                      "recall_at_k", "rerank", "topk_hits"]
+__all__: list[Any] = ["MIN_INDEX_KEYS", "AugmentedHNSW", "RetrievalPolicy", "HeadStore", "OffloadStore", "build_index",
+                      "hot_set", "index_nbytes", "recall_at_k", "rerank", "topk_hits"]
