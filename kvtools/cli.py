@@ -8,6 +8,9 @@
 
 Errors kvtools raises (bad configs, too-long inputs, missing models) print
 ``error: <message>`` on stderr and exit with status 2, without a traceback.
+Every command checks its arguments, its ``--out`` path, the model (from its config,
+no weights loaded) and the lengths against the model's context before any model
+load, and writes nothing when a check fails.
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ def _positive_int(x: str) -> int:
     return v
 
 
+def _check_model(model: str | None, lengths: Sequence[int] = (), what: str = "--lengths") -> None:
+    """The model can be found and ``lengths`` fit its context, read from its config (no weights loaded)."""
+    from kvtools.models import check_context, model_context_length
+
+    check_context(lengths, model_context_length(model), what)
+
+
 def _cmd_niah(args: argparse.Namespace) -> int:
     # parse everything before importing torch or loading a model
     from kvtools.eval.niah import parse_depths, parse_lengths
@@ -56,8 +66,11 @@ def _cmd_niah(args: argparse.Namespace) -> int:
     configs = _split_configs(args.config)
     lengths = parse_lengths(args.lengths)
     depths = parse_depths(args.depths)
+    from kvtools.config import check_out_dir
 
-    from kvtools.eval.niah import run_niah
+    check_out_dir(args.out)
+
+    from kvtools.eval.niah import run_niah  # checks the model and its context before loading it
 
     try:
         run = run_niah(
@@ -76,15 +89,20 @@ def _cmd_niah(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from kvtools.eval.run import load_run, run_eval
-
     from pathlib import Path
 
-    from kvtools.eval.run import split_models
+    from kvtools.config import check_out_dir
+    from kvtools.eval.run import load_run, run_eval, split_models
 
     run = load_run(args.run)  # validate before importing torch-heavy parts or loading the model
-    for one, sub in split_models(run):
+    runs = []
+    for one, sub in split_models(run):  # every model and folder checked before the first one runs
         out = args.out if sub is None else (Path(args.out) / sub.name if args.out else sub)
+        check_out_dir(out or one.spec.out, "--out" if args.out else "out")
+        if one.spec.model is None or not one.spec.model.startswith("random:"):
+            _check_model(one.spec.model)
+        runs.append((one, out))
+    for one, out in runs:  # run_eval loads the datasets and checks the lengths before writing anything
         try:
             res = run_eval(one, out=out, quiet=args.quiet)
         except KeyboardInterrupt:
@@ -101,6 +119,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     configs = _split_configs(args.config)
     lengths = parse_lengths(args.lengths)
+    from kvtools.config import check_out_dir, load_config
+
+    check_out_dir(args.out)
+    for c in configs:
+        load_config(c)
+    if not (args.model and args.model.startswith("random:")):
+        _check_model(args.model, lengths)
     from kvtools.bench import report_markdown, run_bench
 
     rows = run_bench(
@@ -123,6 +148,13 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
     layers = None if args.layers is None else _split_list(args.layers, "--layers", "layer indices", cast=int)
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
+    from kvtools.config import check_out_dir, load_config
+
+    check_out_dir(args.out)
+    for c in configs:
+        load_config(c)
+    if args.model is not None:
+        _check_model(args.model, lengths)
     from kvtools.bench_attention import attention_markdown, run_attention_bench
 
     rows = run_attention_bench(configs, lengths, shape=args.shape, backends=backends, repeats=args.repeats,
@@ -144,6 +176,10 @@ def _cmd_bench_recall(args: argparse.Namespace) -> int:
     from kvtools.bench_recall import KINDS, recall_markdown, run_recall_bench
 
     kinds = _split_list(args.index, "--index", "index kinds", allowed=list(KINDS))
+    from kvtools.config import check_out_dir
+
+    check_out_dir(args.out)
+    _check_model(args.model, lengths, "--length")
     rows = run_recall_bench(args.model, length, top_ks, kinds, out=args.out, n_sink=args.n_sink,
                             window=args.window, n_eval=args.queries, seed=args.seed, quiet=args.quiet)
     print(recall_markdown(rows))
@@ -157,6 +193,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     lengths = tuple(parse_lengths(args.lengths))
     if args.steps < 1 or args.lr <= 0 or args.reg < 0:
         raise ConfigError("--steps must be >= 1, --lr > 0, --reg >= 0")
+    from kvtools.config import check_out_file
+
+    check_out_file(args.out)  # a pattern file: an existing one is replaced
+    _check_model(args.model, lengths)
     from kvtools.calibrate import calibrate_duo, write_pattern
     from kvtools.models import canonical_name, load_model
 

@@ -14,21 +14,60 @@ and every error names the key, the bad value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import os
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 
 STAGES = ("prefill", "cache", "decode")
 
 
-class StageConfig(BaseModel):
-    """Base of every stage's parameter model: unknown keys are errors."""
+def _bool_where_number(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` holds a bool where ``annotation`` wants an int or a float (pydantic's lax mode
+    would read ``true`` as 1), looking into lists and dicts."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _bool_where_number(value, typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if isinstance(value, bool):
+            return bool not in args and any(a in (int, float) for a in args)
+        return any(_bool_where_number(value, a) for a in args)
+    if annotation in (int, float):
+        return isinstance(value, bool)
+    if origin in (list, tuple, set, frozenset) and isinstance(value, (list, tuple, set, frozenset)):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return bool(args) and any(_bool_where_number(v, args[0]) for v in value)
+    if origin is dict and isinstance(value, dict):
+        key_type, value_type = typing.get_args(annotation) or (Any, Any)
+        return any(_bool_where_number(k, key_type) or _bool_where_number(v, value_type) for k, v in value.items())
+    return False
+
+
+class StrictNumbers(BaseModel):
+    """Base of the models read from YAML: int / float fields refuse booleans (``window: true`` is an
+    error, not 1); ints stay accepted for float fields."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        info_field = cls.model_fields.get(info.field_name or "")
+        if info_field is not None and _bool_where_number(value, info_field.annotation):
+            raise PydanticCustomError("bool_for_number", "expected a number, not a boolean")
+        return value
+
+
+class StageConfig(StrictNumbers):
+    """Base of every stage's parameter model: unknown keys are errors, booleans are not numbers."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     method: str
@@ -327,14 +366,94 @@ def _auto_name(stages: dict[str, StageConfig]) -> str:
     return "+".join(parts) or "full"
 
 
-def read_yaml(path: Path, what: str) -> Any:
-    """Parse a YAML file; a missing file or bad YAML is a :class:`ConfigError` naming the file."""
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, at: str, first: str) -> None:
+        super().__init__(f"duplicate key {key!r} at {at} (first at {first})")
+        self.key, self.at, self.first = key, at, first
+
+
+def _position(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+class StrictYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, str] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            at = _position(key_node.start_mark)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, at, seen[key])
+                seen[key] = at
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, where: str, what: str = "file", expected: str = "") -> Any:
+    """Parse YAML text with :class:`StrictYamlLoader`; bad YAML, a duplicate key or an empty document is a
+    :class:`ConfigError` naming ``where`` (``expected``: what the file should hold, for that message)."""
+    try:
+        data = yaml.load(text, Loader=StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"{where}: duplicate key '{exc.key}' at {exc.at} (first at {exc.first}); give each key once"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+    if data is None:
+        hint = f"; expected {expected}" if expected else ""
+        raise ConfigError(f"{where}: empty {what} (only whitespace or comments){hint}")
+    return data
+
+
+def read_yaml(path: Path, what: str, expected: str = "") -> Any:
+    """Parse a YAML file (see :func:`parse_yaml`); a missing or empty file, bad YAML or a duplicate key is a
+    :class:`ConfigError` naming the file."""
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_yaml(path.read_text(), str(path), what, expected)
+
+
+# ---------------------------------------------------------------- output paths
+def _nearest_existing(start: Path, key: str, shown: Path) -> Path:
+    """The closest existing folder at or above ``start``; a file on the way is a :class:`ConfigError`
+    about ``shown`` (the path the user gave)."""
+    for above in (start, *start.parents):
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                where = "is" if above == shown else f"is under {above}, which is"
+                raise ConfigError(f"{key}: {shown} {where} a file, not a folder")
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise ConfigError(f"{key}: {above} is not writable")
+            return above
+    return Path.cwd()
+
+
+def check_out_dir(path: str | Path, key: str = "--out") -> Path:
+    """An output folder that exists or can be created: not a file, not under a file, writable.
+
+    Nothing is created; call it before any expensive work.
+    """
+    out = Path(path).expanduser()
+    if str(path).strip() == "":
+        raise ConfigError(f"{key}: empty path; give an output folder")
+    _nearest_existing(out, key, out)
+    return out
+
+
+def check_out_file(path: str | Path, key: str = "--out") -> Path:
+    """An output file that can be written: not a folder, not under a file; an existing file is replaced."""
+    out = Path(path).expanduser()
+    if str(path).strip() == "" or out.is_dir():
+        raise ConfigError(f"{key}: {path!s} is a folder; give a file path")
+    _nearest_existing(out.parent, key, out)
+    return out
 
 
 # ---------------------------------------------------------------- presets
@@ -346,7 +465,7 @@ def list_presets() -> dict[str, str]:
     """Preset name -> one-line description, from the YAML files shipped in ``kvtools.configs``."""
     out = {}
     for path in sorted(_preset_dir().glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path, "preset")
         out[path.stem] = str(data.get("description", "")).strip()
     return out
 
@@ -366,12 +485,12 @@ def load_config(spec: str | Path | dict | KVConfig, base_dir: Path | None = None
     text = str(spec)
     path = Path(text)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        raw = read_yaml(path, "config file")
-        return config_from_dict(raw or {}, name=path.stem, base_dir=path.parent)
+        raw = read_yaml(path, "config file", f"a mapping with keys {', '.join(STAGES)}, e.g. cache: {{method: full}}")
+        return config_from_dict(raw, name=path.stem, base_dir=path.parent)
     presets = _preset_dir()
     candidate = presets / f"{text}.yaml"
     if candidate.is_file():
-        return config_from_dict(yaml.safe_load(candidate.read_text()) or {}, name=text, base_dir=presets)
+        return config_from_dict(read_yaml(candidate, "preset"), name=text, base_dir=presets)
     names = sorted(p.stem for p in presets.glob("*.yaml"))
     raise ConfigError(f"unknown preset '{text}'{_closest(text, names)}; available presets: {', '.join(names)}")
 

@@ -1,14 +1,25 @@
-"""``load_model()``: the embedded default model, the shipped Gemma-3, hub ids, local dirs, GGUF files."""
+"""``load_model()``: the embedded default model, the shipped Gemma-3, hub ids, local dirs, GGUF files.
+
+:func:`model_context_length` checks that a model can be loaded and reads its context length from its
+config (a GGUF file's header, a folder's or the hub's ``config.json``) without loading any weights, so
+commands can refuse a missing model or a too-long input before any expensive work.
+"""
 
 from __future__ import annotations
 
+import difflib
+import functools
 import importlib.util
+import os
+import re
+import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-from .errors import ModelNotAvailableError
+from .errors import InputTooLongError, ModelNotAvailableError
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,6 +86,8 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
 
     ``name``: None / ``"smollm2-135m"`` (the embedded default), ``"gemma3-270m"``, a hub id,
     a local directory, or a ``.gguf`` path. GGUF models are de-quantised to ``dtype``.
+    A model that cannot be found (no such folder, hub id unknown, or not cached while the hub
+    is unreachable) raises :class:`~kvtools.errors.ModelNotAvailableError`.
 
     >>> model, tok = kvtools.load_model()          # doctest: +SKIP
     """
@@ -85,8 +98,14 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype, **kw)
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
         return _finish(model, tok, device)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
-    tok = AutoTokenizer.from_pretrained(where)
+    offline = None if Path(where).expanduser().exists() else hub_unreachable()
+    if offline is not None:  # only the HF cache can serve it: do not wait on the hub's retries
+        kw.setdefault("local_files_only", True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=kw.get("local_files_only", False))
+    except OSError as exc:
+        raise ModelNotAvailableError(_not_found(str(name), offline, exc)) from None
     return _finish(model, tok, device)
 
 
@@ -97,3 +116,152 @@ def _finish(model, tok, device):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+# ---------------------------------------------------------------- cheap checks (no weights loaded)
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@functools.lru_cache(maxsize=4)
+def _probe(endpoint: str, timeout: float) -> str | None:
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=timeout)  # one request, no retries; proxies as configured
+    except Exception as exc:  # noqa: BLE001 - any failure means: not usable now
+        return f"{endpoint} cannot be reached: {type(exc).__name__}: {exc}"
+    return None
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be used now, or ``None`` when it answers.
+
+    Offline mode (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set) or no
+    answer from the endpoint within ``timeout`` seconds (checked once per process): then only the local
+    HF cache can serve hub ids, and callers fail at once instead of waiting on the libraries' retries.
+    """
+    for var in _OFFLINE_VARS:
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"offline mode: {var}={os.environ[var]}"
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode: HF_HUB_OFFLINE"
+    return _probe(constants.ENDPOINT, timeout)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _not_found(name: str, offline: str | None, exc: BaseException | None = None) -> str:
+    """The message of a model that is neither embedded, nor a local folder / GGUF file, nor loadable from the hub."""
+    key = name.lower()
+    hit = difflib.get_close_matches(key, [*EMBEDDED, *_ALIASES], n=1, cutoff=0.6)
+    hint = f" (did you mean '{_ALIASES.get(hit[0], hit[0])}'?)" if hit else ""
+    allowed = f"an embedded model ({', '.join(EMBEDDED)}), a local model folder, a .gguf file or a hub id"
+    if offline is not None:
+        why = f"not in the HF cache, and the hub is unavailable ({offline})"
+    else:
+        detail = (str(exc).strip().splitlines() or [""])[0] if exc is not None else ""
+        why = f"the hub has no such model ({type(exc).__name__}: {detail})"
+    return f"model '{name}'{hint}: no such local folder or .gguf file, {why}; give {allowed}"
+
+
+def _gguf_context_length(path: Path) -> int | None:
+    """``<architecture>.context_length`` from a GGUF file's header, reading only its metadata."""
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def read(f: BinaryIO, fmt: str) -> Any:
+        size = struct.calcsize(order + fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError("truncated header")
+        return struct.unpack(order + fmt, data)[0]
+
+    def string(f: BinaryIO) -> str:
+        return f.read(read(f, "Q")).decode("utf-8", errors="replace")
+
+    def value(f: BinaryIO, kind: int) -> Any:
+        if kind in scalar:
+            return read(f, scalar[kind])
+        if kind == 8:
+            return string(f)
+        if kind == 9:
+            item, count = read(f, "I"), read(f, "Q")
+            if item in scalar:  # skip fixed-size arrays (token scores, types) without reading them
+                f.seek(count * struct.calcsize(order + scalar[item]), os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    value(f, item)
+            return None
+        raise ValueError(f"unknown value type {kind}")
+
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        order = "<"
+        version = read(f, "I")
+        if version > 0xFFFF:  # a big-endian file
+            order = ">"
+        read(f, "Q")  # tensor count
+        n_kv = read(f, "Q")
+        found: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, kind = string(f), read(f, "I")
+            val = value(f, kind)
+            if key == "general.architecture" or key.endswith(".context_length"):
+                found[key] = val
+            arch = found.get("general.architecture")
+            if arch is not None and f"{arch}.context_length" in found:
+                return int(found[f"{arch}.context_length"])
+    return None
+
+
+def _config_context(config: Any) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
+@functools.lru_cache(maxsize=16)
+def model_context_length(name: str | None) -> int | None:
+    """The context length of a model, read without loading its weights (``None`` when its config has none).
+
+    Raises :class:`~kvtools.errors.ModelNotAvailableError` when the model cannot be found: the
+    embedded package or GGUF file is missing, a local folder does not exist or has no ``config.json``,
+    or a hub id is unknown (or not cached while the hub is unreachable).
+
+    >>> model_context_length("smollm2-135m")  # doctest: +SKIP
+    8192
+    """
+    where, gguf = resolve_model(name)
+    if gguf is not None:
+        try:
+            return _gguf_context_length(Path(where) / gguf)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise ModelNotAvailableError(f"{Path(where) / gguf}: unreadable GGUF header ({exc})") from None
+    from transformers import AutoConfig
+
+    local = Path(where).expanduser()
+    if local.is_dir():
+        try:
+            return _config_context(AutoConfig.from_pretrained(str(local)))
+        except (OSError, ValueError) as exc:
+            raise ModelNotAvailableError(
+                f"{local}: not a model folder (need the config.json save_pretrained writes): {exc}"
+            ) from None
+    if not _HUB_ID.match(where) or where.startswith((".", "~")) or where.count("/") > 1:
+        raise ModelNotAvailableError(f"model folder not found: {where}")
+    offline = hub_unreachable()
+    try:
+        config = AutoConfig.from_pretrained(where, local_files_only=offline is not None)
+    except (OSError, ValueError) as exc:
+        raise ModelNotAvailableError(_not_found(where, offline, exc)) from None
+    return _config_context(config)
+
+
+def check_context(lengths: Iterable[int], context: int | None, what: str = "lengths") -> None:
+    """Raise :class:`~kvtools.errors.InputTooLongError` when a length is beyond the model's ``context``."""
+    too_long = sorted({int(n) for n in lengths if context is not None and n > context})
+    if too_long:
+        raise InputTooLongError(f"{what}: {too_long} exceed the model's context of {context} tokens")

@@ -77,3 +77,56 @@ def test_unsupported_family_lists_supported_ones():
 def test_missing_gguf_file_names_the_problem(tmp_path):
     with pytest.raises(kvtools.ModelNotAvailableError, match="GGUF file not found"):
         kvtools.load_model(str(tmp_path / "nope.gguf"))
+
+
+# ---------------------------------------------------------------- YAML and types that used to pass silently
+def test_empty_yaml_is_an_error_not_the_full_config(tmp_path):
+    for text in ("", "\n", "# nothing but a comment\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=r"empty\.yaml: empty config file .*expected a mapping with keys prefill"):
+            load_config(path)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("cache:\n  method: snapkv\n  budget: 64\n  budget: 128\n", "budget"),
+    ("cache: {method: streamingllm, window: 64, window: 32}\n", "window"),
+    ("cache: {method: full}\ncache: {method: snapkv}\n", "cache"),
+])
+def test_duplicate_yaml_keys_are_errors(tmp_path, text, key):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"dup\.yaml: duplicate key '{key}' at line \d+, column \d+ \(first at line"):
+        load_config(path)
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("name: m\ncache:\n  <<: {method: streamingllm, n_sink: 2, window: 64}\n  window: 32\n")
+    cfg = load_config(path)
+    assert cfg.cache.window == 32 and cfg.cache.n_sink == 2
+
+
+@pytest.mark.parametrize("cfg, key", [
+    ({"cache": {"method": "streamingllm", "window": True}}, "cache.window"),
+    ({"cache": {"method": "streamingllm", "n_sink": False}}, "cache.n_sink"),
+    ({"cache": {"method": "snapkv", "budget": True}}, "cache.budget"),
+    ({"prefill": {"method": "dense", "chunk": True}}, "prefill.chunk"),
+    ({"prefill": {"method": "flexprefill", "gamma": True}}, "prefill.gamma"),
+    ({"decode": {"method": "recycled", "s": False}}, "decode.s"),
+    ({"cache": {"method": "duo", "retrieval_heads": {0: [True]}}}, "cache.retrieval_heads"),
+])
+def test_booleans_are_not_numbers(cfg, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: expected a number, not a boolean, got "):
+        load_config(cfg)
+
+
+def test_numbers_and_booleans_where_they_belong_still_load(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("cache: {method: snapkv, budget: 1.0, window: 32}\n")
+    assert load_config(path).cache.budget == 1.0 and isinstance(load_config(path).cache.budget, float)  # fraction
+    path.write_text("cache: {method: snapkv, budget: 1024}\n")
+    assert load_config(path).cache.budget == 1024 and isinstance(load_config(path).cache.budget, int)  # slots
+    rec = load_config({"decode": {"method": "recycled", "s": 1, "dynamic": True}}).decode
+    assert rec.s == 1.0 and rec.dynamic is True  # an int for a float field, a bool for a bool field
+    assert load_config({"cache": {"method": "retrieval", "insert": False}, "decode": "retrieval"}).cache.insert is False

@@ -272,6 +272,8 @@ def test_load_from_hub_ids(tmp_path, monkeypatch):
     import datasets
     import huggingface_hub
 
+    import kvtools.models
+
     calls = []
 
     def fake_load_dataset(path, name=None, **kwargs):
@@ -280,6 +282,7 @@ def test_load_from_hub_ids(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, repo_type: f"/hub/{repo}/{filename}")
+    monkeypatch.setattr(kvtools.models, "hub_unreachable", lambda *a, **k: None)  # as if online
     assert len(load_longbench("hotpotqa", limit=3)) == 3
     zipped = "zip://data/hotpotqa.jsonl::/hub/THUDM/LongBench/data.zip"
     assert calls[-1] == ("json", None, {"cache_dir": None, "data_files": zipped, "split": "train"})

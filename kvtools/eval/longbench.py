@@ -32,6 +32,9 @@ folder holding ``<task>.jsonl`` (e.g. the unzipped upstream ``data.zip``) or the
 ``data.zip`` itself. The upstream hub repo ``THUDM/LongBench`` ships a loading script
 that ``datasets>=4`` refuses to run, so for that id kvtools downloads the repo's
 ``data.zip`` with ``huggingface_hub`` and reads ``data/<task>.jsonl`` from it.
+A hub id that cannot be loaded (hub unreachable, offline mode without a cached copy,
+unknown id) is a :class:`~kvtools.errors.ConfigError` naming the dataset and the local
+files ``source`` accepts, raised at once rather than after the hub libraries' retries.
 """
 
 from __future__ import annotations
@@ -242,6 +245,49 @@ def _datasets() -> Any:
     return datasets
 
 
+def _local_hint(name: str) -> str:
+    return (f"give local files as `source:` (a run file's suite key): a {name}.jsonl / .json / .parquet file, "
+            f"a folder holding {name}.jsonl (or data/{name}.jsonl), or a .zip holding data/{name}.jsonl")
+
+
+def _from_hub(source: str, name: str, load: Callable[[], Any], lib_offline: bool) -> Any:
+    """Run ``load`` (a hub download) unless the hub is unavailable; any failure is a :class:`ConfigError`
+    naming the dataset and how to give local files.
+
+    ``lib_offline``: the loading library itself runs in offline mode (it then reads the HF cache and fails
+    fast); otherwise an unreachable hub fails here at once, instead of after the library's retries.
+    """
+    from kvtools.models import hub_unreachable
+
+    reason = hub_unreachable()
+    if reason is not None and not lib_offline:
+        raise ConfigError(
+            f"source: cannot load '{source}' ({name}) from the hub: {reason}; to read a copy already in the HF "
+            f"cache, run with HF_HUB_OFFLINE=1; or {_local_hint(name)}"
+        )
+    try:
+        return load()
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hub, network and dataset errors of several libraries
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        where = f"the HF cache ({reason})" if reason else "the hub"
+        raise ConfigError(
+            f"source: cannot load '{source}' ({name}) from {where}: {type(exc).__name__}: {detail}; "
+            f"{_local_hint(name)}"
+        ) from None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _datasets_offline() -> bool:
+    return bool(getattr(_datasets().config, "HF_HUB_OFFLINE", False))
+
+
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -252,6 +298,17 @@ def _pick_file(folder: Path, name: str) -> Path:
             if candidate.is_file():
                 return candidate
     raise ConfigError(f"source: no {name}.jsonl/.json/.parquet in {folder} (or its data/ folder)")
+
+
+def _read_local(path: Path, load: Callable[[], Any]) -> Any:
+    """Run ``load`` (``datasets`` reading a local file); a file it cannot parse is a :class:`ConfigError`."""
+    try:
+        return load()
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets' several parse / schema errors
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"source: cannot read {path}: {type(exc).__name__}: {detail}") from None
 
 
 def load_dataset_source(
@@ -286,23 +343,30 @@ def load_dataset_source(
     if path.is_dir():
         path = _pick_file(path, name)
     if path.is_file() and path.suffix == ".zip":
-        data = ds.load_dataset("json", data_files=f"zip://data/{name}.jsonl::{path.resolve()}", split="train", **kw)
+        data = _read_local(path, lambda: ds.load_dataset(
+            "json", data_files=f"zip://data/{name}.jsonl::{path.resolve()}", split="train", **kw))
     elif path.is_file():
         builder = _BUILDERS.get(path.suffix)
         if builder is None:
             raise ConfigError(f"source: {path} is not a .jsonl, .json, .parquet or .zip file")
-        data = ds.load_dataset(builder, data_files=str(path), split="train", **kw)
+        data = _read_local(path, lambda: ds.load_dataset(builder, data_files=str(path), split="train", **kw))
     elif path.suffix in _BUILDERS or path.suffix == ".zip" or str(source).startswith((".", "/", "~")):
         raise ConfigError(f"source: file not found: {source}")
     elif str(source) in _ZIP_REPOS and not hub_kwargs:
         from huggingface_hub import hf_hub_download
 
-        zip_path = hf_hub_download(str(source), "data.zip", repo_type="dataset")
-        data = ds.load_dataset("json", data_files=f"zip://data/{name}.jsonl::{zip_path}", split="train", **kw)
+        def from_zip() -> Any:
+            zip_path = hf_hub_download(str(source), "data.zip", repo_type="dataset")
+            return ds.load_dataset("json", data_files=f"zip://data/{name}.jsonl::{zip_path}", split="train", **kw)
+
+        data = _from_hub(str(source), name, from_zip, _hub_offline())
     elif hub_kwargs:
-        data = ds.load_dataset(str(source), split=split, **{**kw, **hub_kwargs})
+        hub_kw = {**kw, **hub_kwargs}
+        data = _from_hub(str(source), name, lambda: ds.load_dataset(str(source), split=split, **hub_kw),
+                         _datasets_offline())
     else:
-        data = ds.load_dataset(str(source), name, split=split, **kw)
+        data = _from_hub(str(source), name, lambda: ds.load_dataset(str(source), name, split=split, **kw),
+                         _datasets_offline())
     if limit is not None:
         data = data.select(range(min(max(limit, 0), len(data))))
     return data
@@ -353,7 +417,9 @@ def load_longbench_v2(
     if path.is_file() or path.is_dir() or path.suffix in _BUILDERS:
         data = load_dataset_source(source, "data", split=split, cache_dir=cache_dir)
     else:
-        data = _datasets().load_dataset(str(source), split=split, cache_dir=str(cache_dir) if cache_dir else None)
+        ds = _datasets()
+        data = _from_hub(str(source), "data", lambda: ds.load_dataset(
+            str(source), split=split, cache_dir=str(cache_dir) if cache_dir else None), _datasets_offline())
     need = {"question", "choice_A", "choice_B", "choice_C", "choice_D", "answer", "context"}
     missing = need - set(data.column_names)
     if missing:

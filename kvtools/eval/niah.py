@@ -5,7 +5,9 @@ every (length, depth, sample) cell builds the same prompt for every method (its 
 depends on the run seed and the cell, never on the method), generates greedily with a
 fresh KV cache, scores 1 if the needle's value appears in the output, and appends one
 JSON line per sample to ``results.jsonl``. A rerun with the same ``out_dir`` skips the
-finished samples. At the end it writes ``summary.md``, ``summary.csv`` and heatmaps.
+finished samples. Nothing is written before every check passed (grid, configs,
+output folder, the model found and the lengths within its context, read from its
+config before any weights load). At the end it writes ``summary.md``, ``summary.csv`` and heatmaps.
 
 Example::
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvtools.config import KVConfig, load_config, same_method
+from kvtools.config import KVConfig, check_out_dir, load_config, same_method
 from kvtools.errors import ConfigError, InputTooLongError
 
 from .haystack import NiahPrompt, build_niah_prompt, load_haystack_dir
@@ -260,10 +262,13 @@ def _resolve_configs(configs: Sequence[str | Path | dict | KVConfig]) -> list[KV
     return resolved
 
 
-def _check_resume(out: Path, run_config: dict[str, Any]) -> dict[str, Any]:
-    """Compare with an existing ``config.json``; returns the merged config to write."""
+def _check_resume(out: Path, run_config: dict[str, Any], has_results: bool = True) -> dict[str, Any]:
+    """Compare with an existing ``config.json``; returns the merged config to write.
+
+    A ``config.json`` without results (a run that failed before its first sample) binds nothing: it is replaced.
+    """
     path = out / CONFIG_FILE
-    if not path.exists():
+    if not path.exists() or not has_results:
         return run_config
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -348,7 +353,7 @@ def run_niah(
     corpus = load_haystack_dir(haystack_dir) if haystack_dir is not None else None
     name = _model_name(model_name)
 
-    out = Path(out_dir)
+    out = check_out_dir(out_dir, "out_dir")
     run_config = {
         "suite": "niah",
         "model": name,
@@ -360,17 +365,15 @@ def run_niah(
         "seed": seed,
         "haystack": str(Path(haystack_dir).resolve()) if haystack_dir is not None else None,
     }
-    merged = _check_resume(out, run_config)
     results_path = out / RESULTS_FILE
     records = read_results(results_path, repair=True)
+    merged = _check_resume(out, run_config, has_results=bool(records))
     others = sorted({str(r.get("model")) for r in records if r.get("model") not in (None, name)})
     if others:
         raise ConfigError(
             f"{results_path} holds results of model {', '.join(others)}, this run uses {name}; "
             "use another --out, or delete that folder to start over"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
     done = {cell_key(r) for r in records}
     grid = [(n, d, s) for n in lengths for d in depths for s in range(samples)]
     todo = {
@@ -379,10 +382,17 @@ def run_niah(
     }
     remaining = sum(len(cells) for cells in todo.values())
 
-    if remaining:
-        if model is None or tokenizer is None:
-            from kvtools import load_model
+    def write_config() -> None:  # only once every check passed, so a failed start leaves nothing behind
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
 
+    if not remaining:
+        write_config()
+    else:
+        if model is None or tokenizer is None:
+            from kvtools.models import check_context, load_model, model_context_length
+
+            check_context(lengths, model_context_length(model_name))  # from the config: no weights loaded yet
             model, tokenizer = load_model(model_name)
         max_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if max_context is not None and lengths[-1] > max_context:
@@ -392,6 +402,7 @@ def run_niah(
             )
         # fail fast on a length too short for the needle and question
         build_niah_prompt(tokenizer, lengths[0], 0.0, 0, max_new_tokens=max_new_tokens, haystack=corpus)
+        write_config()
         if patch_fn is None:
             from kvtools import patch as patch_fn
         generate = generate_fn or generate_greedy

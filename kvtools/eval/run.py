@@ -12,10 +12,14 @@ A run file::
       - {suite: niah, lengths: [1k, 2k], depths: [0, 50, 100]}
       - {suite: ppl, lengths: [16k], chunk: 512, segment: 1024}
 
-Everything is validated before the model loads. The output folder gets the
-resolved run (``run.json``), one JSON line per sample (``results.jsonl``,
-flushed as it goes), ``summary.md`` / ``summary.csv`` and plots. Re-running
-resumes: finished samples are skipped, a truncated last line is dropped.
+Everything is validated before the model loads: the run file, the output folder,
+the model (found, from its config alone), the datasets of the public-data suites
+(loaded first: an unavailable hub is an error naming the suite's ``source``) and
+the lengths against the model's context. Nothing is written before that. The
+output folder then gets the resolved run (``run.json``), one JSON line per sample
+(``results.jsonl``, flushed as it goes), ``summary.md`` / ``summary.csv`` and
+plots. Re-running resumes: finished samples are skipped, a truncated last line is
+dropped.
 
 Under ``accelerate launch -m kvtools eval RUN.yaml`` every process takes every
 ``world``-th item and writes its own shard; the main process merges them into
@@ -32,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from ..config import KVConfig, load_config, read_yaml, same_method, validate_fields
+from ..config import KVConfig, StrictNumbers, check_out_dir, load_config, read_yaml, same_method, validate_fields
 from ..errors import ConfigError, InputTooLongError
 from .report import read_results
 from .suites import Item, SuiteSpec, suite_from_dict
@@ -43,8 +47,8 @@ RESULTS = "results.jsonl"
 TIMING_FIELDS = ("prefill_s", "decode_ms", "seconds")
 
 
-class RunFile(BaseModel):
-    """The top level of a run file."""
+class RunFile(StrictNumbers):
+    """The top level of a run file (booleans are not numbers)."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
@@ -95,7 +99,7 @@ def load_run(source: str | Path | dict[str, Any]) -> Run:
     where = ""
     if not isinstance(source, dict):
         path = Path(source)
-        raw = read_yaml(path, "run file")
+        raw = read_yaml(path, "run file", "a mapping with keys model, methods, suites, seed, out")
         where = str(path)
     else:
         raw = source
@@ -184,11 +188,15 @@ def run_eval(
 ) -> EvalResult | None:
     """Run (or resume) an eval run; returns its records and summary (``None`` on non-main processes)."""
     run = source if isinstance(source, Run) else load_run(source)
-    out_dir = Path(out or run.spec.out)
+    out_dir = check_out_dir(out or run.spec.out, "out")
     rank, world, state = _world()
     resolved = run.to_dict()
     run_json = out_dir / "run.json"
-    if run_json.exists():
+    shard_dir = out_dir / "shards"
+    results_path = out_dir / RESULTS if world == 1 else shard_dir / f"rank{rank}.jsonl"
+    shards = sorted(shard_dir.glob("rank*.jsonl"))
+    has_results = any(p.is_file() and p.stat().st_size > 0 for p in [out_dir / RESULTS, *shards])
+    if run_json.exists() and has_results:  # a run.json without results (an older failed start) binds nothing
         old = json.loads(run_json.read_text())
         diffs = [k for k in ("model", "seed") if old.get(k) != resolved[k]]
         diffs += [f"method '{n}'" for n, c in resolved["methods"].items() if n in old.get("methods", {})
@@ -197,25 +205,35 @@ def run_eval(
             raise ConfigError(f"{out_dir} holds a different run ({', '.join(diffs)} differ); results would be "
                               "mixed: use another out, or delete that folder to start over")
         resolved["methods"] = {**old.get("methods", {}), **resolved["methods"]}
-    shard_dir = out_dir / "shards"
-    results_path = out_dir / RESULTS if world == 1 else shard_dir / f"rank{rank}.jsonl"
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        run_json.write_text(json.dumps(resolved, indent=2) + "\n")
-    if state is not None:
-        state.wait_for_everyone()
-    results_path.parent.mkdir(parents=True, exist_ok=True)
+    max_context = None
+    if model is None:
+        if run.spec.model and run.spec.model.startswith("random:"):
+            raise ConfigError("run.model: eval needs a real model with a tokenizer; random:SHAPE models are for "
+                              "`kvtools bench`")
+        from ..models import model_context_length
+
+        max_context = model_context_length(run.spec.model)  # the model exists; no weights loaded
+    all_items = resolve_items(run)  # public-data suites load their examples here, before any write
+    _check_lengths(all_items, max_context)
 
     done = {record_key(r) for r in read_results(out_dir / RESULTS, repair=world == 1, key=record_key)}
-    done |= {record_key(r) for p in sorted(shard_dir.glob("rank*.jsonl"))
-             for r in read_results(p, repair=p == results_path, key=record_key)}
-    items = [it for i, it in enumerate(run.items()) if i % world == rank]
+    done |= {record_key(r) for p in shards for r in read_results(p, repair=p == results_path, key=record_key)}
+    items = [it for i, it in enumerate(all_items) if i % world == rank]
     todo = [(it, [c for c in run.configs if (c.name, *it.key()) not in done]) for it in items]
     todo = [(it, cs) for it, cs in todo if cs]
 
     if todo:
         if model is None or tokenizer is None:
             model, tokenizer = _load(run)
+        _check_lengths([it for it, _ in todo], getattr(model.config, "max_position_embeddings", None))
+    # everything checked: only now the folder and run.json are written
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run_json.write_text(json.dumps(resolved, indent=2) + "\n")
+    if state is not None:
+        state.wait_for_everyone()
+    if todo:
+        results_path.parent.mkdir(parents=True, exist_ok=True)
         _run_items(run, todo, model, tokenizer, results_path, quiet or rank != 0, generate_fn)
 
     if state is not None:
@@ -238,9 +256,32 @@ def run_eval(
     return EvalResult(out_dir, records, summary, [out_dir / "run.json", out_dir / RESULTS, *files])
 
 
+def resolve_items(run: Run) -> list[Item]:
+    """The run's items; a public-data suite loads its examples here, and a dataset it cannot load is a
+    :class:`ConfigError` naming the suite (``suites[i].source: ...``)."""
+    items: list[Item] = []
+    for i, suite in enumerate(run.suites):
+        try:
+            items += suite.items()
+        except ConfigError as exc:
+            raise ConfigError(f"suites[{i}].{exc}" if str(exc).startswith("source:") else f"suites[{i}]: {exc}") \
+                from None
+        except ImportError as exc:  # the optional `datasets` package; the message names the install command
+            raise ConfigError(f"suites[{i}] ({suite.suite}): {exc}") from None
+    return items
+
+
+def _check_lengths(items: list[Item], max_context: int | None) -> None:
+    """Generated samples must fit the model's context (a ppl stream is cut into chunks and may be longer)."""
+    too_long = sorted({it.length for it in items if max_context and it.length > max_context and it.suite != "ppl"})
+    if too_long:
+        raise InputTooLongError(f"lengths {too_long} exceed the model's context of {max_context} tokens")
+
+
 def _load(run: Run):
     if run.spec.model and run.spec.model.startswith("random:"):
-        raise ConfigError("eval needs a real model with a tokenizer; random:SHAPE models are for `kvtools bench`")
+        raise ConfigError("run.model: eval needs a real model with a tokenizer; random:SHAPE models are for "
+                          "`kvtools bench`")
     from ..models import load_model
 
     kw = {"device_map": "auto"} if run.spec.device == "auto" else {}
@@ -259,10 +300,7 @@ def _run_items(run, todo, model, tokenizer, results_path, quiet, generate_fn) ->
 
     generate = generate_fn or generate_greedy
     max_context = getattr(model.config, "max_position_embeddings", None)
-    too_long = sorted({it.length for it, _ in todo if max_context and it.length > max_context
-                       and it.suite != "ppl"})
-    if too_long:
-        raise InputTooLongError(f"lengths {too_long} exceed the model's context of {max_context} tokens")
+    _check_lengths([it for it, _ in todo], max_context)
     total = sum(len(cs) for _, cs in todo)
     with tqdm(total=total, disable=quiet, desc="eval", unit="sample") as bar, \
             results_path.open("a", encoding="utf-8") as f:

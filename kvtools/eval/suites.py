@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
+from ..config import StrictNumbers
 from ..errors import ConfigError
 
 
@@ -58,8 +59,8 @@ def _parse_length(value: Any) -> int:
     return n
 
 
-class SuiteSpec(BaseModel):
-    """Fields every suite has."""
+class SuiteSpec(StrictNumbers):
+    """Fields every suite has (booleans are not numbers)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     suite: str
