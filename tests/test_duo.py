@@ -55,7 +55,8 @@ def test_memory_is_freed_and_matches_the_formula(llama):
     b, d, itemsize = 2, 16, 4
     per_slot = 2 * d * itemsize + 1 + 8 + 8  # keys + values + valid + pos + idx
     slots = 50 * 1 + (n_sink + recent) * 1 + (n_sink + recent) * 2  # retrieval + streaming heads
-    assert cache.nbytes() == b * slots * per_slot
+    ring = 2 * b * 8  # the streaming tables' ring bookkeeping: each row's capacity (a long), per layer
+    assert cache.nbytes() == b * slots * per_slot + ring
     assert cache.layers[0].keys.shape == (2, 1, 50, 16)
     assert cache.layers[0].state["stream"].keys.shape == (2, 1, 12, 16)
     with kvtools.patch(llama, "full") as p:

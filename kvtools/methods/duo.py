@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ..cache import SlotLayer, Step
+from ..cache import SlotLayer
 from ..config import DuoCache, StreamingLLMCache
 from ..errors import ConfigError
-from .base import CachePolicy, LayerInfo
+from .base import CachePolicy
 from .streamingllm import StreamingLLMPolicy
 
 
@@ -61,10 +61,10 @@ def binarize(pattern: torch.Tensor, sparsity: float | None = None, threshold: fl
 
 
 class _StreamingHeads(StreamingLLMPolicy):
-    """Streaming heads: before a step keep sink + recent, so a chunk attends to sink + recent + itself."""
+    """Streaming heads: a chunk (or a decoded token) attends to sink + recent + itself; the table then keeps
+    sink + recent (a decode step writes the token over the oldest recent slot: the ring, no gather)."""
 
-    def before_append(self, layer: SlotLayer, step: Step, info: LayerInfo) -> None:
-        self._evict_to(layer, self._capacity(layer, step))
+    attend_with_self = True
 
 
 class DuoPolicy(CachePolicy):
