@@ -75,6 +75,8 @@ def gated_attention(model: Any, gates: torch.Tensor, n_sink: int, recent: int):
     saved = [m.__dict__.get("forward") for m in modules]
 
     def make(i: int):
+        window = adapter.sliding_window(model, getattr(modules[i], "layer_idx", i))
+
         def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
             q, k, v = adapter.project(self, hidden_states)
             q, k = adapter.rope(self, q, k, position_embeddings)
@@ -82,7 +84,6 @@ def gated_attention(model: Any, gates: torch.Tensor, n_sink: int, recent: int):
             hk = k.shape[1]
             qi, ki = torch.arange(l, device=q.device)[:, None], torch.arange(l, device=q.device)[None]
             causal = ki <= qi
-            window = adapter.sliding_window(self)
             if window is not None:
                 causal = causal & (qi - ki < window)
             stream = causal & ((ki < n_sink) | (qi - ki < recent))
