@@ -150,7 +150,9 @@ class StreamingLLMCache(StageConfig):
         default=1020, gt=0, description="recent tokens kept (int) or fraction of the prompt (0 < f <= 1)"
     )
     positions: Literal["cache", "original"] = Field(
-        default="cache", description="re-rotate kept keys to in-cache positions, or keep original ones"
+        default="cache",
+        description="the query sees kept keys at in-cache distances (sinks rotated each call, nothing re-rotated "
+                    "in place), or at their original positions",
     )
 
 
