@@ -168,9 +168,12 @@ class SlotLayer(CacheLayerMixin):
         only / all but stores a method offloaded (also meaningful on a CPU-only machine)."""
         total = 0
         for t in self.state.values():
-            if torch.is_tensor(t):  # a bare per-row tensor
-                if not offloaded and (device is None or t.device.type == torch.device(device).type):
-                    total += t.numel() * t.element_size()
+            bare = [t] if torch.is_tensor(t) else [x for x in t if torch.is_tensor(x)] if isinstance(
+                t, (list, tuple)) else []
+            if bare:  # per-row tensors kept as they are (e.g. queries carried between chunks)
+                if not offloaded:
+                    total += sum(x.numel() * x.element_size() for x in bare
+                                 if device is None or x.device.type == torch.device(device).type)
             elif callable(getattr(t, "nbytes", None)):
                 off = bool(getattr(t, "offloaded", False))
                 if offloaded is None or off == offloaded:

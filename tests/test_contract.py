@@ -325,3 +325,17 @@ def test_nbytes_counts_the_tensors_the_cache_holds(config):
             k: v for k, v in layer.state.items() if not getattr(v, "offloaded", False)}, set())]
     assert cache.nbytes(offloaded=False) == sum(t.numel() * t.element_size() for t in resident)
     assert cache.nbytes() == cache.nbytes(offloaded=False) + cache.nbytes(offloaded=True)
+
+
+def test_nbytes_counts_state_carried_between_calls():
+    """What a method keeps in layer.state between calls (retrieval's IVF training queries before the
+    offload, lists of tensors) is part of the bytes the cache holds."""
+    model = tiny_model("llama")
+    cfg = {"cache": {**RETR, "index": "ivf", "train_on": "queries", "n_sink": 4, "window": 64}, "decode": RETR}
+    with kvtools.patch(model, cfg) as p:
+        _, cache = run_calls(model, random_ids(1, 20), [20], cache=p.make_cache())
+    kept = [t for layer in cache.layers for t in layer.state.get("train_q", [])]
+    assert kept, "the prompt is shorter than sink + window: the training queries wait in the cache"
+    resident = [t for layer in cache.layers for t in _tensors(
+        {k: v for k, v in vars(layer).items() if k != "state"} | dict(layer.state), set())]
+    assert cache.nbytes() == sum(t.numel() * t.element_size() for t in resident)
