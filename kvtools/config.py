@@ -168,6 +168,16 @@ class SnapKVCache(StageConfig):
     pool: Literal["max", "avg"] = "max"
 
 
+class KNormCache(StageConfig):
+    """At the end of each prompt (multi-token call) keep its recent window + the keys with the smallest L2 norm."""
+
+    method: Literal["knorm"] = "knorm"
+    budget: int | float = Field(
+        default=1024, gt=0, description="slots per KV head (int) or fraction of the prompt (0 < f <= 1)"
+    )
+    window: int = Field(default=16, ge=1, description="most recent prompt tokens always kept")
+
+
 class RetrievalCache(StageConfig):
     """RetrievalAttention: after prefill all but sink + window slots move to CPU, one ANN index per
     (layer, row, KV head); each decode query attends to its retrieved top_k there plus the device slots."""
@@ -226,8 +236,8 @@ class DenseDecode(StageConfig):
 #: stage -> method name -> parameter model. Methods register here (listed by `kvtools methods`).
 STAGE_MODELS: dict[str, dict[str, type[StageConfig]]] = {
     "prefill": {"dense": DensePrefill, "flexprefill": FlexPrefill, "hip": HipPrefill},
-    "cache": {"full": FullCache, "streamingllm": StreamingLLMCache, "snapkv": SnapKVCache, "duo": DuoCache,
-              "retrieval": RetrievalCache},
+    "cache": {"full": FullCache, "streamingllm": StreamingLLMCache, "snapkv": SnapKVCache, "knorm": KNormCache,
+              "duo": DuoCache, "retrieval": RetrievalCache},
     "decode": {"dense": DenseDecode, "hip": HipDecode, "recycled": RecycledDecode, "retrieval": RetrievalDecode},
 }
 
@@ -274,12 +284,12 @@ def _check_fractions(stage: str, cfg: StageConfig) -> None:
             raise ConfigError("cache.sparsity / cache.threshold: only apply to a pattern file (duo)")
         if cfg.pattern is not None and not Path(cfg.pattern).is_file():
             raise ConfigError(f"cache.pattern: file not found: {cfg.pattern} (duo)")
-    if isinstance(cfg, SnapKVCache):
-        if cfg.kernel % 2 == 0:
-            raise ConfigError(f"cache.kernel: must be odd (same-size pooling), got {cfg.kernel}")
+    if isinstance(cfg, SnapKVCache) and cfg.kernel % 2 == 0:
+        raise ConfigError(f"cache.kernel: must be odd (same-size pooling), got {cfg.kernel}")
+    if isinstance(cfg, (SnapKVCache, KNormCache)):
         if isinstance(cfg.budget, int) and cfg.budget < cfg.window:
             raise ConfigError(
-                f"cache.budget: must be >= cache.window ({cfg.window}) so the observation window fits, "
+                f"cache.budget: must be >= cache.window ({cfg.window}) so the window fits, "
                 f"got {cfg.budget}"
             )
 

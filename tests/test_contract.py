@@ -38,9 +38,9 @@ class Case:
     covering: list[dict]  # configs whose budget covers everything (int and fractional where the method has both)
     sparse: dict  # a config that really drops work on the test prompts
     beams: bool = True  # False: the method refuses beam search up front
-    #: the sparse config picks a top-k by score every step: on a tiny random model (near-uniform attention)
-    #: half precision flips near-tied picks, a discrete change that is not rounding drift; the half-precision
-    #: check then runs its covering config (same arithmetic, nothing to flip)
+    #: the sparse config ranks near-tied scores (a top-k by attention each step, or by key norm): on a tiny
+    #: random model half precision flips near-tied picks, a discrete change that is not rounding drift; the
+    #: half-precision check then runs its covering config (same arithmetic, nothing to flip)
     selects: bool = False
 
 
@@ -56,6 +56,12 @@ CASES: dict[tuple[str, str], Case] = {
         [{"cache": {"method": "snapkv", "budget": 1000, "window": 4, "kernel": 3}},
          {"cache": {"method": "snapkv", "budget": 1.0, "window": 4, "kernel": 3}}],
         {"cache": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3}},
+    ),
+    ("cache", "knorm"): Case(
+        [{"cache": {"method": "knorm", "budget": 1000, "window": 4}},
+         {"cache": {"method": "knorm", "budget": 1.0, "window": 4}}],
+        {"cache": {"method": "knorm", "budget": 0.5, "window": 4}},
+        selects=True,  # bf16 keys reorder near-equal key norms (0.0145 vs full's 0.0054 on the sparse config)
     ),
     ("cache", "duo"): Case(  # layer 0 has no retrieval head: its heads all live in the streaming table
         [{"cache": {"method": "duo", "retrieval_heads": {1: [0]}, "n_sink": 4, "recent": 1000}}],

@@ -9,6 +9,7 @@ from .duo import DuoPolicy
 from .flexprefill import FlexPrefillMethod
 from .full import FullPolicy
 from .hip import HipDecodeMethod, HipPrefillMethod
+from .knorm import KNormPolicy
 from .recycled import RecycledDecodeMethod
 from .retrieval import RetrievalPolicy
 from .snapkv import SnapKVPolicy
@@ -18,6 +19,7 @@ CACHE_POLICIES: dict[str, type[CachePolicy]] = {
     "full": FullPolicy,
     "streamingllm": StreamingLLMPolicy,
     "snapkv": SnapKVPolicy,
+    "knorm": KNormPolicy,
     "duo": DuoPolicy,
     "retrieval": RetrievalPolicy,
 }

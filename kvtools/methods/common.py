@@ -24,3 +24,26 @@ def keep_first_last(valid: torch.Tensor, first: torch.Tensor | int, last: torch.
     last = last.view(last.shape[0], -1, 1) if torch.is_tensor(last) else last
     first = first.view(first.shape[0], -1, 1) if torch.is_tensor(first) else first
     return valid & ((rank < first) | (rank >= n - last))
+
+
+def top_n_mask(scores: torch.Tensor, n: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask of the ``n[...]`` highest ``scores`` along the last axis (one count per leading index), among
+    ``eligible`` entries when given; ties keep the earlier entry."""
+    if eligible is not None:
+        scores = scores.masked_fill(~eligible, float("-inf"))
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    mask = rank < n[..., None]
+    return mask if eligible is None else mask & eligible
+
+
+def keep_top(scores: torch.Tensor, candidates: torch.Tensor, budget: torch.Tensor,
+             protect: torch.Tensor) -> torch.Tensor:
+    """Keep mask [B, Hk, S] over ``candidates``: the ``protect``-ed ones plus the top-scored others, ``budget``
+    [B] slots in all per (row, KV head); ties keep the earlier slot; rows whose candidates fit keep them all."""
+    n = candidates.sum(-1, keepdim=True)
+    fixed = candidates & protect
+    room = (budget.view(-1, 1, 1) - fixed.sum(-1, keepdim=True)).clamp(min=0)[..., 0]  # [B, Hk]
+    keep = fixed | top_n_mask(scores, room, candidates & ~protect)
+    return torch.where(n <= budget.view(-1, 1, 1), candidates, keep)

@@ -32,6 +32,7 @@ import torch
 from ..attention.block_sparse import BlockLayout, block_sparse_attention
 from ..config import FlexPrefill
 from .base import LayerInfo, StageMethod
+from .common import top_n_mask
 
 
 def _gqa_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -58,14 +59,6 @@ def _jsd(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return torch.where(a > 0, a * (torch.log(a.clamp_min(1e-30)) - torch.log(b.clamp_min(1e-30))), 0.0).sum(-1)
 
     return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp_min(0)
-
-
-def _topn_mask(scores: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the n[...] largest entries of scores[..., :] (n per leading index)."""
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return rank < n[..., None]
 
 
 def flexprefill_blocks(
@@ -121,8 +114,8 @@ def flexprefill_blocks(
     lo = torch.full_like(nv, lo_b)
     nv = torch.where(query_aware, lo, nv)
     ns = torch.where(query_aware, lo, ns)
-    v_blocks = _topn_mask(vpool, nv)  # [B, H, NKB]
-    s_blocks = _topn_mask(spool, ns)  # [B, H, NKB] block diagonals t
+    v_blocks = top_n_mask(vpool, nv)  # [B, H, NKB]
+    s_blocks = top_n_mask(spool, ns)  # [B, H, NKB] block diagonals t
 
     qb = torch.arange(nq, device=dev)
     q_first = off + qb * bs
@@ -145,7 +138,7 @@ def flexprefill_blocks(
         est = torch.softmax(est, dim=-1).nan_to_num(0.0)  # [B, H, NQB, NKB]
         flat = est.reshape(b, h, -1)
         n_take = _mass_count(flat, cfg.gamma)
-        qa_mask = _topn_mask(flat, n_take).view(b, h, nq, nk)
+        qa_mask = top_n_mask(flat, n_take).view(b, h, nq, nk)
         mask = torch.where(query_aware[..., None, None], mask | qa_mask, mask)
 
     if cfg.gamma >= 1:  # all of the mass: every causal block (exact attention)

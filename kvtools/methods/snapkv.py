@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..cache import SlotLayer, Step
 from ..config import SnapKVCache
-from .base import CachePolicy, LayerInfo
-from .common import resolve_tokens, valid_rank
+from .common import keep_top, valid_rank
+from .scored import ScoredEvictionPolicy
 
 
 def snapkv_scores(
@@ -63,44 +62,16 @@ def snapkv_keep(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor,
 
     Ties keep the earlier slot. Rows with no more than ``budget`` valid slots keep everything.
     """
-    n = valid.sum(-1, keepdim=True)  # [B, Hk, 1]
-    rank = valid_rank(valid)
-    in_window = valid & (rank >= n - window)
-    prefix = valid & ~in_window
-    n_prefix = (budget.view(-1, 1, 1) - in_window.sum(-1, keepdim=True)).clamp(min=0)  # [B, Hk, 1]
-    order = scores.masked_fill(~prefix, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
-    place = torch.empty_like(order)
-    place.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    keep = in_window | (prefix & (place < n_prefix))
-    return torch.where(n <= budget.view(-1, 1, 1), valid, keep)
+    return keep_top(scores, valid, budget, valid_rank(valid) >= valid.sum(-1, keepdim=True) - window)
 
 
-class SnapKVPolicy(CachePolicy):
+class SnapKVPolicy(ScoredEvictionPolicy):
     cfg: SnapKVCache
 
-    def after_attend(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> None:
-        if not step.is_prefill:
-            return
-        w = self.cfg.window
-        # carry the last `window` queries (and their stream indices) across chunks of one call
-        prev = layer.state.get("q_tail") if step.chunk > 0 else None
-        q_tail, i_tail = (q, step.idx) if prev is None else (
-            torch.cat([prev[0], q], dim=2), torch.cat([prev[1], step.idx]))
-        q_tail, i_tail = q_tail[:, :, -w:], i_tail[-w:]
-        if not step.end_of_prompt:
-            layer.state["q_tail"] = (q_tail, i_tail)
-            return
-        layer.state.pop("q_tail", None)
-        # only this call's tokens are compressed, by a budget from this call's length: a follow-up call
-        # (a question after a document, a chat turn) never re-budgets what earlier calls left
-        call = layer.valid & (layer.idx >= step.start)  # [B, Hk, S]
-        n_real = call[:, 0].sum(-1)  # [B]
-        budget = resolve_tokens(self.cfg.budget, step.prompt_real.to(n_real.device))
-        budget = torch.maximum(budget, torch.clamp(n_real, max=w))
-        if bool((n_real <= budget).all()):
-            return
-        scores = snapkv_scores(
-            q_tail, layer.keys, layer.valid, layer.idx, i_tail.to(layer.idx.device),
-            info.scale, self.cfg.kernel, self.cfg.pool, candidates=call,
-        )
-        layer.keep(snapkv_keep(scores, call, budget, w) | (layer.valid & ~call))
+    @property
+    def observe(self) -> int:  # the observation window: the call's last `window` queries
+        return self.cfg.window
+
+    def score(self, layer, candidates, q_obs, i_obs, info):
+        return snapkv_scores(q_obs, layer.keys, layer.valid, layer.idx, i_obs, info.scale, self.cfg.kernel,
+                             self.cfg.pool, candidates=candidates)

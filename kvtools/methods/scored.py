@@ -1,0 +1,56 @@
+"""Scored eviction: the base of every method that keeps the top-scored slots of a prompt under a budget.
+
+At the end of each multi-token call (a prompt, or a later call: a question after a document, a chat
+turn), the call's own slots are compressed to ``budget`` per (row, KV head) (an int, or a fraction of the
+call's real tokens): the call's last ``window`` tokens are always kept, the others ranked by
+:meth:`ScoredEvictionPolicy.score` (higher = keep; ties keep the earlier slot). What earlier calls kept is
+never touched, and decode steps append without evicting. A scorer that reads the call's last queries
+(SnapKV's observation window) sets :attr:`observe`; they are carried across the chunks of a chunked call.
+A new method is its ``score`` plus its parameters (see ``knorm.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import SlotLayer, Step
+from .base import CachePolicy, LayerInfo
+from .common import keep_top, resolve_tokens, valid_rank
+
+
+class ScoredEvictionPolicy(CachePolicy):
+    """Keep each call's ``window`` last tokens + its top-``score`` slots, ``budget`` in all."""
+
+    #: how many of the call's last queries ``score`` needs (0: none)
+    observe: int = 0
+
+    def score(self, layer: SlotLayer, candidates: torch.Tensor, q_obs: torch.Tensor | None,
+              i_obs: torch.Tensor | None, info: LayerInfo) -> torch.Tensor:
+        """Scores [B, Hk, S] of the table's slots (only ``candidates`` [B, Hk, S] are compared); ``q_obs``
+        [B, H, observe, D]: the call's last queries, at stream indices ``i_obs`` [observe]."""
+        raise NotImplementedError
+
+    def after_attend(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> None:
+        if not step.is_prefill:
+            return
+        q_obs = i_obs = None
+        if self.observe:  # carry the call's last queries (and their stream indices) across its chunks
+            prev = layer.state.get("q_tail") if step.chunk > 0 else None
+            q_obs, i_obs = (q, step.idx) if prev is None else (
+                torch.cat([prev[0], q], dim=2), torch.cat([prev[1], step.idx]))
+            q_obs, i_obs = q_obs[:, :, -self.observe:], i_obs[-self.observe:]
+        if not step.end_of_prompt:
+            if self.observe:
+                layer.state["q_tail"] = (q_obs, i_obs)
+            return
+        layer.state.pop("q_tail", None)
+        w = self.cfg.window
+        call = layer.valid & (layer.idx >= step.start)  # [B, Hk, S]: this call's slots
+        n_real = call[:, 0].sum(-1)  # [B]
+        budget = resolve_tokens(self.cfg.budget, step.prompt_real.to(n_real.device))
+        budget = torch.maximum(budget, torch.clamp(n_real, max=w))
+        if bool((n_real <= budget).all()):
+            return
+        scores = self.score(layer, call, q_obs, None if i_obs is None else i_obs.to(layer.idx.device), info)
+        recent = valid_rank(call) >= call.sum(-1, keepdim=True) - w
+        layer.keep(keep_top(scores, call, budget, recent) | (layer.valid & ~call))
