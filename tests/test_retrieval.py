@@ -338,7 +338,7 @@ print(time.time(), flush=True)
 
 def test_pending_index_builds_do_not_delay_interpreter_exit():
     """64 HNSW builds queued (about a minute of work on two cores) and the script ends: the process exits at
-    once, cleanly, abandoning the builds."""
+    within seconds, cleanly (no abort): queued builds are cancelled, only the one in progress finishes."""
     import subprocess
     import sys
     import time

@@ -78,14 +78,21 @@ class _IndexBuilder:
 
     Not a ``ThreadPoolExecutor``: its worker is joined at interpreter exit (``concurrent.futures``
     registers that hook), which finishes every queued build first, a minute after a short generate with
-    many heads. A daemon thread is abandoned at exit instead (an unfinished index is useless then), and
-    once exit begins queued builds are cancelled rather than started. FAISS releases the GIL while it
-    builds, so the main thread is not held meanwhile."""
+    many heads. Here, once exit begins, queued builds are cancelled rather than started, and exit waits
+    only for the one build in progress (at most one index): leaving FAISS's native code running while
+    the interpreter tears down aborts the process ("terminate called without an active exception").
+    FAISS releases the GIL while it builds, so the main thread is not held meanwhile."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._busy = threading.Lock()  # held while a build runs
         self._thread = threading.Thread(target=self._run, name="kvtools-index", daemon=True)
         self._thread.start()
+
+    def finish_current(self) -> None:
+        """Block until the build in progress (if any) is done; no queued build starts after exit began."""
+        with self._busy:
+            pass
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         fut: Future = Future()
@@ -98,18 +105,28 @@ class _IndexBuilder:
             if _EXITING.is_set():
                 fut.cancel()
                 continue
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the index
-                fut.set_exception(exc)
+            with self._busy:
+                if _EXITING.is_set():
+                    fut.cancel()
+                    continue
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the index
+                    fut.set_exception(exc)
 
 
 _POOL: _IndexBuilder | None = None
 _POOL_LOCK = threading.Lock()
 _EXITING = threading.Event()
-atexit.register(_EXITING.set)
+
+
+@atexit.register
+def _stop_building() -> None:
+    _EXITING.set()
+    if _POOL is not None:
+        _POOL.finish_current()
 
 
 def _pool() -> _IndexBuilder:
