@@ -172,22 +172,15 @@ class SlotLayer(CacheLayerMixin):
                 t, (list, tuple)) else []
             if bare:  # per-row tensors kept as they are (e.g. queries carried between chunks)
                 if not offloaded:
-                    total += sum(x.numel() * x.element_size() for x in bare
-                                 if device is None or x.device.type == torch.device(device).type)
+                    total += tensor_bytes(bare, device)
             elif callable(getattr(t, "nbytes", None)):
                 off = bool(getattr(t, "offloaded", False))
                 if offloaded is None or off == offloaded:
                     total += t.nbytes(device)
         if offloaded:
             return total
-        for name in ("keys", "values", "valid", "pos", "idx"):
-            t = getattr(self, name)
-            if t is None:
-                continue
-            if device is not None and t.device.type != torch.device(device).type:
-                continue
-            total += t.numel() * t.element_size()
-        return total
+        table = [getattr(self, name) for name in ("keys", "values", "valid", "pos", "idx")]
+        return total + tensor_bytes([t for t in table if t is not None], device)
 
 
 class RowState:
@@ -204,11 +197,13 @@ class RowState:
                 setattr(self, name, fn(val))
 
     def nbytes(self, device: str | torch.device | None = None) -> int:
-        return sum(
-            v.numel() * v.element_size()
-            for v in vars(self).values()
-            if torch.is_tensor(v) and (device is None or v.device.type == torch.device(device).type)
-        )
+        return tensor_bytes([v for v in vars(self).values() if torch.is_tensor(v)], device)
+
+
+def tensor_bytes(tensors: list[torch.Tensor], device: str | torch.device | None = None) -> int:
+    """Bytes of ``tensors`` (only those on ``device``'s type, when given)."""
+    kind = None if device is None else torch.device(device).type
+    return sum(t.numel() * t.element_size() for t in tensors if kind is None or t.device.type == kind)
 
 
 class KVCache(Cache):

@@ -15,7 +15,7 @@ import torch
 
 from ..cache import SlotLayer, Step
 from .base import CachePolicy, LayerInfo
-from .common import keep_top, resolve_tokens, valid_rank
+from .common import keep_first_last, keep_top, resolve_tokens
 
 
 class ScoredEvictionPolicy(CachePolicy):
@@ -52,5 +52,4 @@ class ScoredEvictionPolicy(CachePolicy):
         if bool((n_real <= budget).all()):
             return
         scores = self.score(layer, call, q_obs, None if i_obs is None else i_obs.to(layer.idx.device), info)
-        recent = valid_rank(call) >= call.sum(-1, keepdim=True) - w
-        layer.keep(keep_top(scores, call, budget, recent) | (layer.valid & ~call))
+        layer.keep(keep_top(scores, call, budget, keep_first_last(call, 0, w)) | (layer.valid & ~call))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import SnapKVCache
-from .common import keep_top, valid_rank
+from .common import keep_first_last, keep_top, valid_rank
 from .scored import ScoredEvictionPolicy
 
 
@@ -62,7 +62,7 @@ def snapkv_keep(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor,
 
     Ties keep the earlier slot. Rows with no more than ``budget`` valid slots keep everything.
     """
-    return keep_top(scores, valid, budget, valid_rank(valid) >= valid.sum(-1, keepdim=True) - window)
+    return keep_top(scores, valid, budget, keep_first_last(valid, 0, window))
 
 
 class SnapKVPolicy(ScoredEvictionPolicy):
