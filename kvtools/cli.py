@@ -126,7 +126,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         load_config(c)
     if not (args.model and args.model.startswith("random:")):
         _check_model(args.model, lengths)
-    from kvtools.bench import report_markdown, run_bench
+    from kvtools.bench.e2e import report_markdown, run_bench
 
     rows = run_bench(
         args.model, configs, lengths, args.out, decode_tokens=args.decode_tokens, warmup=args.warmup,
@@ -155,7 +155,7 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
         load_config(c)
     if args.model is not None:
         _check_model(args.model, lengths)
-    from kvtools.bench_attention import attention_markdown, run_attention_bench
+    from kvtools.bench.attention import attention_markdown, run_attention_bench
 
     rows = run_attention_bench(configs, lengths, shape=args.shape, backends=backends, repeats=args.repeats,
                                device=args.device, out=args.out, seed=args.seed, quiet=args.quiet,
@@ -173,7 +173,7 @@ def _cmd_bench_recall(args: argparse.Namespace) -> int:
         raise ConfigError(f"--length: one prompt length, got {args.length!r}")
     (length,) = lengths
     top_ks = _split_list(args.top_k, "--top-k", "integers >= 1", cast=_positive_int)
-    from kvtools.bench_recall import KINDS, recall_markdown, run_recall_bench
+    from kvtools.bench.recall import KINDS, recall_markdown, run_recall_bench
 
     kinds = _split_list(args.index, "--index", "index kinds", allowed=list(KINDS))
     from kvtools.config import check_out_dir
@@ -197,14 +197,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     check_out_file(args.out)  # a pattern file: an existing one is replaced
     _check_model(args.model, lengths)
-    from kvtools.calibrate import calibrate_duo, write_pattern
+    from kvtools.calibration import calibrate_duo, write_pattern
     from kvtools.models import canonical_name, load_model
 
     model, tok = load_model(args.model)
     if args.random:  # the baseline calibrated heads must beat: uniform random gates
         import torch
 
-        from kvtools.patches import adapter_for
+        from kvtools.families import adapter_for
 
         g = torch.Generator().manual_seed(args.seed)
         shape = (len(adapter_for(model).attention_modules(model)), model.config.num_key_value_heads)

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .errors import InputTooLongError, ModelNotAvailableError
+from .errors import ConfigError, InputTooLongError, ModelNotAvailableError
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -265,3 +265,54 @@ def check_context(lengths: Iterable[int], context: int | None, what: str = "leng
     too_long = sorted({int(n) for n in lengths if context is not None and n > context})
     if too_long:
         raise InputTooLongError(f"{what}: {too_long} exceed the model's context of {context} tokens")
+
+
+#: Architecture shapes for random-weight speed runs (from the public model configs).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        rope_theta=500000.0, max_position_embeddings=131072,
+    ),
+    "qwen3-8b": dict(
+        model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        rope_theta=1000000.0, max_position_embeddings=131072,
+    ),
+    "smollm2-135m": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+        rope_theta=100000.0, max_position_embeddings=8192,
+    ),
+}
+
+
+def random_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random-weight model from ``random:SHAPE[:key=value,...]`` (e.g. ``random:llama-3-8b:layers=4``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    parts = spec.split(":")
+    if len(parts) < 2 or parts[1] not in SHAPES:
+        raise ConfigError(f"--model {spec!r}: expected random:SHAPE[:layers=N,...], SHAPE one of {', '.join(SHAPES)}")
+    shape = dict(SHAPES[parts[1]])
+    aliases = {"layers": "num_hidden_layers", "context": "max_position_embeddings", "vocab": "vocab_size"}
+    for item in ",".join(parts[2:]).split(","):
+        if not item:
+            continue
+        key, sep, val = item.partition("=")
+        key = aliases.get(key, key)
+        if not sep or key not in shape:
+            raise ConfigError(f"--model {spec!r}: unknown override '{item}'; allowed: {', '.join(aliases)}, {', '.join(shape)}")
+        shape[key] = type(shape[key])(val)
+    model_type = shape.pop("model_type")
+    theta = shape.pop("rope_theta")
+    cfg = AutoConfig.for_model(model_type, **shape)
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = model.to_empty(device="cpu")
+    for p in model.parameters():  # small random weights: finite activations, honest FLOPs
+        torch.nn.init.normal_(p, std=0.02)
+    model.model.rotary_emb.inv_freq = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    return model.eval()

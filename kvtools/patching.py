@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from .cache import KVCache, Step
 from .config import KVConfig, load_config
 from .errors import ConfigError, KVToolsError
 from .methods import LayerInfo, make_policy
-from .patches import adapter_for
+from .families import adapter_for
 
 _MARK = "_kvtools_patch"
 
@@ -297,3 +298,34 @@ def _slice_inputs(kw: dict[str, Any], s: int, e: int) -> dict[str, Any]:
 def _input_len(kw: dict[str, Any]) -> int:
     x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
     return int(x.shape[1])
+
+
+@dataclass
+class Captured:
+    """One attention layer's inputs from a dense pass: q [B, H, L, D], k, v [B, Hk, L, D] (after RoPE)."""
+
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor | None
+    scale: float
+    sliding_window: int | None
+
+
+def capture_qkv(model: Any, ids: torch.Tensor, keep: Any = None, values: bool = False) -> list[Captured]:
+    """The rotated queries and keys (and values) of every layer ``keep(info)`` accepts, from one dense
+    pass over ``ids``, on the CPU in fp32."""
+    got: list[Captured] = []
+    with patch(model, "full") as p:
+        orig = p.policy.attend
+
+        def attend(layer, q, k, v, step, info):
+            if keep is None or keep(info):
+                cpu = [None if x is None else x.detach().float().cpu() for x in (q, k, v if values else None)]
+                got.append(Captured(info.layer_idx, *cpu, info.scale, info.sliding_window))
+            return orig(layer, q, k, v, step, info)
+
+        p.policy.attend = attend
+        with torch.no_grad():  # logits of the last token only: all of them would be L x vocab floats
+            model(input_ids=ids, logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
+    return got

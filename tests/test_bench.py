@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from kvtools.bench import random_model, report_markdown, run_bench
+from kvtools.bench.e2e import report_markdown, run_bench
+from kvtools.models import random_model
 from kvtools.errors import ConfigError, InputTooLongError
 
 TINY = "random:smollm2-135m:layers=2,vocab=512"
@@ -46,7 +47,7 @@ def test_bench_rejects_lengths_beyond_context(tmp_path):
 
 
 def test_bench_rejects_bad_config_before_loading(tmp_path, monkeypatch):
-    import kvtools.bench as bench
+    import kvtools.bench.e2e as bench
 
     monkeypatch.setattr(bench, "random_model", lambda *a, **k: pytest.fail("model loaded before validation"))
     with pytest.raises(ConfigError):
@@ -54,7 +55,7 @@ def test_bench_rejects_bad_config_before_loading(tmp_path, monkeypatch):
 
 
 def test_bench_attention_reports_density_speed_and_error(tmp_path):
-    from kvtools.bench_attention import run_attention_bench
+    from kvtools.bench.attention import run_attention_bench
 
     cfgs = [{"name": "fp", "prefill": {"method": "flexprefill", "block_size": 64, "min_budget": 64}},
             {"name": "hip", "prefill": {"method": "hip", "k": 128, "block_q": 32, "block_k": 16, "n_sink": 16,
@@ -76,7 +77,7 @@ def test_bench_attention_on_captured_model_layers(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     import kvtools.models
-    from kvtools.bench_attention import run_attention_bench
+    from kvtools.bench.attention import run_attention_bench
 
     from .conftest import tiny_config
     from .helpers import byte_tokenizer

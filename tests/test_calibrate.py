@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kvtools
-from kvtools.calibrate import calibrate_duo, gated_attention, write_pattern
+from kvtools.calibration import calibrate_duo, gated_attention, write_pattern
 from kvtools.methods.duo import load_pattern
 
 from .helpers import byte_tokenizer

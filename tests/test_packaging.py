@@ -23,3 +23,5 @@ def test_wheel_contains_presets_and_py_typed(tmp_path):
     assert "kvtools/py.typed" in names
     patterns = {p.name for p in (root / "configs" / "duo").glob("*.tsv")}
     assert {f"kvtools/configs/duo/{p}" for p in patterns} <= names
+    modules = {p.relative_to(root).as_posix() for p in (root / "kvtools").rglob("*.py")}
+    assert modules <= names, f"modules missing from the wheel: {sorted(modules - names)}"

@@ -104,7 +104,7 @@ def test_retrieval_needs_both_stages():
 
 
 def test_recall_bench_on_captured_model_queries(llama):
-    from kvtools.bench_recall import capture_qk, measure_recall
+    from kvtools.bench.recall import capture_qk, measure_recall
 
     qk = capture_qk(llama, random_ids(1, 120))
     assert len(qk) == llama.config.num_hidden_layers

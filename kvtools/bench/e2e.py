@@ -27,60 +27,11 @@ from typing import Any
 
 import torch
 
-from .config import KVConfig, load_config
-from .errors import ConfigError, InputTooLongError
-from .patching import patch
-
-#: Architecture shapes for random-weight speed runs (from the public model configs).
-SHAPES: dict[str, dict[str, Any]] = {
-    "llama-3-8b": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-        rope_theta=500000.0, max_position_embeddings=131072,
-    ),
-    "qwen3-8b": dict(
-        model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-        rope_theta=1000000.0, max_position_embeddings=131072,
-    ),
-    "smollm2-135m": dict(
-        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
-        rope_theta=100000.0, max_position_embeddings=8192,
-    ),
-}
-
-
-def random_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A random-weight model from ``random:SHAPE[:key=value,...]`` (e.g. ``random:llama-3-8b:layers=4``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    parts = spec.split(":")
-    if len(parts) < 2 or parts[1] not in SHAPES:
-        raise ConfigError(f"--model {spec!r}: expected random:SHAPE[:layers=N,...], SHAPE one of {', '.join(SHAPES)}")
-    shape = dict(SHAPES[parts[1]])
-    aliases = {"layers": "num_hidden_layers", "context": "max_position_embeddings", "vocab": "vocab_size"}
-    for item in ",".join(parts[2:]).split(","):
-        if not item:
-            continue
-        key, sep, val = item.partition("=")
-        key = aliases.get(key, key)
-        if not sep or key not in shape:
-            raise ConfigError(f"--model {spec!r}: unknown override '{item}'; allowed: {', '.join(aliases)}, {', '.join(shape)}")
-        shape[key] = type(shape[key])(val)
-    model_type = shape.pop("model_type")
-    theta = shape.pop("rope_theta")
-    cfg = AutoConfig.for_model(model_type, **shape)
-    cfg.rope_parameters = {"rope_type": "default", "rope_theta": theta}
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model = model.to_empty(device="cpu")
-    for p in model.parameters():  # small random weights: finite activations, honest FLOPs
-        torch.nn.init.normal_(p, std=0.02)
-    model.model.rotary_emb.inv_freq = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
-    return model.eval()
-
+from ..config import KVConfig, load_config
+from ..errors import ConfigError, InputTooLongError
+from ..models import random_model
+from ..patching import patch
+from .timing import rss, sync
 
 @dataclass
 class BenchRow:
@@ -97,17 +48,6 @@ class BenchRow:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
 
 
 # tokens of the untimed warm-up prefill (long enough for sparse prefill methods to leave their dense path)
@@ -133,18 +73,18 @@ def measure(
         model(input_ids=ids[:, :_WARM_PREFILL], logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
         for _ in range(repeats):
             cache = p.make_cache()
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             out = model(input_ids=ids, logits_to_keep=1, **p.cache_kwargs(cache))
-            _sync(dev)
+            sync(dev)
             times.append(time.perf_counter() - t0)
         nxt = out.logits[:, -1:].argmax(-1)
         steps = []
         for i in range(warmup + decode_tokens):
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             out = model(input_ids=nxt, **p.cache_kwargs(cache))
-            _sync(dev)
+            sync(dev)
             if i >= warmup:
                 steps.append(time.perf_counter() - t0)
             nxt = out.logits[:, -1:].argmax(-1)
@@ -153,7 +93,7 @@ def measure(
     if dev.type == "cuda":
         mem, kind = int(torch.cuda.max_memory_allocated(dev)), "cuda_max_allocated"
     else:
-        mem, kind = _rss(), "cpu_rss"
+        mem, kind = rss(), "cpu_rss"
     return statistics.median(times), 1000 * statistics.median(steps), kv, mem, kind, resident
 
 

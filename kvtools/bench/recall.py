@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import RetrievalCache
+from ..config import RetrievalCache
+from ..patching import capture_qkv
 
 KINDS: dict[str, dict[str, Any]] = {
     "flat": {"index": "flat"},
@@ -51,45 +52,12 @@ def capture_qk(model: Any, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.
     return [(c.q[0], c.k[0]) for c in capture_qkv(model, ids)]
 
 
-@dataclass
-class Captured:
-    """One attention layer's inputs from a dense pass: q [B, H, L, D], k, v [B, Hk, L, D] (after RoPE)."""
-
-    layer: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor | None
-    scale: float
-    sliding_window: int | None
-
-
-def capture_qkv(model: Any, ids: torch.Tensor, keep: Any = None, values: bool = False) -> list[Captured]:
-    """The rotated queries and keys (and values) of every layer ``keep(info)`` accepts, from one dense
-    pass over ``ids``, on the CPU in fp32."""
-    from . import patch
-
-    got: list[Captured] = []
-    with patch(model, "full") as p:
-        orig = p.policy.attend
-
-        def attend(layer, q, k, v, step, info):
-            if keep is None or keep(info):
-                cpu = [None if x is None else x.detach().float().cpu() for x in (q, k, v if values else None)]
-                got.append(Captured(info.layer_idx, *cpu, info.scale, info.sliding_window))
-            return orig(layer, q, k, v, step, info)
-
-        p.policy.attend = attend
-        with torch.no_grad():  # logits of the last token only: all of them would be L x vocab floats
-            model(input_ids=ids, logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
-    return got
-
-
 def measure_recall(layers_qk, top_ks: list[int], kinds: list[str], n_sink: int = 128, window: int = 512,
                    n_eval: int = 64, layers: list[int] | None = None, quiet: bool = False,
                    **index_kw: Any) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from .methods.retrieval import build_index, hot_set, rerank, topk_hits
+    from ..methods.retrieval import build_index, hot_set, rerank, topk_hits
 
     rows = []
     layer_ids = layers if layers is not None else list(range(len(layers_qk)))
@@ -139,8 +107,8 @@ def measure_recall(layers_qk, top_ks: list[int], kinds: list[str], n_sink: int =
 def run_recall_bench(model_name: str | None, length: int, top_ks: list[int], kinds: list[str] | None = None,
                      out: str | Path | None = None, n_sink: int = 128, window: int = 512, n_eval: int = 64,
                      seed: int = 0, quiet: bool = False) -> list[RecallRow]:
-    from .eval.haystack import build_niah_prompt
-    from .models import canonical_name, load_model
+    from ..eval.haystack import build_niah_prompt
+    from ..models import canonical_name, load_model
 
     kinds = kinds or list(KINDS)
     model, tok = load_model(model_name)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .patches import adapter_for
+from ..families import adapter_for
 
 
 @dataclass
@@ -45,7 +45,7 @@ _WORDS = (
 
 def multi_passkey_sample(tokenizer: Any, length: int, rng: random.Random, n_keys: int = 10) -> CalibrationSample:
     """Filler with ``n_keys`` "pass key" words at random depths; the answer lists them in order."""
-    from .eval.haystack import iter_filler
+    from ..eval.haystack import iter_filler
 
     keys = rng.sample(_WORDS, n_keys)
     answer = "The pass keys are: " + ", ".join(keys) + "."

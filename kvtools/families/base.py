@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 
-
 class FamilyAdapter:
     """Default (Llama layout): q/k/v/o projections, rotate-half RoPE, one rotary embedding.
 
@@ -36,7 +35,7 @@ class FamilyAdapter:
 
     def inv_freq(self, model: nn.Module, module: nn.Module) -> torch.Tensor:
         """Inverse RoPE frequencies of this layer (for re-rotating cached keys)."""
-        return _base_model(model).rotary_emb.inv_freq
+        return base_model(model).rotary_emb.inv_freq
 
     def scale(self, module: nn.Module) -> float:
         return float(module.scaling)
@@ -66,7 +65,6 @@ class FamilyAdapter:
             raise UnsupportedModelError(f"attention logit soft-capping ({cap}) is not supported yet")
 
 
-
 class QKNormAdapter(FamilyAdapter):
     """Families with RMSNorm on each head's q and k before RoPE (Qwen3, Gemma3)."""
 
@@ -80,13 +78,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
     base = getattr(model, "model", model)
     return getattr(base, "language_model", base)
 
 
 def _decoder_layers(model: nn.Module):
-    base = _base_model(model)
+    base = base_model(model)
     layers = getattr(base, "layers", None)
     if layers is None:
         raise AttributeError(f"{type(model).__name__}: no decoder layers found at .model.layers")

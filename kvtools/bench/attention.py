@@ -16,18 +16,17 @@ captured layers, times and blocks are summed over the layers and the error is av
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .attention.block_sparse import BlockLayout, block_sparse_attention, causal_block_count, causal_block_mask
-from .bench import SHAPES, _sync
-from .config import FlexPrefill, HipPrefill, load_config
-from .errors import ConfigError
+from ..attention.block_sparse import BlockLayout, block_sparse_attention, causal_block_count, causal_block_mask
+from ..config import FlexPrefill, HipPrefill, load_config
+from ..errors import ConfigError
+from ..models import SHAPES
+from .timing import median_time
 
 
 def structured_qkv(length: int, heads: int, kv_heads: int, head_dim: int, seed: int = 0,
@@ -74,20 +73,9 @@ class AttnRow:
     device: str
 
 
-def _time(fn, repeats: int, device: torch.device) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
-
 def _selection(cfg, q, k, scale):
-    from .methods.flexprefill import flexprefill_blocks
-    from .methods.hip import hip_prefill_blocks
+    from ..methods.flexprefill import flexprefill_blocks
+    from ..methods.hip import hip_prefill_blocks
 
     if isinstance(cfg, FlexPrefill):
         mask, _ = flexprefill_blocks(q, k, None, cfg, scale)
@@ -101,9 +89,9 @@ def _selection(cfg, q, k, scale):
 def _model_layers(model_name: str, length: int, layers: list[int] | None, seed: int):
     """Real q/k/v of ``layers`` (default: every full-attention layer, at most 4 evenly spaced) from one
     dense pass over a NIAH prompt of ``length`` tokens; returns (label, captured layers, tokens)."""
-    from .bench_recall import capture_qkv
-    from .eval.haystack import build_niah_prompt
-    from .models import canonical_name, load_model
+    from ..eval.haystack import build_niah_prompt
+    from ..models import canonical_name, load_model
+    from ..patching import capture_qkv
 
     model, tok = load_model(model_name)
     n_layers = model.config.num_hidden_layers
@@ -167,14 +155,14 @@ def run_attention_bench(configs: list[Any], lengths: list[int], shape: str = "sm
             lays = inputs(n)
             dense_s, refs = 0.0, []
             for q, k, v, scale in lays:
-                t, ref = _time(lambda: torch.nn.functional.scaled_dot_product_attention(
+                t, ref = median_time(lambda: torch.nn.functional.scaled_dot_product_attention(
                     q, k, v, is_causal=True, scale=scale, enable_gqa=True), repeats, dev)
                 dense_s, refs = dense_s + t, refs + [ref]
             for c in cfgs:
                 p = c.prefill
                 sel_s, layouts, blocks, causal = 0.0, [], 0, 0
                 for q, k, v, scale in lays:
-                    t, layout = _time(lambda: _selection(p, q, k, scale), repeats, dev)
+                    t, layout = median_time(lambda: _selection(p, q, k, scale), repeats, dev)
                     sel_s, layouts = sel_s + t, layouts + [layout]
                     blocks += layout.blocks()
                     causal += causal_block_count(n, n, layout.block_q, layout.block_k) * q.shape[0] * q.shape[1]
@@ -188,7 +176,7 @@ def run_attention_bench(configs: list[Any], lengths: list[int], shape: str = "sm
                             layout.block_q, layout.block_k)
                         block_sparse_attention(q[:, :, :256], k[:, :, :256], v[:, :, :256], warm, scale,
                                                backend=b)  # compile / warm up outside the timing
-                        t, o = _time(lambda: block_sparse_attention(q, k, v, layout, scale, backend=b), repeats,
+                        t, o = median_time(lambda: block_sparse_attention(q, k, v, layout, scale, backend=b), repeats,
                                      dev)
                         attn_s += t
                         errs.append(float((o.float() - ref.float()).abs().mean() / ref.float().abs().mean()))
