@@ -264,7 +264,7 @@ class KVConfig:
 
 
 # ---------------------------------------------------------------- validation
-def _closest(word: str, options: list[str]) -> str:
+def closest(word: str, options: list[str]) -> str:
     hit = difflib.get_close_matches(str(word), options, n=1, cutoff=0.5)
     return f" (did you mean '{hit[0]}'?)" if hit else ""
 
@@ -308,7 +308,7 @@ def validate_fields(model: type[BaseModel], raw: dict[str, Any], where: str, wha
         label = f" for {what}" if what else ""
         if err["type"] == "extra_forbidden":
             raise ConfigError(
-                f"{where}.{key}: unknown key{label}{_closest(key, allowed)}; allowed: {', '.join(allowed)}"
+                f"{where}.{key}: unknown key{label}{closest(key, allowed)}; allowed: {', '.join(allowed)}"
             ) from None
         if err["type"] == "missing":
             raise ConfigError(f"{where}.{key}: missing{label}") from None
@@ -327,7 +327,7 @@ def _stage_from_dict(stage: str, raw: Any) -> StageConfig:
         raise ConfigError(f"{stage}.method: missing; allowed: {', '.join(models)}")
     if method not in models:
         others = [s for s in STAGES if s != stage and method in STAGE_MODELS[s]]
-        hint = f" ('{method}' is a {others[0]} method)" if others else _closest(method, list(models))
+        hint = f" ('{method}' is a {others[0]} method)" if others else closest(method, list(models))
         raise ConfigError(f"{stage}.method: unknown value '{method}'{hint}; allowed: {', '.join(models)}")
     cfg = validate_fields(models[method], raw, stage, what=method)
     _check_fractions(stage, cfg)
@@ -346,7 +346,7 @@ def config_from_dict(raw: dict[str, Any], name: str | None = None, base_dir: Pat
     for key in raw:
         if key not in allowed_top:
             raise ConfigError(
-                f"{key}: unknown top-level key{_closest(key, allowed_top)}; allowed: {', '.join(allowed_top)}"
+                f"{key}: unknown top-level key{closest(key, allowed_top)}; allowed: {', '.join(allowed_top)}"
             )
     cache = raw.get("cache")
     if base_dir is not None and isinstance(cache, dict) and isinstance(cache.get("pattern"), str):
@@ -504,7 +504,7 @@ def load_config(spec: str | Path | dict | KVConfig, base_dir: Path | None = None
     if candidate.is_file():
         return config_from_dict(read_yaml(candidate, "preset"), name=text, base_dir=presets)
     names = sorted(p.stem for p in presets.glob("*.yaml"))
-    raise ConfigError(f"unknown preset '{text}'{_closest(text, names)}; available presets: {', '.join(names)}")
+    raise ConfigError(f"unknown preset '{text}'{closest(text, names)}; available presets: {', '.join(names)}")
 
 
 def same_method(old: dict[str, Any], new: dict[str, Any]) -> bool:

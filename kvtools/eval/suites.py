@@ -305,12 +305,12 @@ SUITES: dict[str, type[SuiteSpec]] = {
 
 def suite_from_dict(raw: Any, where: str) -> SuiteSpec:
     """Validate one ``suites:`` entry of a run file."""
-    from ..config import _closest, validate_fields
+    from ..config import closest, validate_fields
 
     if not isinstance(raw, dict) or "suite" not in raw:
         raise ConfigError(f"{where}: must be a mapping with a 'suite' key; allowed suites: {', '.join(SUITES)}")
     name = raw["suite"]
     if name not in SUITES:
-        raise ConfigError(f"{where}.suite: unknown value '{name}'{_closest(name, list(SUITES))}; "
+        raise ConfigError(f"{where}.suite: unknown value '{name}'{closest(name, list(SUITES))}; "
                           f"allowed: {', '.join(SUITES)}")
     return validate_fields(SUITES[name], raw, where, what=name)
