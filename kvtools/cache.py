@@ -17,7 +17,7 @@ stay right after compression.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -57,7 +57,8 @@ class SlotLayer(CacheLayerMixin):
         self.pos: torch.Tensor | None = None
         self.idx: torch.Tensor | None = None
         self.seen = 0
-        self.state: dict[str, Any] = {}  # per-cache method state (re-entrant: never on modules)
+        #: per-cache method state (re-entrant: never on modules): sub-tables, RowStates, stores
+        self.state: dict[str, Any] = {}
 
     # --- transformers CacheLayerMixin API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -110,16 +111,11 @@ class SlotLayer(CacheLayerMixin):
         if self.is_initialized:
             for name in ("keys", "values", "valid", "pos", "idx"):
                 setattr(self, name, fn(getattr(self, name)))
-        for key, sub in list(self.state.items()):  # also when this table is empty (duo: all heads streaming)
-            if isinstance(sub, SlotLayer):
-                sub._apply(fn)
-            elif hasattr(sub, "_apply"):  # RowState, or other stores (the retrieval CPU side) decide themselves
-                sub._apply(fn)
-            elif torch.is_tensor(sub) and sub.dim() > 0:  # a per-row tensor (batch first)
-                self.state[key] = fn(sub)
-            elif isinstance(sub, dict):
-                raise TypeError(f"layer.state['{key}'] is an untyped dict and cannot follow batch reordering; keep "
-                                "per-row method state in a kvtools.cache.RowState")
+        for key, sub in self.state.items():  # also when this table is empty (duo: all heads streaming)
+            if not callable(getattr(sub, "_apply", None)):
+                raise TypeError(f"layer.state['{key}'] is a {type(sub).__name__}, which cannot follow batch "
+                                "reordering; keep per-row method state in a kvtools.cache.RowState")
+            sub._apply(fn)  # a sub-table, a RowState, or a store that decides itself (the retrieval CPU side)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
         """Append new tokens' slots. k, v: [B, Hk, Lq, D]."""
@@ -167,16 +163,9 @@ class SlotLayer(CacheLayerMixin):
         cache's CPU store): with ``device``, only what lives on that device type; ``offloaded`` True/False:
         only / all but stores a method offloaded (also meaningful on a CPU-only machine)."""
         total = 0
-        for t in self.state.values():
-            bare = [t] if torch.is_tensor(t) else [x for x in t if torch.is_tensor(x)] if isinstance(
-                t, (list, tuple)) else []
-            if bare:  # per-row tensors kept as they are (e.g. queries carried between chunks)
-                if not offloaded:
-                    total += tensor_bytes(bare, device)
-            elif callable(getattr(t, "nbytes", None)):
-                off = bool(getattr(t, "offloaded", False))
-                if offloaded is None or off == offloaded:
-                    total += t.nbytes(device)
+        for t in self.state.values():  # sub-tables and RowStates are resident; a store may say it is offloaded
+            if offloaded is None or bool(getattr(t, "offloaded", False)) == offloaded:
+                total += t.nbytes(device)
         if offloaded:
             return total
         table = [getattr(self, name) for name in ("keys", "values", "valid", "pos", "idx")]
@@ -187,13 +176,17 @@ class RowState:
     """Per-(cache, layer) run-time state of a method (e.g. Recycled Attention's recycled set).
 
     Every tensor attribute has the batch on axis 0, so beam search (``reorder_cache``) and batch
-    selection reorder it with the slot table; other attributes (step counters) are shared by all rows.
-    Subclass it (a dataclass works) and keep it in ``layer.state[name]``.
+    selection reorder it with the slot table, except those named in :attr:`shared` (one value for every
+    row, e.g. stream indices); other attributes (step counters) are shared too. Subclass it (a dataclass
+    works) and keep it in ``layer.state[name]``: ``layer.state`` accepts nothing untyped.
     """
+
+    #: tensor attributes that are not per row (left alone by batch reordering)
+    shared: ClassVar[tuple[str, ...]] = ()
 
     def _apply(self, fn) -> None:
         for name, val in list(vars(self).items()):
-            if torch.is_tensor(val) and val.dim() > 0:
+            if torch.is_tensor(val) and val.dim() > 0 and name not in self.shared:
                 setattr(self, name, fn(val))
 
     def nbytes(self, device: str | torch.device | None = None) -> int:

@@ -58,7 +58,7 @@ def test_bench_attention_reports_density_speed_and_error(tmp_path):
     from kvtools.bench.attention import run_attention_bench
 
     cfgs = [{"name": "fp", "prefill": {"method": "flexprefill", "block_size": 64, "min_budget": 64}},
-            {"name": "hip", "prefill": {"method": "hip", "k": 128, "block_q": 32, "block_k": 16, "n_sink": 16,
+            {"name": "hip", "prefill": {"method": "hip", "top_k": 128, "block_q": 32, "block_k": 16, "n_sink": 16,
                                         "window": 64}}]
     rows = run_attention_bench(cfgs, [1024], backends=["torch"], repeats=1, out=tmp_path, quiet=True)
     assert [r.method for r in rows] == ["fp", "hip"]

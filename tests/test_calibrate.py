@@ -41,6 +41,6 @@ def test_calibration_lowers_its_loss_and_is_deterministic(tiny, tmp_path):
     assert all(p.requires_grad for p in model.parameters())  # the model's own flags are restored
     path = write_pattern(gates, tmp_path / "p.tsv", header="test")
     torch.testing.assert_close(load_pattern(path), gates, atol=1e-6, rtol=0)
-    cfg = {"cache": {"method": "duo", "pattern": str(path), "sparsity": 0.5, "n_sink": 4, "recent": 16}}
+    cfg = {"cache": {"method": "duo", "pattern": str(path), "sparsity": 0.5, "n_sink": 4, "window": 16}}
     with kvtools.patch(model, cfg) as p:
         assert int(p.policy.retrieval.sum()) == 2

@@ -130,3 +130,45 @@ def test_numbers_and_booleans_where_they_belong_still_load(tmp_path):
     rec = load_config({"decode": {"method": "recycled", "s": 1, "dynamic": True}}).decode
     assert rec.s == 1.0 and rec.dynamic is True  # an int for a float field, a bool for a bool field
     assert load_config({"cache": {"method": "retrieval", "insert": False}, "decode": "retrieval"}).cache.insert is False
+
+
+@pytest.mark.parametrize("old, new", [
+    ({"cache": {"method": "duo", "retrieval_heads": {0: [0]}, "recent": 12}},
+     {"cache": {"method": "duo", "retrieval_heads": {0: [0]}, "window": 12}}),
+    ({"prefill": {"method": "hip", "k": 64}, "decode": {"method": "hip", "k": 32}},
+     {"prefill": {"method": "hip", "top_k": 64}, "decode": {"method": "hip", "top_k": 32}}),
+])
+def test_renamed_keys_still_load_with_a_warning(old, new):
+    """One vocabulary (window: recent tokens kept; top_k: keys selected); configs written with the old keys
+    load to the same config, with a FutureWarning naming the new key."""
+    with pytest.warns(FutureWarning, match="is deprecated, use '(window|top_k)'"):
+        got = load_config(old)
+    assert got.to_dict() == load_config(new).to_dict()
+    record = {**load_config(new).to_dict(), **old}  # a results folder's config.json written before the rename
+    assert record != got.to_dict() and kvtools.config.same_method(record, got.to_dict())  # still resumes
+
+
+def test_old_params_class_names_still_import_with_a_warning():
+    from kvtools.methods.snapkv import SnapKVParams
+
+    with pytest.warns(DeprecationWarning, match="SnapKVCache is deprecated: use kvtools.methods' SnapKVParams"):
+        from kvtools.config import SnapKVCache
+    assert SnapKVCache is SnapKVParams
+
+
+def test_cross_stage_rules_live_with_the_params():
+    """Each rule is declared by the method's parameter model and enforced for every stage."""
+    from kvtools.methods import STAGE_MODELS
+
+    rules = {(s, m): p.requires for s, models in STAGE_MODELS.items() for m, p in models.items() if p.requires}
+    assert rules  # hip decode, recycled, retrieval declare theirs
+    for (stage, method), requires in rules.items():
+        for other, allowed in requires.items():
+            bad = next(m for m in STAGE_MODELS[other] if m not in allowed)
+            cfg = {stage: _minimal(stage, method), other: _minimal(other, bad)}
+            with pytest.raises(ConfigError, match=rf"{stage}\.method: '{method}' .* needs {other}\.method"):
+                load_config(cfg)
+
+
+def _minimal(stage, method):
+    return {"method": method, "retrieval_heads": {0: [0]}} if method == "duo" else {"method": method}

@@ -64,8 +64,8 @@ CASES: dict[tuple[str, str], Case] = {
         selects=True,  # bf16 keys reorder near-equal key norms (0.0145 vs full's 0.0054 on the sparse config)
     ),
     ("cache", "duo"): Case(  # layer 0 has no retrieval head: its heads all live in the streaming table
-        [{"cache": {"method": "duo", "retrieval_heads": {1: [0]}, "n_sink": 4, "recent": 1000}}],
-        {"cache": {"method": "duo", "retrieval_heads": {1: [0]}, "n_sink": 3, "recent": 6}},
+        [{"cache": {"method": "duo", "retrieval_heads": {1: [0]}, "n_sink": 4, "window": 1000}}],
+        {"cache": {"method": "duo", "retrieval_heads": {1: [0]}, "n_sink": 3, "window": 6}},
     ),
     ("cache", "retrieval"): Case(
         [{"cache": {**RETR, "index": "flat", "top_k": 1000, "n_sink": 4, "window": 8}, "decode": RETR}],
@@ -79,14 +79,14 @@ CASES: dict[tuple[str, str], Case] = {
                      "backend": "torch"}},
     ),
     ("prefill", "hip"): Case(
-        [{"prefill": {"method": "hip", "k": 1024, "block_q": 8, "block_k": 2, "n_sink": 2, "window": 4,
+        [{"prefill": {"method": "hip", "top_k": 1024, "block_q": 8, "block_k": 2, "n_sink": 2, "window": 4,
                       "dense_layers": 0, "backend": "torch"}}],
-        {"prefill": {"method": "hip", "k": 8, "block_q": 8, "block_k": 2, "n_sink": 2, "window": 4,
+        {"prefill": {"method": "hip", "top_k": 8, "block_q": 8, "block_k": 2, "n_sink": 2, "window": 4,
                      "dense_layers": 0, "backend": "torch"}},
     ),
     ("decode", "hip"): Case(
-        [{"decode": {"method": "hip", "k": 1024, "block_k": 2, "n_sink": 2, "window": 4, "dense_layers": 0}}],
-        {"decode": {"method": "hip", "k": 8, "block_k": 2, "n_sink": 2, "window": 4, "dense_layers": 0,
+        [{"decode": {"method": "hip", "top_k": 1024, "block_k": 2, "n_sink": 2, "window": 4, "dense_layers": 0}}],
+        {"decode": {"method": "hip", "top_k": 8, "block_k": 2, "n_sink": 2, "window": 4, "dense_layers": 0,
                     "refresh_interval": 3}},
         selects=True,
     ),

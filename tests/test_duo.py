@@ -6,7 +6,7 @@ import torch
 import kvtools
 from kvtools.attention.dense import sdpa_grouped
 from kvtools.cache import SlotLayer, Step
-from kvtools.config import DuoCache
+from kvtools.methods.duo import DuoParams
 from kvtools.errors import ConfigError
 from kvtools.methods.base import LayerInfo
 from kvtools.methods.duo import DuoPolicy, binarize, load_pattern
@@ -17,8 +17,8 @@ from .helpers import prefill_then_decode
 pytestmark = pytest.mark.mechanics
 
 
-def duo(heads, n_sink=4, recent=8, **extra):
-    cfg = {"cache": {"method": "duo", "retrieval_heads": heads, "n_sink": n_sink, "recent": recent}}
+def duo(heads, n_sink=4, window=8, **extra):
+    cfg = {"cache": {"method": "duo", "retrieval_heads": heads, "n_sink": n_sink, "window": window}}
     cfg.update(extra)
     return cfg
 
@@ -76,7 +76,7 @@ def test_chunked_prefill_streaming_heads_see_only_sink_recent_and_chunk():
     torch.manual_seed(0)
     b, h, hk, l, d, chunk, n_sink, recent = 1, 4, 2, 40, 8, 10, 2, 5
     q, k, v = torch.randn(b, h, l, d), torch.randn(b, hk, l, d), torch.randn(b, hk, l, d)
-    pol = DuoPolicy(DuoCache(retrieval_heads={0: [0]}, n_sink=n_sink, recent=recent))
+    pol = DuoPolicy(DuoParams(retrieval_heads={0: [0]}, n_sink=n_sink, window=recent))
     pol.bind(1, hk)
     info = LayerInfo(0, d**-0.5, torch.ones(d // 2), None)
     layer, outs = SlotLayer(), []
@@ -125,7 +125,8 @@ def test_pattern_shape_mismatch_is_a_clear_error(tmp_path, llama):
         ({"method": "duo"}, "give exactly one of them"),
         ({"method": "duo", "pattern": "missing.tsv"}, "file not found"),
         ({"method": "duo", "retrieval_heads": {0: [0]}, "sparsity": 0.5}, "only apply to a pattern"),
-        ({"method": "duo", "retrieval_heads": {0: [0]}, "recent": 0}, r"cache\.recent"),
+        ({"method": "duo", "retrieval_heads": {0: [0]}, "window": 0}, r"cache\.window"),
+        ({"method": "duo", "retrieval_heads": {0: [0]}, "window": 8, "recent": 8}, r"'recent' is the old name of 'window'"),
     ],
 )
 def test_bad_duo_configs(cache, pattern):

@@ -16,7 +16,7 @@ CONFIGS = {
     "snapkv-frac": {"cache": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3, "pool": "avg"}},
     "streamingllm": {"cache": {"method": "streamingllm", "n_sink": 3, "window": 8}},
     "streamingllm-original": {"cache": {"method": "streamingllm", "n_sink": 3, "window": 8, "positions": "original"}},
-    "duo": {"cache": {"method": "duo", "retrieval_heads": {0: [0]}, "n_sink": 3, "recent": 6}},
+    "duo": {"cache": {"method": "duo", "retrieval_heads": {0: [0]}, "n_sink": 3, "window": 6}},
 }
 
 

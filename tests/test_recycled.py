@@ -9,7 +9,7 @@ import torch
 
 import kvtools
 from kvtools.cache import SlotLayer, Step
-from kvtools.config import RecycledDecode
+from kvtools.methods.recycled import RecycledParams
 from kvtools.errors import ConfigError
 from kvtools.methods.base import LayerInfo
 from kvtools.methods.recycled import RecycledDecodeMethod
@@ -55,7 +55,7 @@ def test_recycle_set_and_recycled_step_match_plain_references():
     d, n, k = 8, 100, 12
     layer = _layer(n)
     g = torch.Generator().manual_seed(5)
-    method = RecycledDecodeMethod(RecycledDecode(top_k=k, stride=4))
+    method = RecycledDecodeMethod(RecycledParams(top_k=k, stride=4))
     info = LayerInfo(0, d ** -0.5, torch.ones(1), None)
     q = torch.randn(2, 4, 1, d, generator=g)
     method.attend(layer, q, _step(n - 1), info)  # a full step
@@ -113,7 +113,7 @@ def test_dynamic_schedule_runs_full_steps_when_the_query_drifts():
     d, n = 8, 64
     layer = _layer(n)
     info = LayerInfo(0, d ** -0.5, torch.ones(1), None)
-    method = RecycledDecodeMethod(RecycledDecode(top_k=8, stride=100, dynamic=True, s=0.9))
+    method = RecycledDecodeMethod(RecycledParams(top_k=8, stride=100, dynamic=True, s=0.9))
     g = torch.Generator().manual_seed(1)
     q0 = torch.randn(2, 4, 1, d, generator=g)
     method.attend(layer, q0, _step(n - 1), info)

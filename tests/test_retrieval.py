@@ -7,7 +7,7 @@ import torch
 
 import kvtools
 from kvtools.attention.merge import attention_with_lse, merge_lse
-from kvtools.config import RetrievalCache
+from kvtools.methods.retrieval import RetrievalParams
 from kvtools.errors import ConfigError
 from kvtools.methods.retrieval import HeadStore, recall_at_k
 
@@ -88,10 +88,10 @@ def test_recall_flat_is_one_and_query_trained_ivf_is_measured():
     g = torch.Generator().manual_seed(1)
     keys = torch.randn(2000, 16, generator=g)
     queries = torch.randn(400, 16, generator=g) + 2.0  # out of the keys' distribution
-    flat = HeadStore(keys, keys, torch.arange(2000), RetrievalCache(index="flat"), None)
+    flat = HeadStore(keys, keys, torch.arange(2000), RetrievalParams(index="flat"), None)
     assert recall_at_k(flat, queries[:50], 32) == 1.0
     for train_on in ("keys", "queries"):
-        store = HeadStore(keys, keys, torch.arange(2000), RetrievalCache(index="ivf", nlist=16, nprobe=2,
+        store = HeadStore(keys, keys, torch.arange(2000), RetrievalParams(index="ivf", nlist=16, nprobe=2,
                                                                           train_on=train_on), queries)
         assert 0 < recall_at_k(store, queries[:50], 32) <= 1
 
@@ -172,7 +172,7 @@ def test_augmented_hnsw_is_exact_inner_product_search_on_small_sets():
     g = np.random.default_rng(0)
     keys = (g.standard_normal((300, 16)) * g.uniform(0.1, 5.0, (300, 1))).astype(np.float32)  # varied norms
     q = g.standard_normal((20, 16)).astype(np.float32)
-    index = AugmentedHNSW(keys[:250], RetrievalCache(index="hnsw", ef_search=400, hnsw_m=16))
+    index = AugmentedHNSW(keys[:250], RetrievalParams(index="hnsw", ef_search=400, hnsw_m=16))
     more = keys[250:] * 0.9  # inserted later, inside the headroom
     index.add(more)
     allk = np.concatenate([keys[:250], more])
@@ -285,7 +285,7 @@ def test_nbytes_counts_buffers_at_capacity_and_the_index(index, kw):
 
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(600, 32, generator=g)
-    hs = HeadStore(keys, keys[:, :16], torch.arange(600), RetrievalCache(index=index, **kw), None)
+    hs = HeadStore(keys, keys[:, :16], torch.arange(600), RetrievalParams(index=index, **kw), None)
     hs.wait()
     for extra in (0, 1, 37):
         if extra:
@@ -314,7 +314,7 @@ def test_store_keeps_the_model_dtype_and_stays_exact():
     g = torch.Generator().manual_seed(0)
     keys, vals = torch.randn(200, 16, generator=g).bfloat16(), torch.randn(200, 16, generator=g).bfloat16()
     q = torch.randn(12, 16, generator=g)
-    cfg = RetrievalCache(index="flat")
+    cfg = RetrievalParams(index="flat")
     low = HeadStore(keys, vals, torch.arange(200), cfg, None)
     full = HeadStore(keys.float(), vals.float(), torch.arange(200), cfg, None)
     low.wait()
@@ -327,10 +327,10 @@ def test_store_keeps_the_model_dtype_and_stays_exact():
 
 _EXIT_SCRIPT = """
 import time, torch
-from kvtools.config import RetrievalCache
+from kvtools.methods.retrieval import RetrievalParams
 from kvtools.methods.retrieval import HeadStore
 keys = torch.randn(4000, 64, generator=torch.Generator().manual_seed(0))
-cfg = RetrievalCache(index="hnsw", ef_construction=200)
+cfg = RetrievalParams(index="hnsw", ef_construction=200)
 stores = [HeadStore(keys, keys[:, :1], torch.arange(4000), cfg, None) for _ in range(64)]
 print(time.time(), flush=True)
 """

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import kvtools
-from kvtools.config import FlexPrefill, HipDecode, HipPrefill
+from kvtools.methods.flexprefill import FlexPrefillParams
+from kvtools.methods.hip import HipDecodeParams, HipPrefillParams
 from kvtools.errors import ConfigError
 from kvtools.methods.flexprefill import flexprefill_blocks
 from kvtools.methods.hip import hip_prefill_blocks, hip_search
@@ -22,7 +23,7 @@ from .helpers import assert_matches_unpatched, prefill_then_decode
 @pytest.mark.parametrize("prefill", [
     {"method": "flexprefill", "gamma": 1.0, "block_size": 16, "min_budget": 0, "backend": "torch"},
     {"method": "flexprefill", "gamma": 0.9, "block_size": 16, "min_budget": 4096, "backend": "torch"},
-    {"method": "hip", "k": 4096, "block_q": 16, "block_k": 4, "n_sink": 4, "window": 8, "dense_layers": 0,
+    {"method": "hip", "top_k": 4096, "block_q": 16, "block_k": 4, "n_sink": 4, "window": 8, "dense_layers": 0,
      "backend": "torch"},
 ])
 def test_sparse_prefill_with_covering_budget_equals_unpatched(family_model, prefill):
@@ -31,8 +32,8 @@ def test_sparse_prefill_with_covering_budget_equals_unpatched(family_model, pref
 
 @pytest.mark.mechanics
 def test_hip_decode_with_covering_k_equals_unpatched(llama):
-    cfg = {"prefill": {"method": "hip", "k": 1024, "block_q": 16, "block_k": 4, "dense_layers": 0},
-           "decode": {"method": "hip", "k": 1024, "block_k": 4, "n_sink": 4, "window": 8, "dense_layers": 0}}
+    cfg = {"prefill": {"method": "hip", "top_k": 1024, "block_q": 16, "block_k": 4, "dense_layers": 0},
+           "decode": {"method": "hip", "top_k": 1024, "block_k": 4, "n_sink": 4, "window": 8, "dense_layers": 0}}
     assert_matches_unpatched(llama, cfg, 50, 12)
 
 
@@ -59,7 +60,7 @@ def test_hip_decode_needs_full_cache_and_bad_values_are_config_errors():
 
 
 # ---------------------------------------------------------------- FlexPrefill selection
-def reference_flexprefill(q, k, cfg: FlexPrefill, scale: float):
+def reference_flexprefill(q, k, cfg: FlexPrefillParams, scale: float):
     """Plain per-head loops over the algorithm in METHODS.md (batch 1, no padding, q == k length)."""
     _, h, n, d = q.shape
     g = h // k.shape[1]
@@ -124,7 +125,7 @@ def test_flexprefill_selection_matches_plain_reference(gamma, tau, min_budget):
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 4, 150, 8, generator=gen) * 2
     k = torch.randn(1, 2, 150, 8, generator=gen) * 2
-    cfg = FlexPrefill(gamma=gamma, tau=tau, block_size=16, min_budget=min_budget)
+    cfg = FlexPrefillParams(gamma=gamma, tau=tau, block_size=16, min_budget=min_budget)
     mask, qa = flexprefill_blocks(q, k, None, cfg, 8 ** -0.5)
     ref_mask, ref_qa = reference_flexprefill(q, k, cfg, 8 ** -0.5)
     assert torch.equal(qa, ref_qa)
@@ -145,7 +146,7 @@ def test_flexprefill_classifies_vertical_and_query_aware_heads():
     k[0, 1] += 2 * dirs.repeat_interleave(bs, 0)
     q[0, 1] += 2 * dirs[torch.randint(0, n // bs, (n,), generator=gen).clamp(max=torch.arange(n) // bs)]
     q[0, 1, -bs:] = 2 * dirs[3] + 0.1 * torch.randn(bs, d, generator=gen)
-    cfg = FlexPrefill(gamma=0.9, tau=0.1, block_size=bs, min_budget=bs)
+    cfg = FlexPrefillParams(gamma=0.9, tau=0.1, block_size=bs, min_budget=bs)
     mask, qa = flexprefill_blocks(q, k, None, cfg, d ** -0.5)
     assert qa.tolist() == [[False, True]]
     # the blocks of the vertical columns (keys 5, 200, 333) for every query block that can see them
@@ -176,7 +177,7 @@ def test_hip_tree_search_finds_planted_keys():
 def test_hip_prefill_blocks_always_hold_sink_window_and_diagonal():
     gen = torch.Generator().manual_seed(2)
     q, k = torch.randn(1, 2, 512, 8, generator=gen), torch.randn(1, 2, 512, 8, generator=gen)
-    cfg = HipPrefill(k=64, block_q=32, block_k=16, n_sink=32, window=64)
+    cfg = HipPrefillParams(top_k=64, block_q=32, block_k=16, n_sink=32, window=64)
     mask = hip_prefill_blocks(q, k, None, cfg)
     nq, nk = mask.shape[-2:]
     for qb in range(nq):
@@ -190,7 +191,7 @@ def test_hip_prefill_blocks_always_hold_sink_window_and_diagonal():
 
 def test_hip_decode_refreshes_on_schedule(llama):
     ids = random_ids(1, 120 + 20)
-    cfg = {"decode": {"method": "hip", "k": 16, "block_k": 4, "n_sink": 4, "window": 16, "dense_layers": 0,
+    cfg = {"decode": {"method": "hip", "top_k": 16, "block_k": 4, "n_sink": 4, "window": 16, "dense_layers": 0,
                       "refresh_interval": 6}}
     with kvtools.patch(llama, cfg) as p:
         _, cache = prefill_then_decode(llama, ids, 120, cache=p.make_cache())
@@ -216,7 +217,7 @@ def test_hip_decode_attends_only_to_sink_window_and_selection(llama):
     layer.pos = layer.idx.clone()
     step = Step(valid=torch.ones(1, 1, dtype=torch.bool), pos=torch.tensor([[n - 1]]), idx=torch.tensor([n - 1]),
                 prompt_real=torch.tensor([1]), end_of_prompt=True)
-    cfg = HipDecode(k=32, block_k=8, n_sink=8, window=40, dense_layers=0)
+    cfg = HipDecodeParams(top_k=32, block_k=8, n_sink=8, window=40, dense_layers=0)
     info = LayerInfo(0, d ** -0.5, torch.ones(1), None)
     out = HipDecodeMethod(cfg).attend(layer, q, step, info)
     sel = layer.state["hip"].sel  # [1, H, G]

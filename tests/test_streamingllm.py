@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import kvtools
 from kvtools.attention.rope import rotate
 from kvtools.cache import SlotLayer, Step
-from kvtools.config import StreamingLLMCache
+from kvtools.methods.streamingllm import StreamingLLMParams
 from kvtools.methods.base import LayerInfo
 from kvtools.methods.streamingllm import StreamingLLMPolicy
 
@@ -252,7 +252,7 @@ def test_layer_outputs_equal_the_rerotating_formulation(positions, window):
     valid[1, 46:48] = False  # and 2 padding tokens at the start of its second call
     q, k, v = torch.randn(b, h, n, d), torch.randn(b, hk, n, d), torch.randn(b, hk, n, d)
     info = LayerInfo(0, d**-0.5, 1.0 / 100 ** (torch.arange(0, d, 2) / d), None)
-    pol = StreamingLLMPolicy(StreamingLLMCache(n_sink=n_sink, window=window, positions=positions))
+    pol = StreamingLLMPolicy(StreamingLLMParams(n_sink=n_sink, window=window, positions=positions))
     windows = [max(1, round(p * window)) if isinstance(window, float) else window for p in (16, 2)]
     layer, outs = SlotLayer(), []
     with torch.no_grad():
@@ -277,7 +277,7 @@ def test_decode_writes_in_place_once_at_capacity(llama):
     am = torch.ones_like(ids)
     am[1, :5] = 0
     cfgs = [streaming(3, 10), streaming(3, 10, "original"),
-            {"cache": {"method": "duo", "retrieval_heads": {0: [0]}, "n_sink": 3, "recent": 10}}]
+            {"cache": {"method": "duo", "retrieval_heads": {0: [0]}, "n_sink": 3, "window": 10}}]
     for cfg in cfgs:
         for mask in (None, am):
             with kvtools.patch(llama, cfg) as p:
@@ -302,7 +302,7 @@ def test_held_keys_are_never_re_rotated_in_half_precision():
     b, h, hk, d, n_sink, window, n = 1, 4, 2, 32, 4, 1000, 1120
     q32, k32, v32 = torch.randn(b, h, n, d), torch.randn(b, hk, n, d), torch.randn(b, hk, n, d)
     info = LayerInfo(0, d**-0.5, 1.0 / 10000 ** (torch.arange(0, d, 2) / d), None)
-    pol = StreamingLLMPolicy(StreamingLLMCache(n_sink=n_sink, window=window))
+    pol = StreamingLLMPolicy(StreamingLLMParams(n_sink=n_sink, window=window))
     cuts = [0, 20] + list(range(21, n + 1))
     valid = torch.ones(b, n, dtype=torch.bool)
     layers = {}

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 
 from ..attention.block_sparse import BlockLayout, block_sparse_attention, causal_block_count, causal_block_mask
-from ..config import FlexPrefill, HipPrefill, load_config
+from ..config import load_config
+from ..methods.flexprefill import FlexPrefillParams
+from ..methods.hip import HipPrefillParams
 from ..errors import ConfigError
 from ..models import SHAPES
 from .timing import median_time
@@ -77,10 +79,10 @@ def _selection(cfg, q, k, scale):
     from ..methods.flexprefill import flexprefill_blocks
     from ..methods.hip import hip_prefill_blocks
 
-    if isinstance(cfg, FlexPrefill):
+    if isinstance(cfg, FlexPrefillParams):
         mask, _ = flexprefill_blocks(q, k, None, cfg, scale)
         return BlockLayout.from_mask(mask, cfg.block_size, cfg.block_size)
-    if isinstance(cfg, HipPrefill):
+    if isinstance(cfg, HipPrefillParams):
         mask = hip_prefill_blocks(q, k, None, cfg)
         return BlockLayout.from_mask(mask, cfg.block_q, cfg.block_k)
     raise ConfigError(f"bench-attention: '{cfg.method}' is not a sparse prefill method (flexprefill, hip)")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import RetrievalCache
+from ..methods.retrieval import RetrievalParams
 from ..patching import capture_qkv
 
 KINDS: dict[str, dict[str, Any]] = {
@@ -62,7 +62,7 @@ def measure_recall(layers_qk, top_ks: list[int], kinds: list[str], n_sink: int =
     rows = []
     layer_ids = layers if layers is not None else list(range(len(layers_qk)))
     for kind in kinds:
-        cfg = RetrievalCache(**{**KINDS[kind], **index_kw})
+        cfg = RetrievalParams(**{**KINDS[kind], **index_kw})
         hits = {k: 0 for k in top_ks}
         total = {k: 0 for k in top_ks}
         search_s, build_s, n_q, n_keys = 0.0, 0.0, 0, 0

@@ -1,14 +1,27 @@
-"""The contract between the generic patched forward and a cache policy."""
+"""The contract between the generic patched forward and a method, one base class per stage.
+
+Every method is a class that names its stage, its config name and its parameter model
+(:class:`~kvtools.params.StageParams`, declared next to it); ``kvtools.methods`` lists the classes.
+A method holds only its parameters: every piece of run-time state lives in the cache, so one patched
+model can serve several caches.
+
+* :class:`CachePolicy` (stage ``cache``): which slots are kept, at which positions; it runs the
+  attention of every call, handing multi-token calls to the prefill method and single-token calls to
+  the decode method when one is configured and applies.
+* :class:`PrefillMethod`: ``attend(q, k, v, kv_valid, info)`` over a fresh prompt's keys.
+* :class:`DecodeMethod`: ``attend(layer, q, step, info)`` for one new token over the slot table.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..attention.dense import attend_slots, stream_ordered
 from ..cache import SlotLayer, Step
-from ..config import StageConfig
+from ..params import StageParams
 
 
 @dataclass(frozen=True)
@@ -21,28 +34,58 @@ class LayerInfo:
     sliding_window: int | None
 
 
-class StageMethod:
-    """A prefill or decode stage method (sparse attention); holds only its config, state lives in the cache.
+class Method:
+    """What every registered method declares (see ``kvtools.methods.METHODS``)."""
 
-    A prefill method implements ``attend(q, k, v, kv_valid, info)`` over a fresh, unpadded prompt (the
-    policy hands it each row's real tokens: left padding never shifts its block grid); a decode method
-    implements ``attend(layer, q, step, info)`` for one new token over the slot table, keeping its per-row
-    state in a :class:`~kvtools.cache.RowState` under ``layer.state[state_key]`` (dropped whenever a
-    multi-token call changes the table, so a decode method never reuses a selection across calls).
-    """
-
+    #: the config name (``cache: {method: <name>}``) and the stage it belongs to
+    name: ClassVar[str]
+    stage: ClassVar[str]
+    #: its parameter model, declared next to it
+    params: ClassVar[type[StageParams]]
+    #: the stage is run by the cache policy's own attention (dense prefill / decode, retrieval decode):
+    #: nothing is attached to the policy
+    builtin: ClassVar[bool] = False
     #: per-row state follows beam reordering (False: ``generate(num_beams > 1)`` is refused up front)
-    supports_reorder = True
-    #: key of this method's RowState in ``layer.state`` (decode methods)
-    state_key: str | None = None
+    supports_reorder: ClassVar[bool] = True
 
-    def __init__(self, cfg: StageConfig) -> None:
+    def __init__(self, cfg: StageParams) -> None:
         self.cfg = cfg
+
+
+class StageMethod(Method):
+    """A sparse prefill or decode method; holds only its config, state lives in the cache."""
 
     def applies(self, info: LayerInfo, n_keys: int) -> bool:
         """Whether this layer, attending over ``n_keys`` slots, uses the method (sliding-window layers and
         dense first layers do not; a method may also leave short inputs to dense attention)."""
         return info.sliding_window is None and info.layer_idx >= getattr(self.cfg, "dense_layers", 0)
+
+
+class PrefillMethod(StageMethod):
+    """Sparse attention over a prompt. The policy calls it over each row's real tokens (left padding never
+    shifts a block grid) while the slot table is exactly the stream so far."""
+
+    stage = "prefill"
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_valid: torch.Tensor | None,
+               info: LayerInfo) -> torch.Tensor:
+        """q [B, H, Lq, D] (the last Lq of the keys), k, v [B, Hk, Lk, D], ``kv_valid`` [B, Lk] or None (all
+        real) -> the causal attention output [B, H, Lq, D]."""
+        raise NotImplementedError
+
+
+class DecodeMethod(StageMethod):
+    """Sparse attention of one new token over the slot table. Per-row state lives in a
+    :class:`~kvtools.cache.RowState` under ``layer.state[state_key]``, dropped whenever a multi-token call
+    changes the table (a decode method never reuses a selection across calls)."""
+
+    stage = "decode"
+    #: key of this method's RowState in ``layer.state``
+    state_key: ClassVar[str | None] = None
+
+    def attend(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> torch.Tensor:
+        """q [B, H, 1, D] of the step's token (already appended to ``layer``) -> output [B, H, 1, D]."""
+        raise NotImplementedError
 
 
 def leading_padding(valid: torch.Tensor) -> torch.Tensor | None:
@@ -60,7 +103,7 @@ def row_groups(pads: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return [(int(p), (pads == p).nonzero().flatten()) for p in torch.unique(pads).tolist()]
 
 
-def prefill_by_row(method: StageMethod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def prefill_by_row(method: PrefillMethod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    kv_valid: torch.Tensor, info: LayerInfo) -> torch.Tensor:
     """A sparse prefill method over each row's real tokens only, rows with the same left padding together.
 
@@ -99,27 +142,21 @@ def _fresh(layer: SlotLayer, step: Step) -> bool:
     return stream_ordered(layer.valid, layer.idx, step.idx)
 
 
-class CachePolicy:
+class CachePolicy(Method):
     """A cache-stage method: which slots are kept, and at which positions.
 
-    Policies hold only their config: every piece of run-time state lives in the
-    cache (``layer.state``), so one patched model can serve several caches.
     :meth:`attend` runs inside each patched attention layer; by default it calls,
     in order: ``before_append`` -> (append new slots) -> ``align_queries`` ->
     dense attention over the slot table -> ``after_attend``. Most methods override
     only those hooks; a method with its own storage or attention overrides ``attend``.
     """
 
+    stage = "cache"
     #: sparse prefill / decode stage methods (None: dense), set by ``make_policy``
-    prefill: StageMethod | None = None
-    decode: StageMethod | None = None
-    #: per-row state follows beam reordering (False: ``generate(num_beams > 1)`` is refused up front)
-    supports_reorder = True
+    prefill: PrefillMethod | None = None
+    decode: DecodeMethod | None = None
 
-    def __init__(self, cfg: StageConfig) -> None:
-        self.cfg = cfg
-
-    def methods(self) -> list[CachePolicy | StageMethod]:
+    def methods(self) -> list[Method]:
         """This policy and its stage methods."""
         return [m for m in (self, self.prefill, self.decode) if m is not None]
 

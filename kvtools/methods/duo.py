@@ -16,14 +16,43 @@ binarised by ``threshold`` (retrieval: value > threshold; default 0.5) or
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ..cache import SlotLayer
-from ..config import DuoCache, StreamingLLMCache
 from ..errors import ConfigError
+from ..params import StageParams
 from .base import CachePolicy
-from .streamingllm import StreamingLLMPolicy
+from .streamingllm import StreamingLLMParams, StreamingLLMPolicy
+
+
+class DuoParams(StageParams):
+    """DuoAttention: retrieval KV heads keep everything, streaming KV heads keep sink + window slots."""
+
+    aliases = {"recent": "window"}
+
+    method: Literal["duo"] = "duo"
+    pattern: str | None = Field(default=None, description="TSV: one row per layer, one float in [0, 1] per KV head")
+    retrieval_heads: dict[int, list[int]] | None = Field(
+        default=None, description="explicit retrieval KV heads per layer ({layer: [heads]}); other heads stream"
+    )
+    sparsity: float | None = Field(default=None, ge=0, le=1, description="fraction of KV heads made streaming")
+    threshold: float | None = Field(default=None, ge=0, le=1, description="retrieval heads: pattern value > this")
+    n_sink: int = Field(default=64, ge=0, description="first real tokens kept by streaming heads")
+    window: int = Field(default=256, ge=1, description="most recent tokens kept by streaming heads")
+
+    def check(self, stage: str) -> None:
+        super().check(stage)
+        if (self.pattern is None) == (self.retrieval_heads is None):
+            raise ConfigError(f"{stage}.pattern / {stage}.retrieval_heads: give exactly one of them (duo)")
+        if self.sparsity is not None and self.threshold is not None:
+            raise ConfigError(f"{stage}.sparsity / {stage}.threshold: give at most one of them (duo)")
+        if self.retrieval_heads is not None and (self.sparsity is not None or self.threshold is not None):
+            raise ConfigError(f"{stage}.sparsity / {stage}.threshold: only apply to a pattern file (duo)")
+        if self.pattern is not None and not Path(self.pattern).is_file():
+            raise ConfigError(f"{stage}.pattern: file not found: {self.pattern} (duo)")
 
 
 def load_pattern(path: str | Path) -> torch.Tensor:
@@ -68,12 +97,14 @@ class _StreamingHeads(StreamingLLMPolicy):
 
 
 class DuoPolicy(CachePolicy):
-    cfg: DuoCache
+    name = "duo"
+    params = DuoParams
+    cfg: DuoParams
 
-    def __init__(self, cfg: DuoCache) -> None:
+    def __init__(self, cfg: DuoParams) -> None:
         super().__init__(cfg)
         self.streaming = _StreamingHeads(
-            StreamingLLMCache(n_sink=cfg.n_sink, window=cfg.recent, positions="original")
+            StreamingLLMParams(n_sink=cfg.n_sink, window=cfg.window, positions="original")
         )
         self.retrieval: torch.Tensor | None = None  # [layers, KV heads] bool, set by bind()
 

@@ -1,4 +1,4 @@
-"""FlexPrefill: context-aware sparse prefill (per head: vertical-slash or query-aware blocks).
+"""FlexPrefillParams: context-aware sparse prefill (per head: vertical-slash or query-aware blocks).
 
 For each (row, query head), from the last block of queries:
 
@@ -26,13 +26,27 @@ queries may be a suffix of the keys (``q_offset``).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ..attention.block_sparse import BlockLayout, block_sparse_attention
-from ..config import FlexPrefill
-from .base import LayerInfo, StageMethod
+from ..params import Backend, StageParams
+from .base import LayerInfo, PrefillMethod
 from .common import top_n_mask
+
+
+class FlexPrefillParams(StageParams):
+    """FlexPrefillParams: per-head sparse prefill, vertical-slash or query-aware block selection."""
+
+    method: Literal["flexprefill"] = "flexprefill"
+    gamma: float = Field(default=0.9, gt=0, le=1, description="attention mass each head's selection must cover")
+    tau: float = Field(default=0.1, ge=0, le=1, description="JSD threshold: below -> query-aware, else vertical-slash")
+    block_size: int = Field(default=128, ge=16, description="query/key block size (tokens)")
+    min_budget: int = Field(default=512, ge=0, description="least tokens selected per head (rounded up to blocks)")
+    max_budget: int | None = Field(default=None, ge=1, description="most tokens per head for vertical/slash")
+    backend: Backend = Field(default="auto", description="block-sparse engine backend")
 
 
 def _gqa_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -62,10 +76,10 @@ def _jsd(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def flexprefill_blocks(
-    q: torch.Tensor, k: torch.Tensor, kv_valid: torch.Tensor | None, cfg: FlexPrefill, scale: float,
+    q: torch.Tensor, k: torch.Tensor, kv_valid: torch.Tensor | None, cfg: FlexPrefillParams, scale: float,
     q_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block mask [B, H, NQB, NKB] FlexPrefill computes, and which heads were query-aware [B, H]."""
+    """Block mask [B, H, NQB, NKB] FlexPrefillParams computes, and which heads were query-aware [B, H]."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     bs = cfg.block_size
@@ -156,8 +170,10 @@ def _block_any(valid: torch.Tensor, nk: int, bs: int) -> torch.Tensor:
     return torch.nn.functional.pad(valid, (0, nk * bs - valid.shape[1])).view(valid.shape[0], nk, bs).any(-1)
 
 
-class FlexPrefillMethod(StageMethod):
-    cfg: FlexPrefill
+class FlexPrefillMethod(PrefillMethod):
+    name = "flexprefill"
+    params = FlexPrefillParams
+    cfg: FlexPrefillParams
 
     def applies(self, info: LayerInfo, n_keys: int) -> bool:
         """Prompts of at most max(2 block_size, min_budget) tokens stay dense."""

@@ -17,15 +17,45 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ..attention.block_sparse import BlockLayout, block_sparse_attention
 from ..attention.dense import attend_slots
 from ..attention.merge import attention_with_lse
 from ..cache import RowState, SlotLayer, Step
-from ..config import HipDecode, HipPrefill
-from .base import LayerInfo, StageMethod, leading_padding, row_groups
+from ..params import Backend, StageParams
+from .base import DecodeMethod, LayerInfo, PrefillMethod, leading_padding, row_groups
+
+class HipParams(StageParams):
+    """What HiP prefill and decode share: the tree search's budget and granularity, sink and window."""
+
+    aliases = {"k": "top_k"}
+    top_k: int = Field(default=512, ge=1, description="keys selected per query block by the tree search")
+    block_k: int = Field(default=16, ge=1, description="selection granularity in keys (the paper uses 2)")
+    n_sink: int = Field(default=64, ge=0, description="first keys always attended")
+    window: int = Field(default=256, ge=0, description="most recent keys always attended")
+    dense_layers: int = Field(default=3, ge=0, description="the first layers stay dense")
+
+
+class HipPrefillParams(HipParams):
+    """HiP: hierarchical top-k key-block selection per query block, plus sink and window."""
+
+    method: Literal["hip"] = "hip"
+    block_q: int = Field(default=32, ge=1, description="queries sharing one selection")
+    backend: Backend = Field(default="auto", description="block-sparse engine backend")
+
+
+class HipDecodeParams(HipParams):
+    """HiP decode: each new token attends to a tree-searched top-k, refreshed every `refresh_interval` steps."""
+
+    method: Literal["hip"] = "hip"
+    requires = {"cache": ("full",)}
+    requires_why = "searches the whole prompt cache"
+    refresh_interval: int = Field(default=8, ge=1, description="decode steps between selection refreshes")
+
 
 # bound on the floats one chunk of query blocks materialises during the search
 _SEARCH_FLOATS = 1 << 24
@@ -87,7 +117,7 @@ def _prefill_ranges(off: int, cfg, nq: int, dev) -> tuple[torch.Tensor, torch.Te
     return q_first, lo, torch.maximum(hi, lo)
 
 
-def hip_prefill_blocks(q: torch.Tensor, k: torch.Tensor, kv_valid: torch.Tensor | None, cfg: HipPrefill,
+def hip_prefill_blocks(q: torch.Tensor, k: torch.Tensor, kv_valid: torch.Tensor | None, cfg: HipPrefillParams,
                        q_offset: int | None = None) -> torch.Tensor:
     """Block mask [B, H, NQB, NKB] in (block_q, block_k) units: search + sink + window, causal."""
     b, h, lq, _ = q.shape
@@ -97,7 +127,7 @@ def hip_prefill_blocks(q: torch.Tensor, k: torch.Tensor, kv_valid: torch.Tensor 
     nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
     dev = q.device
     q_first, lo, hi = _prefill_ranges(off, cfg, nq, dev)
-    n_groups = max(1, cfg.k // bk)
+    n_groups = max(1, cfg.top_k // bk)
     sel = hip_search(q, k, kv_valid, n_groups, bq, bk, lo, hi)  # [B, H, NQB, G]
     mask = torch.zeros(b, h, nq, nk + 1, dtype=torch.bool, device=dev)
     mask.scatter_(-1, torch.where(sel >= 0, sel, nk), True)
@@ -110,8 +140,10 @@ def hip_prefill_blocks(q: torch.Tensor, k: torch.Tensor, kv_valid: torch.Tensor 
     return (mask | sink | window) & causal
 
 
-class HipPrefillMethod(StageMethod):
-    cfg: HipPrefill
+class HipPrefillMethod(PrefillMethod):
+    name = "hip"
+    params = HipPrefillParams
+    cfg: HipPrefillParams
 
     def attend(self, q, k, v, kv_valid, info: LayerInfo) -> torch.Tensor:
         mask = hip_prefill_blocks(q, k, kv_valid, self.cfg)
@@ -128,13 +160,15 @@ class HipState(RowState):
     refreshed: int = 0  # searches run
 
 
-class HipDecodeMethod(StageMethod):
+class HipDecodeMethod(DecodeMethod):
     """Decode with a tree-searched selection refreshed every ``refresh_interval`` steps (state in the cache).
 
     Sinks, window and search units count from each row's first real token, so a left-padded row selects
     what it selects alone."""
 
-    cfg: HipDecode
+    name = "hip"
+    params = HipDecodeParams
+    cfg: HipDecodeParams
     state_key = "hip"
 
     def attend(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> torch.Tensor:
@@ -146,7 +180,7 @@ class HipDecodeMethod(StageMethod):
         pads = leading_padding(valid[:, 0])
         if lq != 1 or n != q_abs + 1 or pads is None:  # not a stream-ordered full cache: exact attention
             return attend_slots(q, keys, values, valid, layer.idx, step.idx, info.scale)
-        n_groups = max(1, cfg.k // cfg.block_k)
+        n_groups = max(1, cfg.top_k // cfg.block_k)
         lo = math.ceil(cfg.n_sink / cfg.block_k)
         st: HipState | None = layer.state.get(self.state_key)
         refresh = st is None or st.age % cfg.refresh_interval == 0

@@ -7,12 +7,23 @@ query-agnostic scorer; a worked example of :class:`~kvtools.methods.scored.Score
 
 from __future__ import annotations
 
-from ..config import KNormCache
-from .scored import ScoredEvictionPolicy
+from typing import Literal
+
+from pydantic import Field
+
+from .scored import ScoredEvictionPolicy, ScoredParams
+
+
+class KNormParams(ScoredParams):
+    """At the end of each prompt (multi-token call) keep its recent window + the keys with the smallest L2 norm."""
+
+    method: Literal["knorm"] = "knorm"
+    window: int = Field(default=16, ge=1, description="most recent prompt tokens always kept")
 
 
 class KNormPolicy(ScoredEvictionPolicy):
-    cfg: KNormCache
+    name = "knorm"
+    params = KNormParams
 
     def score(self, layer, candidates, q_obs, i_obs, info):
         return -layer.keys.float().norm(dim=-1)  # [B, Hk, S]: the smaller the norm, the higher the score

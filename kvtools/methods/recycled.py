@@ -16,13 +16,31 @@ the next token to copy, and without pooling the tokens after that one are rarely
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ..cache import RowState, SlotLayer, Step
-from ..config import RecycledDecode
-from .base import LayerInfo, StageMethod
+from ..params import StageParams
+from .base import DecodeMethod, LayerInfo
 from .common import resolve_tokens
+
+
+class RecycledParams(StageParams):
+    """Recycled Attention: a full step every `stride` steps picks each KV head's top-k slots; the steps
+    between attend only to them plus the tokens generated since (the full cache is kept)."""
+
+    method: Literal["recycled"] = "recycled"
+    requires = {"cache": ("full", "snapkv")}
+    requires_why = "keeps slot positions between full steps (no eviction while decoding)"
+    top_k: int | float = Field(default=0.25, gt=0, description="slots per KV head (int) or fraction of the slots")
+    stride: int = Field(default=16, ge=1, description="decode steps per full step (1: always full)")
+    dynamic: bool = Field(default=False, description="also run a full step when the query drifts (cosine < s)")
+    s: float = Field(default=0.8, ge=-1, le=1, description="cosine threshold of the dynamic schedule")
+    pool: int = Field(default=1, ge=1, description="max-pool the full step's scores over this many following "
+                                                   "slots before the top-k, so a picked token brings the tokens "
+                                                   "after it (copying needs them; 1: the paper's top-k)")
 
 
 def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor, scale: float):
@@ -68,8 +86,10 @@ class RecycledState(RowState):
     full_steps: int = 1
 
 
-class RecycledDecodeMethod(StageMethod):
-    cfg: RecycledDecode
+class RecycledDecodeMethod(DecodeMethod):
+    name = "recycled"
+    params = RecycledParams
+    cfg: RecycledParams
     state_key = "recycled"
 
     def attend(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> torch.Tensor:

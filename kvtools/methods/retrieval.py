@@ -49,17 +49,61 @@ import atexit
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from ..attention.merge import attention_with_lse, merge_lse
-from ..cache import SlotLayer, Step
-from ..config import RetrievalCache
+from ..cache import RowState, SlotLayer, Step
 from ..errors import KVToolsError
-from .base import CachePolicy, LayerInfo
+from ..params import StageParams
+from .base import CachePolicy, DecodeMethod, LayerInfo
 from .common import keep_first_last
+
+_BOTH_STAGES = "goes in both stages (the cache offloads and indexes, decode searches it)"
+
+
+class RetrievalParams(StageParams):
+    """RetrievalAttention: after prefill all but sink + window slots move to CPU, one ANN index per
+    (layer, row, KV head); each decode query attends to its retrieved top_k there plus the device slots."""
+
+    method: Literal["retrieval"] = "retrieval"
+    requires = {"decode": ("retrieval",)}
+    requires_why = _BOTH_STAGES
+    n_sink: int = Field(default=128, ge=0, description="first real tokens kept on the device")
+    window: int = Field(default=512, ge=1, description="most recent tokens kept on the device")
+    top_k: int = Field(default=256, ge=1, description="keys retrieved per query head per step")
+    index: Literal["flat", "hnsw", "ivf"] = Field(default="hnsw", description="FAISS index (inner product)")
+    hnsw_m: int = Field(default=32, ge=2, description="hnsw: neighbours per node")
+    ef_construction: int = Field(default=64, ge=1, description="hnsw: build beam")
+    ef_search: int = Field(default=128, ge=1, description="hnsw: search beam")
+    hnsw_space: Literal["l2-augmented", "ip"] = Field(
+        default="l2-augmented", description="hnsw: an L2 graph over keys given one extra coordinate so all have "
+                                            "the same norm (exact reduction of inner-product search), or a graph "
+                                            "built on inner product itself (navigates poorly: measured recall ~0.6)")
+    nlist: int = Field(default=64, ge=1, description="ivf: clusters (capped by the keys available)")
+    nprobe: int = Field(default=8, ge=1, description="ivf: clusters searched")
+    train_on: Literal["keys", "queries"] = Field(
+        default="keys", description="ivf: centroids from the keys, or from the prefill queries (keys filed by "
+                                    "inner product; measured recall is poor, see README)")
+    insert: bool = Field(default=True, description="tokens leaving the window are added to the index")
+    hot_keys: int = Field(
+        default=0, ge=0, description="attention-aware candidates: the offloaded keys the last hot_window prompt "
+                                     "queries attend to most, scored exactly with the index's results each step "
+                                     "(0: off)")
+    hot_window: int = Field(default=256, ge=1, description="prompt queries (per query head) that pick the hot keys")
+
+
+class RetrievalDecodeParams(StageParams):
+    """Decode over a retrieval cache: device slots + retrieved CPU slots, merged by log-sum-exp."""
+
+    method: Literal["retrieval"] = "retrieval"
+    requires = {"cache": ("retrieval",)}
+    requires_why = _BOTH_STAGES
+
 
 #: a store searches exactly (no index) until it holds this many keys: an index built on a handful of
 #: keys is no faster, and IVF centroids / the augmented-HNSW norm bound drawn from so few would be poor
@@ -137,7 +181,7 @@ def _pool() -> _IndexBuilder:
         return _POOL
 
 
-def build_index(keys: np.ndarray, cfg: RetrievalCache, queries: np.ndarray | None = None):
+def build_index(keys: np.ndarray, cfg: RetrievalParams, queries: np.ndarray | None = None):
     """A FAISS inner-product index over ``keys`` [N, D] (float32) as ``cfg`` asks."""
     import faiss
 
@@ -206,7 +250,7 @@ class AugmentedHNSW:
 
     HEADROOM = 1.2
 
-    def __init__(self, keys: np.ndarray, cfg: RetrievalCache) -> None:
+    def __init__(self, keys: np.ndarray, cfg: RetrievalParams) -> None:
         import faiss
 
         d = keys.shape[1]
@@ -244,7 +288,7 @@ class HeadStore:
     while it builds are queued and added when it is ready. Deep copies and pickles wait for the build
     and carry the index serialized."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, cfg: RetrievalCache,
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, cfg: RetrievalParams,
                  queries: torch.Tensor | None, hot: torch.Tensor | None = None) -> None:
         self.cfg = cfg
         self.hot = hot  # store positions always scored with the index's results (attention-aware)
@@ -386,8 +430,17 @@ class OffloadStore:
                 h.wait()
 
 
+@dataclass
+class TrainQueries(RowState):
+    """Prompt queries kept (on the CPU) until the offload, to train IVF centroids on (``train_on: queries``)."""
+
+    q: torch.Tensor  # [B, H, n, D]
+
+
 class RetrievalPolicy(CachePolicy):
-    cfg: RetrievalCache
+    name = "retrieval"
+    params = RetrievalParams
+    cfg: RetrievalParams
 
     #: per-row CPU indexes cannot follow beam reordering: ``generate(num_beams > 1)`` is refused up front
     supports_reorder = False
@@ -416,8 +469,9 @@ class RetrievalPolicy(CachePolicy):
         if self.cfg.index != "ivf" or self.cfg.train_on != "queries":
             return
         every = max(1, q.shape[2] // 2048)
-        kept = layer.state.setdefault("train_q", [])
-        kept.append(q[:, :, ::every].float().cpu())
+        new = q[:, :, ::every].float().cpu()
+        kept: TrainQueries | None = layer.state.get("train_q")
+        layer.state["train_q"] = TrainQueries(new if kept is None else torch.cat([kept.q, new], dim=2))
 
     def _device_slots(self, layer: SlotLayer) -> torch.Tensor:
         """[B, Hk, S]: the slots that stay on the device, the first n_sink and the last window real ones."""
@@ -429,8 +483,8 @@ class RetrievalPolicy(CachePolicy):
         cfg = self.cfg
         device_keep = self._device_slots(layer)
         move = layer.valid & ~device_keep
-        train_q = layer.state.pop("train_q", None)
-        tq = torch.cat(train_q, dim=2) if train_q else None  # [B, H, n, D]
+        train_q: TrainQueries | None = layer.state.pop("train_q", None)
+        tq = None if train_q is None else train_q.q  # [B, H, n, D]
         b, hk = layer.valid.shape[:2]
         g = None if tq is None else tq.shape[1] // hk
         heads = []
@@ -503,6 +557,14 @@ class RetrievalPolicy(CachePolicy):
                         store.heads[r][kh].insert(layer.keys[r, kh, sel], layer.values[r, kh, sel],
                                                   layer.idx[r, kh, sel])
         layer.keep(keep)
+
+
+class RetrievalDecodeMethod(DecodeMethod):
+    """Decode over the retrieval cache: its policy attends to the device slots and the retrieved CPU slots."""
+
+    name = "retrieval"
+    params = RetrievalDecodeParams
+    builtin = True
 
 
 def hot_set(queries: torch.Tensor, keys: torch.Tensor, scale: float, n: int) -> torch.Tensor:

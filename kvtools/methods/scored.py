@@ -6,20 +6,52 @@ call's real tokens): the call's last ``window`` tokens are always kept, the othe
 :meth:`ScoredEvictionPolicy.score` (higher = keep; ties keep the earlier slot). What earlier calls kept is
 never touched, and decode steps append without evicting. A scorer that reads the call's last queries
 (SnapKV's observation window) sets :attr:`observe`; they are carried across the chunks of a chunked call.
-A new method is its ``score`` plus its parameters (see ``knorm.py``).
+A new method is its parameters (a :class:`ScoredParams`) plus its ``score`` (see ``knorm.py``).
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from ..cache import SlotLayer, Step
+import torch
+from pydantic import Field
+
+from ..cache import RowState, SlotLayer, Step
+from ..errors import ConfigError
+from ..params import StageParams
 from .base import CachePolicy, LayerInfo
 from .common import keep_first_last, keep_top, resolve_tokens
 
 
+class ScoredParams(StageParams):
+    """A scored-eviction method's budget and protected recent window; a subclass adds ``method`` (a
+    ``Literal``) and its scorer's own parameters, and may give ``window`` another default."""
+
+    budget: int | float = Field(
+        default=1024, gt=0, description="slots per KV head (int) or fraction of the prompt (0 < f <= 1)"
+    )
+    window: int = Field(default=32, ge=1, description="most recent tokens of each call always kept")
+
+    def check(self, stage: str) -> None:
+        super().check(stage)
+        if isinstance(self.budget, int) and self.budget < self.window:
+            raise ConfigError(f"{stage}.budget: must be >= {stage}.window ({self.window}) so the window fits, "
+                              f"got {self.budget}")
+
+
+@dataclass
+class ObservedQueries(RowState):
+    """A chunked call's last queries so far, carried to its next chunk."""
+
+    q: torch.Tensor  # [B, H, n, D]
+    idx: torch.Tensor  # [n] their stream indices (the same for every row)
+    shared = ("idx",)
+
+
 class ScoredEvictionPolicy(CachePolicy):
     """Keep each call's ``window`` last tokens + its top-``score`` slots, ``budget`` in all."""
+
+    cfg: ScoredParams
 
     #: how many of the call's last queries ``score`` needs (0: none)
     observe: int = 0
@@ -35,13 +67,13 @@ class ScoredEvictionPolicy(CachePolicy):
             return
         q_obs = i_obs = None
         if self.observe:  # carry the call's last queries (and their stream indices) across its chunks
-            prev = layer.state.get("q_tail") if step.chunk > 0 else None
+            prev: ObservedQueries | None = layer.state.get("q_tail") if step.chunk > 0 else None
             q_obs, i_obs = (q, step.idx) if prev is None else (
-                torch.cat([prev[0], q], dim=2), torch.cat([prev[1], step.idx]))
+                torch.cat([prev.q, q], dim=2), torch.cat([prev.idx, step.idx]))
             q_obs, i_obs = q_obs[:, :, -self.observe:], i_obs[-self.observe:]
         if not step.end_of_prompt:
             if self.observe:
-                layer.state["q_tail"] = (q_obs, i_obs)
+                layer.state["q_tail"] = ObservedQueries(q_obs, i_obs)
             return
         layer.state.pop("q_tail", None)
         w = self.cfg.window

@@ -13,12 +13,29 @@ the same way, with the budget resolved from its own length; what earlier calls k
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from ..config import SnapKVCache
+from ..errors import ConfigError
 from .common import keep_first_last, keep_top, valid_rank
-from .scored import ScoredEvictionPolicy
+from .scored import ScoredEvictionPolicy, ScoredParams
+
+
+class SnapKVParams(ScoredParams):
+    """Compress each prompt's cache at its end by observation-window attention."""
+
+    method: Literal["snapkv"] = "snapkv"
+    window: int = Field(default=32, ge=1, description="observation window: the prompt's last queries (always kept)")
+    kernel: int = Field(default=7, ge=1, description="1-D pooling kernel over the sequence (odd)")
+    pool: Literal["max", "avg"] = "max"
+
+    def check(self, stage: str) -> None:
+        super().check(stage)
+        if self.kernel % 2 == 0:
+            raise ConfigError(f"{stage}.kernel: must be odd (same-size pooling), got {self.kernel}")
 
 
 def snapkv_scores(
@@ -66,7 +83,9 @@ def snapkv_keep(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor,
 
 
 class SnapKVPolicy(ScoredEvictionPolicy):
-    cfg: SnapKVCache
+    name = "snapkv"
+    params = SnapKVParams
+    cfg: SnapKVParams
 
     @property
     def observe(self) -> int:  # the observation window: the call's last `window` queries

@@ -37,15 +37,32 @@ sinks out of its window are masked like any key there.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ..attention.dense import attend_slots, sdpa_grouped
 from ..attention.rope import rotate_f32, rotate_half
 from ..cache import RowState, SlotLayer, Step
-from ..config import StreamingLLMCache
+from ..params import StageParams
 from .base import CachePolicy, LayerInfo
 from .common import resolve_tokens
+
+class StreamingLLMParams(StageParams):
+    """Attention sinks + a recent window; everything between is evicted."""
+
+    method: Literal["streamingllm"] = "streamingllm"
+    n_sink: int = Field(default=4, ge=0, description="first real tokens always kept")
+    window: int | float = Field(
+        default=1020, gt=0, description="recent tokens kept (int) or fraction of the prompt (0 < f <= 1)"
+    )
+    positions: Literal["cache", "original"] = Field(
+        default="cache",
+        description="the query sees kept keys at in-cache distances (sinks rotated each call, nothing re-rotated "
+                    "in place), or at their original positions",
+    )
+
 
 _LAST = torch.iinfo(torch.long).max  # sort key of invalid slots: after every real token
 
@@ -73,7 +90,9 @@ class RingState(RowState):
 
 
 class StreamingLLMPolicy(CachePolicy):
-    cfg: StreamingLLMCache
+    name = "streamingllm"
+    params = StreamingLLMParams
+    cfg: StreamingLLMParams
 
     #: the new tokens see sinks + window *and* themselves (duo's streaming heads: a chunk attends to
     #: sink + recent + itself), instead of sinks + window including themselves

@@ -1,0 +1,47 @@
+"""Method state in the cache is typed: it follows batch reordering, or reordering refuses to run."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kvtools.cache import KVCache, RowState, Step
+
+pytestmark = pytest.mark.mechanics
+
+
+@dataclass
+class Tail(RowState):
+    q: torch.Tensor  # [B, n]
+    idx: torch.Tensor  # [n], the same for every row
+    age: int = 0
+    shared = ("idx",)
+
+
+def _cache(b=3):
+    cache = KVCache(1)
+    layer = cache.layer(0)
+    k = torch.arange(b, dtype=torch.float).view(b, 1, 1, 1).expand(b, 2, 4, 2).contiguous()
+    layer.append(k, k, Step(valid=torch.ones(b, 4, dtype=torch.bool), pos=torch.arange(4).expand(b, 4),
+                            idx=torch.arange(4), prompt_real=torch.full((b,), 4), end_of_prompt=True))
+    return cache, layer
+
+
+def test_row_state_follows_reordering_but_shared_tensors_stay():
+    cache, layer = _cache()
+    layer.state["tail"] = Tail(q=torch.tensor([[0.0], [1.0], [2.0]]), idx=torch.tensor([7, 8, 9]))
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    st = layer.state["tail"]
+    assert st.q.flatten().tolist() == [2.0, 0.0, 1.0] and st.idx.tolist() == [7, 8, 9]
+    assert layer.keys[:, 0, 0, 0].tolist() == [2.0, 0.0, 1.0]
+    assert layer.nbytes() == sum(t.numel() * t.element_size() for t in (
+        layer.keys, layer.values, layer.valid, layer.pos, layer.idx, st.q, st.idx))
+
+
+@pytest.mark.parametrize("untyped", [{"sel": torch.zeros(3, 2)}, torch.zeros(3, 2), (torch.zeros(3, 2),),
+                                     [torch.zeros(3, 2)]])
+def test_untyped_state_refuses_reordering(untyped):
+    cache, layer = _cache()
+    layer.state["mine"] = untyped
+    with pytest.raises(TypeError, match=r"layer.state\['mine'\] is a .* cannot follow batch reordering"):
+        cache.reorder_cache(torch.tensor([2, 0, 1]))
