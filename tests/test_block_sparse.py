@@ -82,7 +82,7 @@ def test_torch_backend_matches_dense_masked(spec):
 
 def test_torch_backend_chunks_query_blocks(monkeypatch):
     """The reference bounds its memory by walking query blocks in chunks; chunking must not change results."""
-    import kvtools.attention.block_sparse as bs
+    import kvtools.attention.block_sparse.torch_backend as bs
 
     q, k, v, mask, valid = case(1, 4, 2, 257, 257, 16, 16, density=0.6, pad=5)
     lay = BlockLayout.from_mask(mask, 16, 16)
@@ -214,3 +214,27 @@ def test_long_sliding_prompt_takes_the_banded_path(monkeypatch):
     assert len(calls) == 2  # the two sliding layers, once each
     torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(got[1, 11:], ref[1, 11:], atol=1e-4, rtol=0)
+
+
+def test_band_plan_is_built_once_for_every_layer_of_a_shape():
+    """Layers of one shape share one plan (built on the first), each layer's result equals dense attention
+    over its slot table, the chunks placed alike share one band mask, and the band layout the Triton path
+    runs gives the same result through the engine."""
+    from kvtools.attention.dense import band_plan, banded_attention, build_slot_mask, sdpa_grouped
+
+    b, h, hk, lq, lk, window = 2, 4, 2, 200, 200, 16
+    band_plan.cache_clear()
+    for layer in range(3):
+        q, k, v, _, valid = case(b, h, hk, lq, lk, 16, 16, pad=9, d=16, seed=layer)
+        idx = torch.arange(lk).expand(b, hk, lk)
+        ref = sdpa_grouped(q, k, v, build_slot_mask(valid[:, None].expand(b, hk, lk), idx, torch.arange(lk), window),
+                           0.25)
+        torch.testing.assert_close(banded_attention(q, k, v, valid, 0.25, window, 16), ref, atol=1e-5, rtol=1e-4)
+    assert (band_plan.cache_info().misses, band_plan.cache_info().hits) == (1, 2)
+    plan = band_plan(b, h, lq, lk, window, 16, q.device)
+    # 13 chunks of 16 queries: the first (keys from 0), the full ones after it, the partial last one
+    assert len(plan.chunks) == 13 and len({id(c[-1]) for c in plan.chunks}) == 3
+    torch.testing.assert_close(block_sparse_attention(q, k, v, plan.layout, 0.25, kv_valid=valid, backend="torch",
+                                                      window=window), ref, atol=1e-5, rtol=1e-4)
+    banded_attention(q[:, :, 1:], k, v, valid, 0.25, window, 16)  # another shape: another plan
+    assert band_plan.cache_info().misses == 2

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
 import torch
 import torch.nn.functional as F
+
+from .block_sparse import BlockLayout, available, block_sparse_attention, causal_block_mask
+from .masks import causal_band, dense_mask, padding, real_or_own, visible
 
 
 def build_slot_mask(
@@ -27,12 +33,9 @@ def build_slot_mask(
     # one mask for every head when the table is the same across heads (no per-head selection)
     if valid.shape[1] > 1 and bool((valid == valid[:, :1]).all()) and bool((idx == idx[:, :1]).all()):
         valid, idx = valid[:, :1], idx[:, :1]
-    k_idx = idx[:, :, None, :]  # [B, h, 1, S]
-    qi = q_idx.view(1, 1, lq, 1).to(idx.device)
-    mask = (k_idx <= qi) & (valid[:, :, None, :] | (k_idx == qi))
-    if sliding_window is not None:
-        mask &= (qi - k_idx) < sliding_window
-    return mask
+    b, h, s = idx.shape
+    rule = visible(sliding_window, padding(valid), q_pos=q_idx.to(idx.device), k_pos=idx)
+    return dense_mask(rule, b, h, torch.arange(lq, device=idx.device), torch.arange(s, device=idx.device))
 
 
 def sdpa_grouped(
@@ -110,42 +113,82 @@ def banded_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kv_valid: torch.Tensor,
+    kv_valid: torch.Tensor | None,
     scale: float,
     window: int,
     chunk: int | None = None,
 ) -> torch.Tensor:
     """Sliding-window causal attention of q [B, H, Lq, D] (the last Lq of the keys) over k, v [B, Hk, Lk, D]:
     key j is visible to query i when i - window < j <= i and ``kv_valid`` [B, Lk] (a query always sees its
-    own key). Work is O(Lq * window).
+    own key; None: every key is real). Work is O(Lq * window).
 
     On CUDA with Triton this is the block-sparse engine over the band layout; elsewhere each chunk of
-    queries runs SDPA over just the keys its window reaches (on CPU that measured faster than the
-    engine's torch and flex backends: 0.9 s vs 1.6 s / 4.5 s at 32k, Gemma-3 shapes, window 512).
+    queries runs SDPA over just the keys its window reaches (on CPU that is faster than the engine's torch
+    and flex backends). The shape-only work comes from :func:`band_plan`, shared by every layer of the shape.
     """
-    b, h, lq, d = q.shape
-    lk = k.shape[2]
-    off = lk - lq
-    if q.is_cuda:
-        from .block_sparse import BlockLayout, available, block_sparse_attention, causal_block_mask
+    b, h, lq, _ = q.shape
+    return band_plan(b, h, lq, k.shape[2], window, chunk or max(window, 256), q.device).run(q, k, v, kv_valid, scale)
 
-        if available("triton"):
-            bs = 64
-            band = causal_block_mask(b, h, lq, lk, bs, bs, q_offset=off, device=q.device, window=window)
-            lay = BlockLayout.from_mask(band, bs, bs)
-            return block_sparse_attention(q, k, v, lay, scale, off, kv_valid, backend="triton", window=window)
-    chunk = chunk or max(window, 256)
-    all_valid = bool(kv_valid.all())
-    outs = []
-    for s in range(0, lq, chunk):
-        e = min(s + chunk, lq)
-        q0, q1 = off + s, off + e  # stream indices of the chunk's queries
-        lo = max(0, q0 - window + 1)
-        qi = torch.arange(q0, q1, device=q.device)[:, None]
-        ki = torch.arange(lo, q1, device=q.device)[None, :]
-        m = (ki <= qi) & (qi - ki < window)  # [c, n]
-        m = m[None, None]
-        if not all_valid:
-            m = m & (kv_valid[:, None, None, lo:q1].to(q.device) | (ki == qi)[None, None])
-        outs.append(sdpa_grouped(q[:, :, s:e], k[:, :, lo:q1], v[:, :, lo:q1], m, scale))
-    return torch.cat(outs, 2)
+
+@lru_cache(maxsize=16)
+def band_plan(b: int, h: int, lq: int, lk: int, window: int, chunk: int, device: torch.device) -> BandPlan:
+    """The :class:`BandPlan` of this shape: built once, then shared by every layer (and forward) asking for it."""
+    return BandPlan(b, h, lq, lk, window, chunk, torch.device(device))
+
+
+@dataclass(frozen=True)
+class BandPlan:
+    """The shape-only half of :func:`banded_attention`: queries are the last ``lq`` of ``lk`` keys, ``chunk``
+    queries per SDPA call off Triton. Planning reads the device at most once (the block layout's width);
+    :meth:`run` never reads it, so a CUDA forward does not wait on the host between layers."""
+
+    b: int
+    h: int
+    lq: int
+    lk: int
+    window: int
+    chunk: int
+    device: torch.device
+    block: int = 64  # Triton block size
+
+    @cached_property
+    def layout(self) -> BlockLayout:
+        """The band as a block layout (the Triton path)."""
+        band = causal_block_mask(self.b, self.h, self.lq, self.lk, self.block, self.block, self.lk - self.lq,
+                                 self.device, self.window)
+        return BlockLayout.from_mask(band, self.block, self.block)
+
+    @cached_property
+    def chunks(self) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
+        """Per chunk of queries: its query rows [s, e), the keys [lo, hi) its window reaches, and the band
+        mask [1, 1, e - s, hi - lo]. The band depends only on query - key, so chunks placed alike relative to
+        their keys share one mask."""
+        off = self.lk - self.lq
+        shared: dict[tuple[int, int], torch.Tensor] = {}
+        out = []
+        for s in range(0, self.lq, self.chunk):
+            e = min(s + self.chunk, self.lq)
+            lo, hi = max(0, off + s - self.window + 1), off + e
+            rel = (off + s - lo, hi - lo)  # the first query and the last key, relative to the first key
+            if rel not in shared:
+                ar = torch.arange(rel[1], device=self.device)
+                shared[rel] = dense_mask(causal_band(self.window), 1, 1, ar[rel[0]:], ar)
+            out.append((s, e, lo, hi, shared[rel]))
+        return tuple(out)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_valid: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+        """The attention of one layer (see :func:`banded_attention`)."""
+        if q.is_cuda and available("triton"):
+            return block_sparse_attention(q, k, v, self.layout, scale, self.lk - self.lq, kv_valid, "triton",
+                                          self.window)
+        real = None if kv_valid is None else real_or_own(padding(kv_valid.to(q.device)))
+        off = self.lk - self.lq
+        outs = []
+        for s, e, lo, hi, band in self.chunks:
+            m = band
+            if real is not None:
+                ar = torch.arange(lo, hi, device=q.device)
+                m = band & dense_mask(real, self.b, 1, ar[off + s - lo:], ar)
+            outs.append(sdpa_grouped(q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi], m, scale))
+        return torch.cat(outs, 2)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..attention.masks import causal_band, dense_mask, or_masks, sliding_window
 from ..families import adapter_for
 
 
@@ -82,11 +83,10 @@ def gated_attention(model: Any, gates: torch.Tensor, n_sink: int, recent: int):
             q, k = adapter.rope(self, q, k, position_embeddings)
             b, h, l, d = q.shape
             hk = k.shape[1]
-            qi, ki = torch.arange(l, device=q.device)[:, None], torch.arange(l, device=q.device)[None]
-            causal = ki <= qi
-            if window is not None:
-                causal = causal & (qi - ki < window)
-            stream = causal & ((ki < n_sink) | (qi - ki < recent))
+            ar = torch.arange(l, device=q.device)
+            causal = dense_mask(causal_band(window), 1, 1, ar, ar)[0, 0]
+            stream = causal & dense_mask(or_masks(lambda b, h, qi, ki: ki < n_sink, sliding_window(recent)),
+                                         1, 1, ar, ar)[0, 0]
             scale = adapter.scale(self)
             full = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=h != hk)
             strm = F.scaled_dot_product_attention(q, k, v, attn_mask=stream, scale=scale, enable_gqa=h != hk)

@@ -31,7 +31,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..attention.block_sparse import BlockLayout, block_sparse_attention
+from ..attention.block_sparse import BlockLayout, band_blocks, block_sparse_attention
+from ..attention.masks import dense_mask, padding, visible
 from ..params import Backend, StageParams
 from .base import LayerInfo, PrefillMethod
 from .common import top_n_mask
@@ -93,8 +94,8 @@ def flexprefill_blocks(
     q_last = q[:, :, lq - n_last:]
     qi = off + torch.arange(lq - n_last, lq, device=dev)
     ki = torch.arange(lk, device=dev)
-    vis = (ki[None, :] <= qi[:, None])[None] & (valid[:, None, :] | (ki[None, None, :] == qi[None, :, None]))
-    s = _gqa_scores(q_last, k, scale).masked_fill(~vis[:, None], float("-inf"))
+    vis = dense_mask(visible(real=padding(valid)), b, 1, qi, ki)  # [B, 1, n_last, Lk]
+    s = _gqa_scores(q_last, k, scale).masked_fill(~vis, float("-inf"))
     a = torch.softmax(s, dim=-1)  # [B, H, n_last, Lk]
     vertical = a.mean(2)  # [B, H, Lk], sums to 1
     delta = (qi[:, None] - ki[None, :]).clamp_min(0)  # diagonal index of each (query, key)
@@ -135,7 +136,7 @@ def flexprefill_blocks(
     q_first = off + qb * bs
     q_last_idx = off + torch.clamp((qb + 1) * bs, max=lq) - 1
     kb = torch.arange(nk, device=dev)
-    causal = (kb[None, :] * bs <= q_last_idx[:, None])  # [NQB, NKB]
+    causal = band_blocks(lq, lk, bs, bs, off, device=dev)[0]  # [NQB, NKB]
     # block diagonal of (query block, key block): distance of block starts, in blocks
     diag_t = torch.div(q_first[:, None] - kb[None, :] * bs, bs, rounding_mode="floor").clamp(0, nk - 1)
     mask = v_blocks[:, :, None, :] | torch.gather(

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..attention.block_sparse import BlockLayout, block_sparse_attention
+from ..attention.block_sparse import BlockLayout, band_blocks, block_sparse_attention
 from ..attention.dense import attend_slots
 from ..attention.merge import attention_with_lse
 from ..cache import RowState, SlotLayer, Step
@@ -133,10 +133,9 @@ def hip_prefill_blocks(q: torch.Tensor, k: torch.Tensor, kv_valid: torch.Tensor 
     mask.scatter_(-1, torch.where(sel >= 0, sel, nk), True)
     mask = mask[..., :nk]
     kb = torch.arange(nk, device=dev)
-    q_last = off + torch.clamp((torch.arange(nq, device=dev) + 1) * bq, max=lq) - 1
     sink = kb * bk < cfg.n_sink
     window = (kb[None, :] + 1) * bk > (q_first - cfg.window)[:, None]
-    causal = kb[None, :] * bk <= q_last[:, None]
+    causal = band_blocks(lq, lk, bq, bk, off, device=dev)[0]
     return (mask | sink | window) & causal
 
 

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from ..attention.masks import dense_mask, padding, visible
 from ..attention.merge import attention_with_lse, merge_lse
 from ..cache import RowState, SlotLayer, Step
 from ..errors import KVToolsError
@@ -514,14 +515,13 @@ class RetrievalPolicy(CachePolicy):
         g = h // hk
         qg = q.view(b, hk, g, lq, d)
         q_idx = step.idx.to(layer.idx.device)
-        k_idx = layer.idx[:, :, None, None, :]  # [B, Hk, 1, 1, S]
-        valid = layer.valid[:, :, None, None, :]
+        rule = visible(real=padding(layer.valid), q_pos=q_idx, k_pos=layer.idx)  # a query always sees its own key
+        slots = torch.arange(layer.size, device=q_idx.device)
         blk = max(1, _BLOCK_ELEMS // (b * h * max(1, layer.size)))
         outs = []
         for s in range(0, lq, blk):
             e = min(s + blk, lq)
-            qi = q_idx[s:e].view(1, 1, 1, e - s, 1)
-            ok = (k_idx <= qi) & (valid | (k_idx == qi))  # [B, Hk, 1, Lb, S]: a query always sees its own key
+            ok = dense_mask(rule, b, hk, torch.arange(s, e, device=q_idx.device), slots)[:, :, None]  # [B,Hk,1,Lb,S]
             out_d, lse_d = attention_with_lse(qg[:, :, :, s:e], layer.keys[:, :, None], layer.values[:, :, None],
                                               ok, info.scale)
             out_c, lse_c = self._attend_cpu(store, qg[:, :, :, s:e], info)

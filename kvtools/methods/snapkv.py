@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..attention.masks import and_masks, causal_band, dense_mask, padding
 from ..errors import ConfigError
 from .common import keep_first_last, keep_top, valid_rank
 from .scored import ScoredEvictionPolicy, ScoredParams
@@ -59,7 +60,8 @@ def snapkv_scores(
     hk, s = keys.shape[1], keys.shape[2]
     qg = q_win.float().view(b, hk, h // hk, w, d)  # [B, Hk, g, w, D]
     logits = torch.einsum("bhgwd,bhsd->bhgws", qg, keys.float()) * scale  # [B, Hk, g, w, S]
-    seen = valid[:, :, None, None, :] & (idx[:, :, None, None, :] <= q_idx.view(1, 1, 1, w, 1))
+    rule = and_masks(causal_band(q_pos=q_idx, k_pos=idx), padding(valid))  # no own-key exception: q is not in keys
+    seen = dense_mask(rule, b, hk, torch.arange(w, device=idx.device), torch.arange(s, device=idx.device))[:, :, None]
     probs = logits.masked_fill(~seen, float("-inf")).softmax(-1).nan_to_num(0.0)
     # only the prefix is pooled (as in the reference): the window's own votes do not leak into it
     rank = valid_rank(valid)

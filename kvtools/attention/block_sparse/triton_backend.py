@@ -3,7 +3,8 @@
 One program per (query block, row x query head). It walks only that query block's
 selected key blocks (``kv_idx[:kv_num]``) with an online softmax, reading K/V of the
 query head's KV head directly (GQA without expansion). Same contract as
-:func:`kvtools.attention.block_sparse.block_sparse_attention`.
+:func:`kvtools.attention.block_sparse.block_sparse_attention`. The launch reads nothing
+back to the host, so a CUDA forward never waits on it.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import triton.language as tl
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, O, KV_NUM, KV_IDX, FIRST,
+    Q, K, V, O, KV_NUM, KV_IDX, VALID,
     sqb, sqh, sql,
     skb, skh, skl,
     svb, svh, svl,
     sob, soh, sol,
     snb, snh,
     sib, sih, siq,
+    s_valid,
     H, G, LQ, LK, OFF, WIN, D, scale,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -36,7 +38,6 @@ def _block_sparse_fwd(
     q = tl.load(Q + b * sqb + h * sqh + rq[:, None] * sql + rd[None, :],
                 mask=(rq[:, None] < LQ) & (rd[None, :] < D), other=0.0)
     q_abs = OFF + rq
-    first = tl.load(FIRST + b)
     num = tl.load(KV_NUM + b * snb + h * snh + qb)
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
@@ -48,9 +49,13 @@ def _block_sparse_fwd(
         k = tl.load(K + b * skb + hk * skh + ka[:, None] * skl + rd[None, :], mask=kmask, other=0.0)
         v = tl.load(V + b * svb + hk * svh + ka[:, None] * svl + rd[None, :], mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        vis = (ka[None, :] <= q_abs[:, None]) & (ka[None, :] < LK)
-        vis = vis & ((q_abs[:, None] - ka[None, :]) < WIN)
-        vis = vis & ((ka[None, :] >= first) | (ka[None, :] == q_abs[:, None]))
+        # kvtools.attention.masks.visible, inlined: causal, inside the window, a real key or the query's own
+        if HAS_VALID:
+            real = tl.load(VALID + b * s_valid + ka, mask=ka < LK, other=0) != 0
+        else:
+            real = ka < LK
+        vis = (ka[None, :] <= q_abs[:, None]) & ((q_abs[:, None] - ka[None, :]) < WIN)
+        vis = vis & (real[None, :] | (ka[None, :] == q_abs[:, None])) & (ka[None, :] < LK)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -75,28 +80,22 @@ def triton_block_sparse(q, k, v, layout, scale: float, off: int, kv_valid, windo
         if size < 16 or size & (size - 1):
             raise ValueError(f"triton backend: {name} must be a power of two >= 16, got {size}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if kv_valid is None:
-        first = torch.zeros(b, dtype=torch.int32, device=q.device)
-    else:
-        from .block_sparse import _first_real
-
-        first = _first_real(kv_valid.to(q.device))
-        if first is None:
-            raise ValueError("triton backend: kv_valid must be left padding (a False prefix per row)")
     num = layout.kv_num.to(q.device, torch.int32).contiguous()
     idx = layout.kv_idx.to(q.device, torch.int32).contiguous()
+    # padding as one byte per key (any pattern, nothing to check on the host); a dummy pointer when all real
+    valid = num if kv_valid is None else kv_valid.to(q.device, torch.int8).contiguous()
     out = torch.empty_like(q)
-    nq = triton.cdiv(lq, bq)
-    grid = (nq, b * h)
+    grid = (triton.cdiv(lq, bq), b * h)
     _block_sparse_fwd[grid](
-        q, k, v, out, num, idx, first,
+        q, k, v, out, num, idx, valid,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         num.stride(0), num.stride(1),
         idx.stride(0), idx.stride(1), idx.stride(2),
+        valid.stride(0),
         h, h // hk, lq, lk, off, lq + lk + off + 1 if window is None else window, d, scale,
-        BLOCK_Q=bq, BLOCK_K=bk, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_Q=bq, BLOCK_K=bk, BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_VALID=kv_valid is not None,
     )
     return out
