@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from kvtools.errors import ConfigError, KVToolsError
 
@@ -60,39 +61,23 @@ def _check_model(model: str | None, lengths: Sequence[int] = (), what: str = "--
 
 
 def _cmd_niah(args: argparse.Namespace) -> int:
-    # parse everything before importing torch or loading a model
-    from kvtools.eval.niah import parse_depths, parse_lengths
-
-    configs = _split_configs(args.config)
-    lengths = parse_lengths(args.lengths)
-    depths = parse_depths(args.depths)
     from kvtools.config import check_out_dir
+    from kvtools.eval.niah import niah_grid
 
+    run = niah_grid(  # configs, grid and haystack validated; nothing loaded
+        args.model, _split_configs(args.config), args.lengths, args.depths, args.samples, args.haystack,
+        args.max_new_tokens, args.seed, args.out,
+    )
     check_out_dir(args.out)
-
-    from kvtools.eval.niah import run_niah  # checks the model and its context before loading it
-
-    try:
-        run = run_niah(
-            args.model, configs, lengths, depths, args.samples, args.out,
-            haystack_dir=args.haystack, max_new_tokens=args.max_new_tokens, seed=args.seed, quiet=args.quiet,
-        )
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished samples are saved in {args.out}; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-    print(run.summary)
-    print(f"wrote {len(run.files)} files to {run.out_dir}:")
-    for path in run.files:
-        print(f"  {path}")
-    return 0
+    _check_model(args.model, run.suites[0].lengths)
+    return _run([(run, args.out)], args.quiet)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kvtools.config import check_out_dir
-    from kvtools.eval.run import load_run, run_eval, split_models
+    from kvtools.eval.run import load_run, split_models
 
     run = load_run(args.run)  # validate before importing torch-heavy parts or loading the model
     runs = []
@@ -102,20 +87,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if one.spec.model is None or not one.spec.model.startswith("random:"):
             _check_model(one.spec.model)
         runs.append((one, out))
-    for one, out in runs:  # run_eval loads the datasets and checks the lengths before writing anything
+    return _run(runs, args.quiet)
+
+
+def _run(runs: list, quiet: bool) -> int:
+    """Run each ``(run, out)`` through the eval runner, which loads the datasets and checks the lengths
+    before writing anything; the main process prints the summary and the files written."""
+    from kvtools.eval.run import run_eval
+
+    for run, out in runs:
         try:
-            res = run_eval(one, out=out, quiet=args.quiet)
+            res = run_eval(run, out=out, quiet=quiet)
         except KeyboardInterrupt:
-            print("\ninterrupted: finished samples are saved; rerun the same command to resume", file=sys.stderr)
+            print(f"\ninterrupted: finished samples are saved in {out or run.spec.out}; rerun the same command "
+                  "to resume", file=sys.stderr)
             return 130
-        if res is not None:  # the main process reports
+        if res is not None:
             print(res.summary)
-            print(f"wrote {len(res.files)} files to {res.out_dir}")
+            print(f"wrote {len(res.files)} files to {res.out_dir}:")
+            for path in res.files:
+                print(f"  {path}")
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from kvtools.eval.niah import parse_lengths
+    from kvtools.eval.grid import parse_lengths
 
     configs = _split_configs(args.config)
     lengths = parse_lengths(args.lengths)
@@ -138,7 +134,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_attention(args: argparse.Namespace) -> int:
-    from kvtools.eval.niah import parse_lengths
+    from kvtools.eval.grid import parse_lengths
 
     configs = _split_configs(args.config)
     lengths = parse_lengths(args.lengths)
@@ -166,7 +162,7 @@ def _cmd_bench_attention(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_recall(args: argparse.Namespace) -> int:
-    from kvtools.eval.niah import parse_lengths
+    from kvtools.eval.grid import parse_lengths
 
     lengths = parse_lengths(args.length)
     if len(lengths) != 1:
@@ -188,7 +184,7 @@ def _cmd_bench_recall(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from kvtools.eval.niah import parse_lengths
+    from kvtools.eval.grid import parse_lengths
 
     lengths = tuple(parse_lengths(args.lengths))
     if args.steps < 1 or args.lr <= 0 or args.reg < 0:
@@ -256,10 +252,18 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _add_out_seed_quiet(parser: argparse.ArgumentParser, out: str) -> None:
-    """The options every benchmark command shares."""
+    """The options every benchmark and grid command shares."""
     parser.add_argument("--out", default=out, metavar="DIR", help=f"output folder (default: {out})")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str,
+             description: str | None = None) -> argparse.ArgumentParser:
+    """The subparser (``sub``: the parser's subparsers) of command ``name``, which runs ``func(args)``."""
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,12 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    niah = sub.add_parser(
-        "niah",
-        help="needle-in-a-haystack grid: accuracy heatmaps per method",
-        description="Needle in a haystack over context lengths x needle depths; resumable "
-        "(rerun with the same --out to continue).",
-    )
+    niah = _command(sub, "niah", _cmd_niah, "needle-in-a-haystack grid: accuracy heatmaps per method",
+                    "Needle in a haystack over context lengths x needle depths; resumable "
+                    "(rerun with the same --out to continue).")
     niah.add_argument("--model", default=None, help="model name, hub id, local dir or GGUF file (default: built-in)")
     niah.add_argument("--config", default="full",
                       help="comma list of presets or YAML paths, e.g. full,snapkv,streamingllm (default: full)")
@@ -287,28 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--samples", type=int, default=1, help="samples per (length, depth) cell (default: 1)")
     niah.add_argument("--haystack", default=None, metavar="DIR",
                       help="folder of .txt files for the haystack (default: built-in varied filler)")
-    niah.add_argument("--out", default="runs/niah", metavar="DIR", help="run folder (default: runs/niah)")
     niah.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per sample (default: 16)")
-    niah.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
-    niah.add_argument("--quiet", action="store_true", help="no progress bar")
-    niah.set_defaults(func=_cmd_niah)
+    _add_out_seed_quiet(niah, "runs/niah")
 
-    ev = sub.add_parser(
-        "eval",
-        help="a YAML-configured run: methods x suites (niah, passkey, ruler, ppl), resumable",
-        description="Run (or resume) the evaluation described by a run file; "
-        "`accelerate launch -m kvtools eval RUN.yaml` shards it over processes.",
-    )
+    ev = _command(sub, "eval", _cmd_eval, "a YAML-configured run: methods x suites (niah, passkey, ruler, ppl), "
+                  "resumable", "Run (or resume) the evaluation described by a run file; "
+                  "`accelerate launch -m kvtools eval RUN.yaml` shards it over processes.")
     ev.add_argument("run", help="run file (YAML), e.g. configs/eval/ruler-smollm2.yaml")
     ev.add_argument("--out", default=None, help="output folder (default: the run file's `out`)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
-    ev.set_defaults(func=_cmd_eval)
 
-    bench = sub.add_parser(
-        "bench",
-        help="prefill time, decode ms/token, KV bytes and memory per method, side by side",
-        description="Speed and memory of each method vs full, measured interleaved in one process.",
-    )
+    bench = _command(sub, "bench", _cmd_bench, "prefill time, decode ms/token, KV bytes and memory per method, "
+                     "side by side", "Speed and memory of each method vs full, measured interleaved in one process.")
     bench.add_argument("--model", default=None,
                        help="model name/path (default: built-in), or random:SHAPE[:layers=N] for a random-weight "
                             "model of a real shape (llama-3-8b, qwen3-8b, smollm2-135m)")
@@ -319,15 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=1, help="prefills timed per cell; median (default: 1)")
     bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
     _add_out_seed_quiet(bench, "runs/bench")
-    bench.set_defaults(func=_cmd_bench)
 
-    ba = sub.add_parser(
-        "bench-attention",
-        help="attention-only prefill time of sparse prefill methods vs dense SDPA, with block density",
-        description="One attention layer of a real shape on structured synthetic q/k/v, or a real model's "
-                    "captured q/k/v (--model): selection + block-sparse attention per backend vs dense SDPA, "
-                    "side by side.",
-    )
+    ba = _command(sub, "bench-attention", _cmd_bench_attention,
+                  "attention-only prefill time of sparse prefill methods vs dense SDPA, with block density",
+                  "One attention layer of a real shape on structured synthetic q/k/v, or a real model's captured "
+                  "q/k/v (--model): selection + block-sparse attention per backend vs dense SDPA, side by side.")
     ba.add_argument("--model", default=None,
                     help="capture real q/k/v from this model's full-attention layers (e.g. gemma3-270m) "
                          "instead of synthetic inputs")
@@ -340,14 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--repeats", type=int, default=3, help="timed runs per cell; median (default: 3)")
     ba.add_argument("--device", default="cpu")
     _add_out_seed_quiet(ba, "runs/bench-attention")
-    ba.set_defaults(func=_cmd_bench_attention)
 
-    br = sub.add_parser(
-        "bench-recall",
-        help="recall@k vs exact attention and search time of each ANN index kind (retrieval cache)",
-        description="One dense pass over a NIAH prompt; per layer and KV head, index the keys between sink and "
-                    "window and search with the last prompt queries.",
-    )
+    br = _command(sub, "bench-recall", _cmd_bench_recall,
+                  "recall@k vs exact attention and search time of each ANN index kind (retrieval cache)",
+                  "One dense pass over a NIAH prompt; per layer and KV head, index the keys between sink and "
+                  "window and search with the last prompt queries.")
     br.add_argument("--model", default=None, help="model name/path (default: built-in)")
     br.add_argument("--length", default="8k", help="prompt length (k = 1024)")
     br.add_argument("--top-k", default="128,256", help="comma list of k")
@@ -356,9 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--window", type=int, default=512)
     br.add_argument("--queries", type=int, default=64, help="last prompt queries searched per head")
     _add_out_seed_quiet(br, "runs/bench-recall")
-    br.set_defaults(func=_cmd_bench_recall)
 
-    cal = sub.add_parser("calibrate", help="calibrate a method's parameters on the model (duo: head gates)")
+    cal = _command(sub, "calibrate", _cmd_calibrate, "calibrate a method's parameters on the model (duo: head gates)")
     cal.add_argument("method", choices=["duo"], help="what to calibrate")
     cal.add_argument("--model", default=None, help="model name/path (default: built-in)")
     cal.add_argument("--out", required=True, help="pattern file to write (TSV)")
@@ -371,12 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--random", action="store_true", help="write seeded random gates instead (a baseline)")
     cal.add_argument("--quiet", action="store_true")
-    cal.set_defaults(func=_cmd_calibrate)
 
-    configs = sub.add_parser("configs", help="list the preset configs")
-    configs.set_defaults(func=_cmd_configs)
-    methods = sub.add_parser("methods", help="list the methods of each stage and their parameters")
-    methods.set_defaults(func=_cmd_methods)
+    _command(sub, "configs", _cmd_configs, "list the preset configs")
+    _command(sub, "methods", _cmd_methods, "list the methods of each stage and their parameters")
     return parser
 
 

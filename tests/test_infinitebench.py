@@ -17,30 +17,17 @@ from kvtools.eval.infinitebench import (
     SYNTHETIC_TASKS,
     TASK_MAX_NEW_TOKENS,
     TASKS,
-    build_prompt,
     choice_letter,
     generate_synthetic,
     load_infinitebench,
     make_synthetic,
     prepare_prompt,
-    result_record,
     score_example,
-    summarize,
 )
 
-from .test_longbench import byte_tokenizer, needs_datasets, write_jsonl
+from .test_longbench import needs_datasets, plain_tok, tok, write_jsonl  # noqa: F401  (tok, plain_tok: fixtures)
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def plain_tok():
-    return byte_tokenizer(chat=False)
 
 
 # ---------------------------------------------------------------- synthetic tasks
@@ -194,10 +181,9 @@ def test_load_local_and_prompt(tmp_path, tok):
     assert p.truncated and p.n_tokens <= 600 and p.max_new_tokens == 40
     for needle in ("Chapter 0.", "Question: Who wrote letter 0?", "A. Alice", "D. Dave"):
         assert needle in p.text
-    text, max_new = build_prompt("longbook_choice_eng", ex, tok, 100_000)
-    assert ex["context"] in text and max_new == 40
-    rec = result_record("longbook_choice_eng", "C", ex)
-    assert rec["score"] == 1.0 and rec["id"] == 0 and rec["answer"] == ["Carol"]
+    whole = prepare_prompt("longbook_choice_eng", ex, tok, 100_000)
+    assert ex["context"] in whole.text and whole.max_new_tokens == 40 and not whole.truncated
+    assert score_example("longbook_choice_eng", "C", ex) == 1.0
 
 
 @needs_datasets
@@ -242,22 +228,3 @@ def test_every_real_task_prompts(task, tok):
     assert ("A question?" in p.text) == (task not in {"longbook_sum_eng", "math_calc"})
     assert ("o4" in p.text) == (task in {"longbook_choice_eng", "code_debug"})
     assert set(TASKS) == set(TASK_MAX_NEW_TOKENS)
-
-
-def test_summarize():
-    records = [
-        {"task": "passkey", "score": 1.0, "length": 1000, "depth": 0},
-        {"task": "passkey", "score": 0.0, "length": 2000, "depth": 0},
-        {"task": "passkey", "score": 1.0, "length": 2000, "depth": 100},
-        {"task": "longbook_qa_eng", "score": 0.5},
-    ]
-    s = summarize(records)
-    assert s["tasks"]["passkey"] == {
-        "score": pytest.approx(66.67),
-        "n": 3,
-        "by_length": {1000: 100.0, 2000: 50.0},
-        "by_depth": {0.0: 50.0, 100.0: 100.0},
-    }
-    assert s["tasks"]["longbook_qa_eng"] == {"score": 50.0, "n": 1}
-    assert s["average"] == pytest.approx((66.67 + 50) / 2, abs=0.01)
-    assert summarize([]) == {"tasks": {}}

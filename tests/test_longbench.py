@@ -25,19 +25,16 @@ from kvtools.eval.longbench import (
     V2_MAX_NEW_TOKENS,
     V2_TASK,
     base_task,
-    build_prompt,
     extract_choice,
     format_prompt,
     load_longbench,
     load_longbench_v2,
     prepare_prompt,
-    result_record,
     score_example,
-    summarize,
-    truncate_middle,
 )
+from kvtools.eval.prompting import truncate_middle
 
-from .helpers import byte_tokenizer  # noqa: F401  (also used by test_infinitebench)
+from .helpers import byte_tokenizer
 
 
 
@@ -332,18 +329,17 @@ def test_load_v2(tmp_path):
 
 # ---------------------------------------------------------------- prompts and truncation
 @pytest.mark.parametrize("task", TASKS)
-def test_build_prompt_every_task(task, tok):
+def test_prompt_every_task(task, tok):
     ex = v1_example(task)
-    text, max_new = build_prompt(task, ex, tok, 10_000)
-    assert max_new == TASK_MAX_NEW_TOKENS[task]
-    assert ex["context"] in text
-    no_query = {"gov_report", "multi_news", "vcsum", "lcc", "passage_count"}  # their input field is empty upstream
-    assert (ex["input"] in text) == (task not in no_query)
-    chat = task not in NO_CHAT_TASKS
-    assert text.startswith("<s>user\n") == chat
     p = prepare_prompt(task, ex, tok, 10_000)
-    assert p.text == text and p.chat == chat and not p.truncated
-    assert p.input_ids == tok.encode(text, add_special_tokens=not chat)
+    assert p.max_new_tokens == TASK_MAX_NEW_TOKENS[task]
+    assert ex["context"] in p.text
+    no_query = {"gov_report", "multi_news", "vcsum", "lcc", "passage_count"}  # their input field is empty upstream
+    assert (ex["input"] in p.text) == (task not in no_query)
+    chat = task not in NO_CHAT_TASKS
+    assert p.text.startswith("<s>user\n") == chat
+    assert p.chat == chat and not p.truncated
+    assert p.input_ids == tok.encode(p.text, add_special_tokens=not chat)
 
 
 def test_prompt_without_chat_template(plain_tok, tok):
@@ -420,37 +416,10 @@ def test_score_example_rules():
 @needs_datasets
 def test_end_to_end_on_fixture(tmp_path, tok):
     path = write_jsonl(tmp_path / "hotpotqa.jsonl", [v1_example("hotpotqa", i) for i in range(3)])
-    records = []
+    scores = []
     for i, ex in enumerate(load_longbench("hotpotqa", path, cache_dir=tmp_path / "cache")):
-        text, max_new = build_prompt("hotpotqa", ex, tok, 200)
-        assert len(tok.encode(text, add_special_tokens=False)) <= 200 and max_new == 32
+        p = prepare_prompt("hotpotqa", ex, tok, 200)
+        assert len(tok.encode(p.text, add_special_tokens=False)) <= 200 and p.max_new_tokens == 32
         prediction = ex["answers"][0] if i < 2 else "wrong"
-        records.append(result_record("hotpotqa", prediction, ex))
-    summary = summarize(records)
-    assert summary["tasks"]["hotpotqa"]["score"] == pytest.approx(66.67)
-    assert summary["tasks"]["hotpotqa"]["by_length"] == {"0-4k": pytest.approx(66.67)}
-    assert json.loads(json.dumps(records))[0]["answers"] == ["answer 0"]
-
-
-def test_summarize():
-    records = [
-        {"task": "hotpotqa", "score": 1.0, "length": 1000},
-        {"task": "hotpotqa", "score": 0.5, "length": 5000},
-        {"task": "hotpotqa", "score": 0.0, "length": 9000},
-        {"task": "2wikimqa", "score": 0.25},
-        {"task": "lcc", "score": 0.8},
-        {"task": V2_TASK, "score": 1.0, "difficulty": "easy", "length": "short"},
-        {"task": V2_TASK, "score": 0.0, "difficulty": "hard", "length": "short"},
-        {"task": V2_TASK, "score": 1.0, "difficulty": "hard", "length": "long"},
-    ]
-    s = summarize(records)
-    assert list(s["tasks"]) == ["hotpotqa", "2wikimqa", "lcc"]
-    assert s["tasks"]["hotpotqa"] == {"score": 50.0, "n": 3, "by_length": {"0-4k": 100.0, "4-8k": 50.0, "8k+": 0.0}}
-    assert s["tasks"]["2wikimqa"] == {"score": 25.0, "n": 1}
-    assert s["categories"] == {"multi_doc_qa": 37.5, "code": 80.0}
-    assert s["average"] == pytest.approx((50 + 25 + 80) / 3, abs=0.01)
-    assert s["v2"] == {
-        "accuracy": pytest.approx(66.67), "n": 3,
-        "by_difficulty": {"easy": 100.0, "hard": 50.0}, "by_length": {"short": 50.0, "long": 100.0},
-    }  # fmt: skip
-    assert summarize([]) == {}
+        scores.append(score_example("hotpotqa", prediction, ex))
+    assert scores == [1.0, 1.0, 0.0]

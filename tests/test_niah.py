@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,10 +17,14 @@ from typing import Any
 import pytest
 
 from kvtools.errors import ConfigError, InputTooLongError
-from kvtools.eval.haystack import NEEDLE_KEYS, build_niah_prompt, filler_sentences, load_haystack_dir
-from kvtools.eval.niah import Generation, cell_seed, parse_depths, parse_lengths, run_niah, score_output
+from kvtools.eval.generation import Generation
+from kvtools.eval.grid import parse_depths, parse_lengths
+from kvtools.eval.haystack import NEEDLE_KEYS, build_niah_prompt, filler_sentences, load_haystack_dir, score_output
+from kvtools.eval.niah import run_niah
 from kvtools.eval.plots import plot_heatmaps
 from kvtools.eval.report import read_results, summarize, summary_markdown, write_summary
+from kvtools.eval.run import run_eval
+from kvtools.eval.suites import Item, sample_seed
 
 
 # ---------------------------------------------------------------- fakes
@@ -36,7 +41,8 @@ class WordTokenizer:
             self.chat_template = None  # type: ignore[assignment]
 
     def _id(self, token: str) -> int:
-        return self.vocab.setdefault(token, len(self.vocab))
+        # a fixed id per token, as a real tokenizer has (not the order this instance met them in)
+        return self.vocab.setdefault(token, 2 + zlib.crc32(token.encode()))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [self._id(t) for t in re.findall(r"<\|\w+\|>|\w+|[^\w\s]", text)]
@@ -188,7 +194,7 @@ def test_prompt_with_hf_tokenizer_and_jinja_template():
         p = build_niah_prompt(tok, length, 40, seed=2, max_new_tokens=8, max_context=1024)
         assert p.n_tokens + 8 <= length
         assert p.n_tokens + 8 > length - 40
-        assert p.text.startswith("<s>user\n") and p.text.endswith(f"is:")
+        assert p.text.startswith("<s>user\n") and p.text.endswith("is:")
 
 
 def test_haystack_dir(tmp_path):
@@ -244,6 +250,11 @@ def test_score_is_substring_match_of_the_value():
     assert score_output("", "4614727") == 0.0
 
 
+def cell_seed(seed: int, length: int, depth: float, sample: int) -> int:
+    """The prompt seed of a NIAH grid cell."""
+    return sample_seed(seed, Item("niah", "niah", length, sample, depth))
+
+
 def test_cell_seed_is_method_independent_and_distinct():
     seeds = {cell_seed(0, n, d, s) for n in (1024, 2048) for d in (0.0, 50.0) for s in range(3)}
     assert len(seeds) == 12
@@ -292,6 +303,59 @@ def test_resume_after_interrupt_and_truncated_line(tmp_path):
     assert fake3.calls == [] and len(path.read_text().splitlines()) == 24
 
 
+def test_niah_command_and_run_file_suite_draw_the_same_prompts(tmp_path):
+    """`kvtools niah` (run_niah) and a run file's `niah` suite, same seed, model, lengths and depths: the same
+    token ids in every cell; another seed draws other prompts."""
+    def prompts(run) -> dict:
+        fake, ids = FakeBackend(), {}
+
+        def generate(model, tokenizer, handle, prompt, max_new_tokens):
+            ids[(prompt.length, prompt.depth, prompt.value)] = list(prompt.input_ids)
+            return fake.generate(model, tokenizer, handle, prompt, max_new_tokens)
+
+        records = run(dict(model=fake.model, tokenizer=fake.tokenizer, generate_fn=generate, patch_fn=fake.patch))
+        assert len(ids) == len(records) == 2 * 3 * 2
+        return {(r["length"], r["depth"], r["sample"]): ids[(r["length"], r["depth"], r["value"])] for r in records}
+
+    def command(seed: int, out: Path):
+        return lambda fakes: run_niah("fake-model", CONFIGS[:1], [256, 512], [0, 50, 100], 2, out, seed=seed,
+                                      quiet=True, report=False, **fakes).records
+
+    suite = {"suite": "niah", "lengths": ["256", "0.5k"], "depths": [0, 50, 100], "samples": 2, "max_new_tokens": 16}
+    run_file = {"model": "fake-model", "methods": CONFIGS[:1], "seed": 3, "out": str(tmp_path / "eval"),
+                "suites": [suite]}
+    from_file = prompts(lambda fakes: run_eval(run_file, quiet=True, report=False, **fakes).records)
+    assert prompts(command(3, tmp_path / "niah")) == from_file
+    other = prompts(command(4, tmp_path / "niah-seed-4"))
+    assert other.keys() == from_file.keys() and all(other[k] != from_file[k] for k in other)
+
+
+def test_results_of_the_older_niah_format_are_read_and_not_mixed(tmp_path):
+    """A folder written by `kvtools niah` before it ran on the eval runner (records without suite, task,
+    references, decode_ms; prompts of an earlier seed): its samples count as done and are re-reported in the
+    current format, but a method added to its cells is refused, as its prompts would differ."""
+    grid = dict(lengths=[256], depths=[0, 100], samples=1)
+    FakeBackend().run(tmp_path, configs=CONFIGS[:1], **grid)
+    path = tmp_path / "results.jsonl"
+    older = []
+    for line in path.read_text().splitlines():
+        rec = {k: v for k, v in json.loads(line).items() if k not in ("suite", "task", "references", "decode_ms")}
+        older.append({**rec, "prompt_sha1": f"text of the prompt of seed {rec['seed'] + 1}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in older))
+
+    fake = FakeBackend()
+    run = fake.run(tmp_path, configs=CONFIGS[:1], **grid)
+    assert fake.calls == [] and len(run.records) == len(older) == 2
+    for old, new in zip(older, run.records):
+        assert {k: new[k] for k in old} == old
+        assert (new["suite"], new["task"], new["references"]) == ("niah", "niah", [old["value"]])
+        assert new["decode_ms"] == pytest.approx(1000 * old["decode_s"] / max(old["new_tokens"] - 1, 1))
+    assert (tmp_path / "heatmap_full.png").is_file()
+    with pytest.raises(ConfigError, match="saw another prompt"):
+        fake.run(tmp_path, **grid)  # adds streamingllm to those cells
+    assert fake.calls == []
+
+
 def test_resume_extends_the_grid(tmp_path):
     FakeBackend().run(tmp_path, lengths=[256])
     fake = FakeBackend()
@@ -313,12 +377,12 @@ def test_resume_refuses_a_different_model_or_config(tmp_path):
 
 
 def test_invalid_args_fail_before_loading_the_model(tmp_path, monkeypatch):
-    import kvtools.eval.niah as niah
+    import kvtools.eval.suites as suites
 
     def boom(*a, **k):
         raise AssertionError("model must not be loaded")
 
-    monkeypatch.setattr(niah, "build_niah_prompt", boom)
+    monkeypatch.setattr(suites, "build_niah_prompt", boom)
     with pytest.raises(ConfigError, match="cache.method"):
         run_niah(None, [{"cache": {"method": "nope"}}], [256], [0], 1, tmp_path)
     with pytest.raises(ConfigError, match="samples"):
@@ -423,13 +487,13 @@ def test_cli_lists_methods_and_configs(capsys, monkeypatch):
 
 
 def test_cli_niah_runs_and_prints_summary(tmp_path, capsys, monkeypatch):
-    import kvtools.eval.niah as niah
+    import kvtools.eval.run as runner
     from kvtools.cli import main
 
     fake = FakeBackend()
-    real = niah.run_niah
+    real = runner.run_eval
     monkeypatch.setattr(
-        niah, "run_niah",
+        runner, "run_eval",
         lambda *a, **k: real(*a, **k, model=fake.model, tokenizer=fake.tokenizer,
                              generate_fn=fake.generate, patch_fn=fake.patch),
     )

@@ -6,7 +6,7 @@ Needle in a haystack::
     run = run_niah(None, ["full", "snapkv"], [1024, 2048], [0, 50, 100], samples=2, out_dir="runs/niah")
     print(run.summary)
 
-A YAML-configured run over several suites::
+A YAML-configured run over several suites (the same runner)::
 
     from kvtools.eval import run_eval
     res = run_eval("configs/eval/quick-smollm2.yaml")
@@ -14,13 +14,16 @@ A YAML-configured run over several suites::
 Heavy dependencies (torch, transformers, matplotlib) are imported only when used.
 """
 
-from .haystack import NiahPrompt, build_niah_prompt, filler_sentences, iter_filler, load_haystack_dir
-from .niah import Generation, NiahRun, generate_greedy, parse_depths, parse_lengths, run_niah, score_output
+from .generation import Generation, generate_greedy
+from .grid import parse_depths, parse_lengths
+from .haystack import NiahPrompt, build_niah_prompt, filler_sentences, iter_filler, load_haystack_dir, score_output
+from .niah import NiahRun, run_niah
 from .plots import plot_heatmaps
 from .report import read_results, summarize, summary_markdown, write_summary
-from .run import load_run, run_eval
+from .run import EvalResult, load_run, run_eval
 
 __all__ = [
+    "EvalResult",
     "Generation",
     "NiahPrompt",
     "NiahRun",

@@ -107,12 +107,11 @@ def eval_markdown(records: Sequence[dict[str, Any]], title: str = "") -> str:
     return "\n".join(out)
 
 
-def write_eval_report(records: Sequence[dict[str, Any]], out_dir: Path, run: Any = None) -> tuple[str, list[Path]]:
-    """Write summary.md, summary.csv and plots; returns (markdown, files written)."""
-    title = f"`{run.model_name}`" if run is not None else ""
-    md = eval_markdown(records, title)
+def write_eval_report(records: Sequence[dict[str, Any]], out_dir: Path, markdown: str) -> list[Path]:
+    """Write ``markdown`` (:func:`eval_markdown` of the records) as summary.md, then summary.csv and the plots;
+    returns the files written."""
     files = [out_dir / "summary.md", out_dir / "summary.csv"]
-    files[0].write_text(md)
+    files[0].write_text(markdown)
     rows = summarize_eval(records)
     with files[1].open("w", newline="") as f:
         cols = ["suite", "task", "length", "method", "n", "score", "score_vs_full", "kv_bytes", "kv_bytes_vs_full",
@@ -121,7 +120,7 @@ def write_eval_report(records: Sequence[dict[str, Any]], out_dir: Path, run: Any
         w.writeheader()
         w.writerows(rows)
     files += _plots(records, rows, out_dir)
-    return md, files
+    return files
 
 
 def _plots(records, rows, out_dir: Path) -> list[Path]:

@@ -12,7 +12,9 @@ for a given tokenizer: the needle ``The special magic number for {key} is: {valu
 sits at ``depth`` percent of the haystack tokens (snapped back to a sentence end),
 the question follows the haystack, the chat template is applied when the tokenizer
 has one, and the assistant answer is pre-filled with ``The special magic number for
-{key} is:`` so that a small model only has to complete the value.
+{key} is:`` so that a small model only has to complete the value; :func:`score_output`
+scores 1 when the value appears in the output. :class:`LazyStream` is the lazily drawn
+unit stream that the RULER and passkey haystacks use too.
 """
 
 from __future__ import annotations
@@ -26,17 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvtools.errors import ConfigError, InputTooLongError
+from kvtools.errors import ConfigError
 
-from .prompting import has_chat_template, largest_fitting, render_prompt
+from .prompting import Rendered, check_length, fit_units, render_prompt
 
 __all__ = [
+    "MAX_NEW_TOKENS",
     "NEEDLE_KEYS",
+    "LazyStream",
     "NiahPrompt",
     "build_niah_prompt",
     "filler_sentences",
     "iter_filler",
     "load_haystack_dir",
+    "score_output",
 ]
 
 # ---------------------------------------------------------------- filler vocabulary
@@ -228,6 +233,8 @@ def load_haystack_dir(path: str | Path) -> list[str]:
 NEEDLE = "The special magic number for {key} is: {value}."
 QUESTION = "What is the special magic number for {key}?"
 ANSWER_PREFIX = "The special magic number for {key} is:"
+#: tokens generated per NIAH sample unless told otherwise
+MAX_NEW_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -256,15 +263,21 @@ class NiahPrompt:
         return len(self.input_ids)
 
 
-class _Sentences:
-    """Lazily materialised sentence stream: generated filler, or a corpus cycled from a seeded offset."""
+def score_output(output: str, value: str) -> float:
+    """1.0 if the needle's value appears verbatim in the output, else 0.0.
 
-    def __init__(self, rng: random.Random, corpus: Sequence[str] | None, seed: int | str) -> None:
-        if corpus:
-            start = rng.randrange(len(corpus))
-            self._it: Iterator[str] = itertools.islice(itertools.cycle(corpus), start, None)
-        else:
-            self._it = iter_filler(f"{seed}")
+    >>> score_output(" 4614727.", "4614727"), score_output(" 461472", "4614727")
+    (1.0, 0.0)
+    """
+    return 1.0 if str(value) in output else 0.0
+
+
+class LazyStream:
+    """A prefix-materialised stream of haystack units: ``take(n)`` returns its first ``n`` items,
+    drawing from the iterator only as far as ever asked."""
+
+    def __init__(self, items: Iterator[str]) -> None:
+        self._it = items
         self.items: list[str] = []
 
     def take(self, n: int) -> list[str]:
@@ -273,9 +286,30 @@ class _Sentences:
         return self.items[:n]
 
 
-def _render(tokenizer: Any, haystack: str, question: str, answer_prefix: str) -> tuple[str, list[int]]:
-    """Full prompt text and its tokens for one haystack text."""
-    return render_prompt(tokenizer, f"{haystack}\n\n{question}", answer_prefix, sep="\n\n")
+class _TokenCounts:
+    """Running token counts of a sentence stream: ``total(n)`` estimates the tokens of its first ``n``
+    sentences from per-sentence counts (each encoded with a leading space, as inside running text)."""
+
+    def __init__(self, tokenizer: Any, sentences: LazyStream) -> None:
+        self._tokenizer = tokenizer
+        self._sentences = sentences
+        self._counts = [0]  # _counts[i]: tokens of the first i sentences
+
+    def total(self, n: int) -> int:
+        for sentence in self._sentences.take(n)[len(self._counts) - 1 :]:
+            tokens = len(self._tokenizer.encode(" " + sentence, add_special_tokens=False))
+            self._counts.append(self._counts[-1] + tokens)
+        return self._counts[n]
+
+    def cut(self, n: int, depth: float) -> int:
+        """How many of the first ``n`` sentences end at or before ``depth`` percent of their tokens."""
+        return bisect.bisect_right(self._counts, depth / 100 * self.total(n), 0, n + 1) - 1
+
+    def most_within(self, budget: int) -> int:
+        """The number of sentences (at least 1) whose estimated tokens fit ``budget``."""
+        while self._counts[-1] <= budget:
+            self.total(len(self._counts) + 63)
+        return max(bisect.bisect_right(self._counts, budget) - 1, 1)
 
 
 def build_niah_prompt(
@@ -284,7 +318,7 @@ def build_niah_prompt(
     depth: float,
     seed: int | str = 0,
     *,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     max_context: int | None = None,
     haystack: Sequence[str] | None = None,
 ) -> NiahPrompt:
@@ -311,71 +345,35 @@ def build_niah_prompt(
     >>> p.n_tokens + 16 <= 2048 and p.value in p.text
     True
     """
-    if not isinstance(length, int) or length < 1:
-        raise ConfigError(f"length: must be a positive number of tokens, got {length!r}")
+    check_length(length, max_new_tokens, max_context)
     if not 0 <= depth <= 100:
         raise ConfigError(f"depth: must be a percent in [0, 100], got {depth!r}")
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-    if max_context is not None and length > max_context:
-        raise InputTooLongError(
-            f"length {length} exceeds the model's context of {max_context} tokens; use lengths <= {max_context}"
-        )
-    limit = length - max_new_tokens
-
     rng = random.Random(f"kvtools-niah:{seed}")
     key = rng.choice(NEEDLE_KEYS)
     value = str(rng.randint(1_000_000, 9_999_999))
     needle = NEEDLE.format(key=key, value=value)
     question = QUESTION.format(key=key)
     answer_prefix = ANSWER_PREFIX.format(key=key)
-    source = _Sentences(rng, haystack, seed)
+    if haystack:
+        start = rng.randrange(len(haystack))
+        sentences = LazyStream(itertools.islice(itertools.cycle(haystack), start, None))
+    else:
+        sentences = LazyStream(iter_filler(f"{seed}"))
+    counts = _TokenCounts(tokenizer, sentences)
 
-    # per-sentence token estimates (a leading space, as inside running text)
-    counts: list[int] = [0]  # counts[i] = estimated tokens of the first i sentences
+    def render(n: int) -> Rendered:
+        units, cut = sentences.take(n), counts.cut(n, depth)
+        text = " ".join([*units[:cut], needle, *units[cut:]])
+        return (*render_prompt(tokenizer, f"{text}\n\n{question}", answer_prefix, sep="\n\n"), cut)
 
-    def grow(n: int) -> None:
-        for sentence in source.take(n)[len(counts) - 1 :]:
-            counts.append(counts[-1] + len(tokenizer.encode(" " + sentence, add_special_tokens=False)))
-
-    def attempt(n: int) -> tuple[str, list[int], int]:
-        grow(n)
-        sentences = source.take(n)
-        cut = bisect.bisect_right(counts, depth / 100 * counts[n], 0, n + 1) - 1  # last sentence end <= depth
-        text, ids = _render(tokenizer, " ".join([*sentences[:cut], needle, *sentences[cut:]]), question, answer_prefix)
-        return text, ids, cut
-
-    tried: dict[int, tuple[str, list[int], int]] = {}
-
-    def fits(n: int) -> bool:
-        if n not in tried:
-            tried[n] = attempt(n)
-        return len(tried[n][1]) <= limit
-
-    if not fits(0):
-        raise InputTooLongError(
-            f"length {length}: the needle, question and template alone take {len(tried[0][1])} tokens, "
-            f"plus {max_new_tokens} new tokens; use a length of at least {len(tried[0][1]) + max_new_tokens}"
-        )
-    overhead = len(tried[0][1])
-
-    # estimate from per-sentence counts, then bracket on the real count and bisect
-    while counts[-1] + overhead <= limit:
-        grow(len(counts) + 63)
-    n_est = max(bisect.bisect_right(counts, limit - overhead) - 1, 1)
-    n = largest_fitting(fits, n_est, floor=0)
-    text, ids, cut = tried[n]
-    total = counts[n]
+    limit = length - max_new_tokens
+    n, (text, ids, cut) = fit_units(
+        render, length, max_new_tokens, what="niah", smallest="the needle, question and template alone take",
+        estimate=lambda overhead: counts.most_within(limit - overhead),
+    )
+    total = counts.total(n)
     return NiahPrompt(
-        text=text,
-        input_ids=ids,
-        key=key,
-        value=value,
-        needle=needle,
-        question=question,
-        answer_prefix=answer_prefix,
-        length=length,
-        depth=float(depth),
-        depth_actual=100.0 * counts[cut] / total if total else float(depth),
-        n_sentences=n,
+        text=text, input_ids=ids, key=key, value=value, needle=needle, question=question,
+        answer_prefix=answer_prefix, length=length, depth=float(depth),
+        depth_actual=100.0 * counts.total(cut) / total if total else float(depth), n_sentences=n,
     )

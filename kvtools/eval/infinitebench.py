@@ -43,17 +43,16 @@ import random
 import re
 import uuid
 import zlib
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvtools.errors import ConfigError, InputTooLongError
+from kvtools.errors import ConfigError
 
-from .longbench import LongPrompt, encode, fit_prompt, has_chat_template, load_dataset_source, render
-from .prompting import largest_fitting
+from .datasets import load_dataset_source
 from .metrics import best_score
+from .prompting import LongPrompt, Rendered, check_length, fit_context, fit_units, has_chat_template, render_prompt
 
 __all__ = [
     "HUB_ID",
@@ -62,16 +61,13 @@ __all__ = [
     "SyntheticSample",
     "TASKS",
     "TASK_MAX_NEW_TOKENS",
-    "build_prompt",
     "choice_letter",
     "format_prompt",
     "generate_synthetic",
     "load_infinitebench",
     "make_synthetic",
     "prepare_prompt",
-    "result_record",
     "score_example",
-    "summarize",
 ]
 
 HUB_ID = "xinrongzhang2022/InfiniteBench"
@@ -189,44 +185,18 @@ def format_prompt(task: str, example: Mapping[str, Any]) -> str:
     return _TEMPLATES[task].format(**fields)
 
 
-def prepare_prompt(
-    task: str,
-    example: Mapping[str, Any],
-    tokenizer: Any,
-    max_input_tokens: int,
-    *,
-    chat: bool | None = None,
-) -> LongPrompt:
+def prepare_prompt(task: str, example: Mapping[str, Any], tokenizer: Any, max_input_tokens: int, *,
+                   chat: bool | None = None) -> LongPrompt:
     """The prompt of one example, its context middle-truncated to fit ``max_input_tokens``.
 
     ``chat=None`` applies the chat template when the tokenizer has one. Passkey and
     number_string prompts end with a pre-filled answer start (``The pass key is``).
     """
     _check_task(task)
-    if chat is None:
-        chat = has_chat_template(tokenizer)
-    text, ids, truncated, n_original = fit_prompt(
-        tokenizer,
-        lambda context: format_prompt(task, {**example, "context": context}),
-        str(example.get("context") or ""),
-        max_input_tokens,
-        chat=chat,
-        answer_prefix=_ANSWER_PREFIX.get(task, ""),
+    return fit_context(
+        tokenizer, task, example, format_prompt, max_input_tokens, TASK_MAX_NEW_TOKENS[task],
+        chat=has_chat_template(tokenizer) if chat is None else chat, answer_prefix=_ANSWER_PREFIX.get(task, ""),
     )
-    return LongPrompt(task, text, ids, TASK_MAX_NEW_TOKENS[task], chat, truncated, n_original)
-
-
-def build_prompt(
-    task: str,
-    example: Mapping[str, Any],
-    tokenizer: Any,
-    max_input_tokens: int,
-    *,
-    chat: bool | None = None,
-) -> tuple[str, int]:
-    """``(prompt_text, max_new_tokens)``; tokenize like :func:`kvtools.eval.longbench.build_prompt`."""
-    p = prepare_prompt(task, example, tokenizer, max_input_tokens, chat=chat)
-    return p.text, p.max_new_tokens
 
 
 # ---------------------------------------------------------------- synthetic tasks
@@ -310,8 +280,8 @@ def make_synthetic(
         chat: apply the chat template (default: when the tokenizer has one).
         max_context: the model's context; a ``length`` beyond it raises ``InputTooLongError``.
 
-    The filler size is the largest that fits (estimated from per-unit token counts, then
-    searched on the real token count of the rendered prompt).
+    The filler size is the largest that fits, searched on the real token count of the
+    rendered prompt (:func:`~kvtools.eval.prompting.fit_units`).
 
     >>> s = make_synthetic("passkey", tok, 4096, seed=1, depth=50)  # doctest: +SKIP
     >>> s.prompt.n_tokens + s.prompt.max_new_tokens <= 4096 and s.answer in s.prompt.text  # doctest: +SKIP
@@ -319,47 +289,27 @@ def make_synthetic(
     """
     if task not in SYNTHETIC_TASKS:
         raise ConfigError(f"task: {task!r} is not synthetic; synthetic tasks: {', '.join(SYNTHETIC_TASKS)}")
-    if not isinstance(length, int) or length < 1:
-        raise ConfigError(f"length: must be a positive number of tokens, got {length!r}")
-    if max_context is not None and length > max_context:
-        raise InputTooLongError(f"length {length} exceeds the model's context of {max_context} tokens")
+    new_tokens = TASK_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
+    check_length(length, new_tokens, max_context)
     rng = random.Random(f"kvtools-infinitebench:{task}:{seed}")
     if depth is None:
         depth = round(rng.uniform(0, 100), 2)
     if not 0 <= depth <= 100:
         raise ConfigError(f"depth: must be a percent in [0, 100], got {depth!r}")
-    new_tokens = TASK_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
-    if new_tokens < 1:
-        raise ConfigError(f"max_new_tokens: must be >= 1, got {new_tokens}")
     if chat is None:
         chat = has_chat_template(tokenizer)
-    limit = length - new_tokens
     synth = _Synth(task, rng)
-    prefix = _ANSWER_PREFIX.get(task, "")
-    tried: dict[int, tuple[dict[str, Any], int, str, list[int]]] = {}
 
-    def attempt(n: int) -> tuple[dict[str, Any], int, str, list[int]]:
-        if n not in tried:
-            example, at = synth.example(n, depth)
-            text = render(tokenizer, format_prompt(task, example), chat=chat, answer_prefix=prefix)
-            tried[n] = (example, at, text, encode(tokenizer, text, chat=chat))
-        return tried[n]
-
-    def fits(n: int) -> bool:
-        return len(attempt(n)[3]) <= limit
+    def render(n: int) -> Rendered:
+        example, at = synth.example(n, depth)
+        return (*render_prompt(tokenizer, format_prompt(task, example), _ANSWER_PREFIX.get(task, ""), chat=chat),
+                example, at)
 
     lo_n = 1 if task == "kv_retrieval" else 0
-    if not fits(lo_n):
-        need = len(attempt(lo_n)[3]) + new_tokens
-        raise InputTooLongError(f"length {length}: the smallest {task} prompt needs {need} tokens")
-    # estimate units from two probes, then bracket and bisect on the real token count
-    probe = lo_n + 16
-    per_unit = max((len(attempt(probe)[3]) - len(attempt(lo_n)[3])) / (probe - lo_n), 1e-9)
-    est = max(lo_n, int((limit - len(attempt(lo_n)[3])) / per_unit))
-    lo = largest_fitting(fits, est, floor=lo_n)
-    example, at, text, ids = attempt(lo)
+    n_units, (text, ids, example, at) = fit_units(
+        render, length, new_tokens, what=task, smallest=f"the smallest {task} prompt takes", n_min=lo_n
+    )
     example = {**example, "id": seed if isinstance(seed, int) else zlib.crc32(str(seed).encode())}
-    n_units = max(lo, 1) if task == "kv_retrieval" else lo
     denominator = (n_units - 1) if task == "kv_retrieval" else n_units
     depth_actual = 100.0 * at / denominator if denominator > 0 else 0.0
     prompt = LongPrompt(task, text, ids, new_tokens, chat, False, len(ids))
@@ -504,52 +454,3 @@ _SCORERS: dict[str, Callable[[str, Mapping[str, Any]], float]] = {
 def score_example(task: str, prediction: str, example: Mapping[str, Any]) -> float:
     """Score in [0, 1] of one prediction (see the module docstring for each task's rule)."""
     return float(_SCORERS[_check_task(task)](prediction, example))
-
-
-def result_record(task: str, prediction: str, example: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-    """A JSON-ready result row for :func:`summarize` (add ``length=`` / ``depth=`` for synthetic runs)."""
-    record: dict[str, Any] = {
-        "task": task,
-        "score": score_example(task, prediction, example),
-        "prediction": prediction,
-        "answer": _answers(example),
-    }
-    if example.get("id") is not None:
-        record["id"] = example["id"]
-    record.update(extra)
-    return record
-
-
-def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Aggregate records (``task``, ``score`` in [0, 1], optional ``length`` / ``depth``), x100.
-
-    Returns ``{"tasks": {task: {"score", "n", "by_length"?, "by_depth"?}}, "average"}``;
-    ``by_length`` / ``by_depth`` group the records that carry those keys (synthetic runs).
-    """
-    scores: dict[str, list[float]] = defaultdict(list)
-    by_len: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    by_depth: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for rec in records:
-        task = _check_task(str(rec["task"]))
-        score = float(rec["score"])
-        scores[task].append(score)
-        if rec.get("length") is not None:
-            by_len[task][int(rec["length"])].append(score)
-        if rec.get("depth") is not None:
-            by_depth[task][round(float(rec["depth"]), 2)].append(score)
-
-    def pct(values: Sequence[float]) -> float:
-        return round(100.0 * sum(values) / len(values), 2)
-
-    tasks: dict[str, Any] = {}
-    for task in sorted(scores, key=TASKS.index):
-        entry: dict[str, Any] = {"score": pct(scores[task]), "n": len(scores[task])}
-        if task in by_len:
-            entry["by_length"] = {k: pct(v) for k, v in sorted(by_len[task].items())}
-        if task in by_depth:
-            entry["by_depth"] = {k: pct(v) for k, v in sorted(by_depth[task].items())}
-        tasks[task] = entry
-    out: dict[str, Any] = {"tasks": tasks}
-    if tasks:
-        out["average"] = round(sum(e["score"] for e in tasks.values()) / len(tasks), 2)
-    return out

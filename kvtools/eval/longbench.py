@@ -1,61 +1,54 @@
-"""LongBench v1 and v2: loading, prompts, middle truncation, scoring and summaries.
+"""LongBench v1 and v2: task tables, loading, prompts and scoring.
 
 LongBench v1 has 21 tasks whose examples share the fields ``input, context, answers,
 length, all_classes``. Each task has a metric (:data:`TASK_METRIC`, implemented in
 :mod:`kvtools.eval.metrics`), a prompt template written for kvtools (same information
 and answer format as the upstream prompts, our own wording), and a generation budget
 (:data:`TASK_MAX_NEW_TOKENS`, the upstream values). Prompts longer than the token budget
-lose the middle of their context: its head and tail halves are kept, as upstream
-recommends. Unlike upstream, which cuts the middle of the whole formatted prompt, the
-instructions, question and options are never cut (for long contexts the two agree).
+lose the middle of their context (:func:`kvtools.eval.prompting.fit_context`): its head
+and tail halves are kept, as upstream recommends. Unlike upstream, which cuts the middle
+of the whole formatted prompt, the instructions, question and options are never cut (for
+long contexts the two agree).
 
 LongBench v2 has 503 four-choice questions (``_id, domain, sub_domain, difficulty,
 length, question, choice_A..D, answer, context``); it is used through the pseudo task
-name :data:`V2_TASK` with the same :func:`build_prompt` / :func:`score_example` API.
+name :data:`V2_TASK` with the same :func:`prepare_prompt` / :func:`score_example` API.
 The model is asked to reply ``The correct answer is (X)``; :func:`extract_choice` also
 accepts a bare ``(X)`` or ``X`` at the end of the reply.
 
 Typical use::
 
-    from kvtools.eval.longbench import load_longbench, prepare_prompt, score_example, result_record, summarize
+    from kvtools.eval.longbench import load_longbench, prepare_prompt, score_example
     data = load_longbench("hotpotqa", limit=20)
-    records = []
     for ex in data:
         p = prepare_prompt("hotpotqa", ex, tokenizer, max_input_tokens=7500)
         out = my_generate(p.input_ids, p.max_new_tokens)
-        records.append(result_record("hotpotqa", out, ex))
-    print(summarize(records))
+        print(score_example("hotpotqa", out, ex))
 
-Data loading needs the optional ``datasets`` package (``pip install 'kvtools[eval]'``).
-``source`` is a hub dataset id or a local ``.jsonl`` / ``.json`` / ``.parquet`` file, a
-folder holding ``<task>.jsonl`` (e.g. the unzipped upstream ``data.zip``) or the
-``data.zip`` itself. The upstream hub repo ``THUDM/LongBench`` ships a loading script
-that ``datasets>=4`` refuses to run, so for that id kvtools downloads the repo's
-``data.zip`` with ``huggingface_hub`` and reads ``data/<task>.jsonl`` from it.
-A hub id that cannot be loaded (hub unreachable, offline mode without a cached copy,
-unknown id) is a :class:`~kvtools.errors.ConfigError` naming the dataset and the local
-files ``source`` accepts, raised at once rather than after the hub libraries' retries.
+Loading goes through :func:`kvtools.eval.datasets.load_dataset_source` (hub id or local
+``.jsonl`` / ``.json`` / ``.parquet`` file, a folder holding ``<task>.jsonl``, e.g. the
+unzipped upstream ``data.zip``, or the ``data.zip`` itself). The upstream hub repo
+``THUDM/LongBench`` ships a loading script that ``datasets>=4`` refuses to run, so for
+that id kvtools downloads the repo's ``data.zip`` and reads ``data/<task>.jsonl`` from it.
 """
 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kvtools.errors import ConfigError, InputTooLongError
+from kvtools.errors import ConfigError
 
+from .datasets import load_dataset_source
 from .metrics import best_score
-from .prompting import has_chat_template
+from .prompting import LongPrompt, fit_context, has_chat_template
 
 __all__ = [
     "FIRST_LINE_TASKS",
     "HUB_V1",
     "HUB_V2",
-    "LongPrompt",
     "NO_CHAT_TASKS",
     "TASKS",
     "TASK_CATEGORY",
@@ -65,22 +58,12 @@ __all__ = [
     "V2_MAX_NEW_TOKENS",
     "V2_TASK",
     "base_task",
-    "build_prompt",
-    "encode",
     "extract_choice",
-    "fit_prompt",
     "format_prompt",
-    "has_chat_template",
-    "length_bucket",
-    "load_dataset_source",
     "load_longbench",
     "load_longbench_v2",
     "prepare_prompt",
-    "render",
-    "result_record",
     "score_example",
-    "summarize",
-    "truncate_middle",
 ]
 
 HUB_V1 = "THUDM/LongBench"
@@ -235,143 +218,6 @@ def base_task(task: str) -> str:
 
 
 # ---------------------------------------------------------------- loading
-def _datasets() -> Any:
-    try:
-        import datasets
-    except ImportError as exc:  # pragma: no cover - only without the optional package
-        raise ImportError(
-            "LongBench/InfiniteBench loading needs the 'datasets' package: pip install 'kvtools[eval]'"
-        ) from exc
-    return datasets
-
-
-def _local_hint(name: str) -> str:
-    return (f"give local files as `source:` (a run file's suite key): a {name}.jsonl / .json / .parquet file, "
-            f"a folder holding {name}.jsonl (or data/{name}.jsonl), or a .zip holding data/{name}.jsonl")
-
-
-def _from_hub(source: str, name: str, load: Callable[[], Any], lib_offline: bool) -> Any:
-    """Run ``load`` (a hub download) unless the hub is unavailable; any failure is a :class:`ConfigError`
-    naming the dataset and how to give local files.
-
-    ``lib_offline``: the loading library itself runs in offline mode (it then reads the HF cache and fails
-    fast); otherwise an unreachable hub fails here at once, instead of after the library's retries.
-    """
-    from kvtools.models import hub_unreachable
-
-    reason = hub_unreachable()
-    if reason is not None and not lib_offline:
-        raise ConfigError(
-            f"source: cannot load '{source}' ({name}) from the hub: {reason}; to read a copy already in the HF "
-            f"cache, run with HF_HUB_OFFLINE=1; or {_local_hint(name)}"
-        )
-    try:
-        return load()
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - hub, network and dataset errors of several libraries
-        detail = (str(exc).strip().splitlines() or [""])[0]
-        where = f"the HF cache ({reason})" if reason else "the hub"
-        raise ConfigError(
-            f"source: cannot load '{source}' ({name}) from {where}: {type(exc).__name__}: {detail}; "
-            f"{_local_hint(name)}"
-        ) from None
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _datasets_offline() -> bool:
-    return bool(getattr(_datasets().config, "HF_HUB_OFFLINE", False))
-
-
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def _pick_file(folder: Path, name: str) -> Path:
-    for sub in (folder, folder / "data"):
-        for suffix in _BUILDERS:
-            candidate = sub / f"{name}{suffix}"
-            if candidate.is_file():
-                return candidate
-    raise ConfigError(f"source: no {name}.jsonl/.json/.parquet in {folder} (or its data/ folder)")
-
-
-def _read_local(path: Path, load: Callable[[], Any]) -> Any:
-    """Run ``load`` (``datasets`` reading a local file); a file it cannot parse is a :class:`ConfigError`."""
-    try:
-        return load()
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - datasets' several parse / schema errors
-        detail = (str(exc).strip().splitlines() or [""])[0]
-        raise ConfigError(f"source: cannot read {path}: {type(exc).__name__}: {detail}") from None
-
-
-def load_dataset_source(
-    source: str | Path,
-    name: str,
-    *,
-    split: str = "test",
-    limit: int | None = None,
-    cache_dir: str | Path | None = None,
-    features: Any = None,
-    hub_kwargs: Mapping[str, Any] | None = None,
-) -> Any:
-    """Load one task's examples as a ``datasets.Dataset``, from a local file/folder/zip or the hub.
-
-    Args:
-        source: a ``.jsonl``/``.json``/``.parquet`` file; a folder with ``<name>.<ext>``
-            (directly or under ``data/``); a ``.zip`` holding ``data/<name>.jsonl``; or a
-            hub dataset id. Local files are read through ``load_dataset("json"|"parquet")``.
-        name: the task (file stem or hub config name).
-        split: hub split; local files have a single split and ignore it.
-        limit: keep only the first ``limit`` examples.
-        cache_dir: the ``datasets`` cache folder (default: the HF cache).
-        features: optional ``datasets.Features`` to cast to while loading.
-        hub_kwargs: extra ``load_dataset`` arguments for a hub id (e.g. ``data_files``);
-            by default the hub dataset is loaded as ``load_dataset(source, name, split=split)``.
-    """
-    ds = _datasets()
-    kw: dict[str, Any] = {"cache_dir": str(cache_dir) if cache_dir is not None else None}
-    if features is not None:
-        kw["features"] = features
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = _pick_file(path, name)
-    if path.is_file() and path.suffix == ".zip":
-        data = _read_local(path, lambda: ds.load_dataset(
-            "json", data_files=f"zip://data/{name}.jsonl::{path.resolve()}", split="train", **kw))
-    elif path.is_file():
-        builder = _BUILDERS.get(path.suffix)
-        if builder is None:
-            raise ConfigError(f"source: {path} is not a .jsonl, .json, .parquet or .zip file")
-        data = _read_local(path, lambda: ds.load_dataset(builder, data_files=str(path), split="train", **kw))
-    elif path.suffix in _BUILDERS or path.suffix == ".zip" or str(source).startswith((".", "/", "~")):
-        raise ConfigError(f"source: file not found: {source}")
-    elif str(source) in _ZIP_REPOS and not hub_kwargs:
-        from huggingface_hub import hf_hub_download
-
-        def from_zip() -> Any:
-            zip_path = hf_hub_download(str(source), "data.zip", repo_type="dataset")
-            return ds.load_dataset("json", data_files=f"zip://data/{name}.jsonl::{zip_path}", split="train", **kw)
-
-        data = _from_hub(str(source), name, from_zip, _hub_offline())
-    elif hub_kwargs:
-        hub_kw = {**kw, **hub_kwargs}
-        data = _from_hub(str(source), name, lambda: ds.load_dataset(str(source), split=split, **hub_kw),
-                         _datasets_offline())
-    else:
-        data = _from_hub(str(source), name, lambda: ds.load_dataset(str(source), name, split=split, **kw),
-                         _datasets_offline())
-    if limit is not None:
-        data = data.select(range(min(max(limit, 0), len(data))))
-    return data
-
-
 def load_longbench(
     task: str,
     source: str | Path = HUB_V1,
@@ -392,7 +238,8 @@ def load_longbench(
     base_task(task)
     if task == V2_TASK:
         return load_longbench_v2(source if source != HUB_V1 else HUB_V2, limit=limit, cache_dir=cache_dir)
-    data = load_dataset_source(source, task, split=split, limit=limit, cache_dir=cache_dir)
+    data = load_dataset_source(source, task, split=split, limit=limit, cache_dir=cache_dir,
+                               hub_zip=str(source) in _ZIP_REPOS)
     missing = {"input", "context", "answers"} - set(data.column_names)
     if missing:
         raise ConfigError(f"LongBench {task}: examples lack the field(s) {sorted(missing)} (source {source})")
@@ -413,13 +260,7 @@ def load_longbench_v2(
     ``difficulty`` (``easy``/``hard``) and ``length`` (``short``/``medium``/``long``) filter
     the questions before ``limit`` applies.
     """
-    path = Path(source).expanduser()
-    if path.is_file() or path.is_dir() or path.suffix in _BUILDERS:
-        data = load_dataset_source(source, "data", split=split, cache_dir=cache_dir)
-    else:
-        ds = _datasets()
-        data = _from_hub(str(source), "data", lambda: ds.load_dataset(
-            str(source), split=split, cache_dir=str(cache_dir) if cache_dir else None), _datasets_offline())
+    data = load_dataset_source(source, "data", split=split, cache_dir=cache_dir, hub_kwargs={})
     need = {"question", "choice_A", "choice_B", "choice_C", "choice_D", "answer", "context"}
     missing = need - set(data.column_names)
     if missing:
@@ -432,120 +273,6 @@ def load_longbench_v2(
     if limit is not None:
         data = data.select(range(min(max(limit, 0), len(data))))
     return data
-
-
-# ---------------------------------------------------------------- tokenization helpers
-def encode(tokenizer: Any, text: str, *, chat: bool) -> list[int]:
-    """Token ids of a full prompt: a chat-templated text already holds its special tokens."""
-    return list(tokenizer.encode(text, add_special_tokens=not chat))
-
-
-def _join(head: str, tail: str) -> str:
-    # keep two ASCII words from fusing into one at the cut (decoders may drop the boundary space)
-    if head and tail and head[-1].isascii() and head[-1].isalnum() and tail[0].isascii() and tail[0].isalnum():
-        return f"{head} {tail}"
-    return head + tail
-
-
-def truncate_middle(text: str, tokenizer: Any, max_tokens: int) -> str:
-    """Cut the middle out of ``text`` so that it holds at most about ``max_tokens`` tokens.
-
-    The text is tokenized without special tokens; when it is longer than ``max_tokens``
-    the first ``ceil(max_tokens / 2)`` and the last ``floor(max_tokens / 2)`` tokens are
-    decoded and joined. Re-tokenizing the result can differ by a token or two at the cut;
-    :func:`fit_prompt` corrects for that.
-
-    >>> truncate_middle(long_text, tok, 1000)  # doctest: +SKIP
-    """
-    if max_tokens < 0:
-        raise ConfigError(f"max_tokens: must be >= 0, got {max_tokens}")
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
-    if len(ids) <= max_tokens:
-        return text
-    n_tail = max_tokens // 2
-    n_head = max_tokens - n_tail
-    head = tokenizer.decode(ids[:n_head], skip_special_tokens=True)
-    tail = tokenizer.decode(ids[len(ids) - n_tail :], skip_special_tokens=True) if n_tail else ""
-    return _join(head, tail)
-
-
-def render(tokenizer: Any, user_text: str, *, chat: bool, answer_prefix: str = "") -> str:
-    """The model input for one user message: chat-templated (generation prompt added) or plain.
-
-    ``answer_prefix`` pre-fills the start of the answer: right after the generation prompt
-    in chat mode, on a new line after the message otherwise.
-    """
-    if chat:
-        messages = [{"role": "user", "content": user_text}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return f"{text}{answer_prefix}"
-    return f"{user_text}\n{answer_prefix}" if answer_prefix else user_text
-
-
-@dataclass(frozen=True)
-class LongPrompt:
-    """A prompt ready for generation.
-
-    ``text`` is the whole model input (chat template applied when ``chat``) and
-    ``input_ids`` its tokens (``tokenizer.encode(text, add_special_tokens=not chat)``);
-    ``len(input_ids) <= max_input_tokens`` of the call that built it.
-    """
-
-    task: str
-    text: str
-    input_ids: list[int]
-    max_new_tokens: int
-    chat: bool
-    truncated: bool  # the middle of the user message was cut
-    n_original: int  # tokens the prompt would have had without truncation
-
-    @property
-    def n_tokens(self) -> int:
-        """Number of prompt tokens."""
-        return len(self.input_ids)
-
-
-def fit_prompt(
-    tokenizer: Any,
-    make_user_text: Callable[[str], str],
-    context: str,
-    max_input_tokens: int,
-    *,
-    chat: bool,
-    answer_prefix: str = "",
-) -> tuple[str, list[int], bool, int]:
-    """Render ``make_user_text(context)``, cutting the middle of ``context`` until the prompt fits.
-
-    Everything but the context (instructions, question, options, chat template) is kept
-    whole; the context keeps its head and tail halves (:func:`truncate_middle`), with the
-    budget corrected until the whole prompt has at most ``max_input_tokens`` tokens.
-    Returns ``(text, input_ids, truncated, n_original)``; raises
-    :class:`~kvtools.errors.InputTooLongError` when the prompt does not fit even with an
-    empty context.
-    """
-    if max_input_tokens < 1:
-        raise ConfigError(f"max_input_tokens: must be >= 1, got {max_input_tokens}")
-    text = render(tokenizer, make_user_text(context), chat=chat, answer_prefix=answer_prefix)
-    ids = encode(tokenizer, text, chat=chat)
-    n_original = len(ids)
-    if n_original <= max_input_tokens:
-        return text, ids, False, n_original
-    empty = render(tokenizer, make_user_text(""), chat=chat, answer_prefix=answer_prefix)
-    overhead = len(encode(tokenizer, empty, chat=chat))
-    budget = max_input_tokens - overhead
-    for _ in range(16):
-        if budget < 0:
-            break
-        user_text = make_user_text(truncate_middle(context, tokenizer, budget))
-        text = render(tokenizer, user_text, chat=chat, answer_prefix=answer_prefix)
-        ids = encode(tokenizer, text, chat=chat)
-        if len(ids) <= max_input_tokens:
-            return text, ids, True, n_original
-        budget -= len(ids) - max_input_tokens
-    raise InputTooLongError(
-        f"max_input_tokens {max_input_tokens}: the prompt without its context already takes {overhead} tokens "
-        f"(instructions, question, template); use a larger budget"
-    )
 
 
 # ---------------------------------------------------------------- prompts
@@ -561,14 +288,8 @@ def _v2_fields() -> tuple[str, ...]:
     return ("context", "question", "choice_A", "choice_B", "choice_C", "choice_D")
 
 
-def prepare_prompt(
-    task: str,
-    example: Mapping[str, Any],
-    tokenizer: Any,
-    max_input_tokens: int,
-    *,
-    chat: bool | None = None,
-) -> LongPrompt:
+def prepare_prompt(task: str, example: Mapping[str, Any], tokenizer: Any, max_input_tokens: int, *,
+                   chat: bool | None = None) -> LongPrompt:
     """Build the (middle-truncated) prompt of one example as a :class:`LongPrompt`.
 
     Args:
@@ -585,33 +306,8 @@ def prepare_prompt(
         chat = has_chat_template(tokenizer) and name not in NO_CHAT_TASKS
     elif chat and not has_chat_template(tokenizer):
         raise ConfigError("chat=True: the tokenizer has no chat template")
-    text, ids, truncated, n_original = fit_prompt(
-        tokenizer,
-        lambda context: format_prompt(name, {**example, "context": context}),
-        str(example.get("context") or ""),
-        max_input_tokens,
-        chat=chat,
-    )
     max_new = V2_MAX_NEW_TOKENS if name == V2_TASK else TASK_MAX_NEW_TOKENS[name]
-    return LongPrompt(task, text, ids, max_new, chat, truncated, n_original)
-
-
-def build_prompt(
-    task: str,
-    example: Mapping[str, Any],
-    tokenizer: Any,
-    max_input_tokens: int,
-    *,
-    chat: bool | None = None,
-) -> tuple[str, int]:
-    """``(prompt_text, max_new_tokens)`` of one example; see :func:`prepare_prompt` (which also gives ids).
-
-    Tokenize the text with ``add_special_tokens=False`` when a chat template was applied
-    (the default whenever the tokenizer has one, except :data:`NO_CHAT_TASKS`), with
-    ``add_special_tokens=True`` otherwise; it then has at most ``max_input_tokens`` tokens.
-    """
-    p = prepare_prompt(task, example, tokenizer, max_input_tokens, chat=chat)
-    return p.text, p.max_new_tokens
+    return fit_context(tokenizer, task, example, format_prompt, max_input_tokens, max_new, chat=chat)
 
 
 # ---------------------------------------------------------------- scoring
@@ -664,85 +360,3 @@ def score_example(task: str, prediction: str, example: Mapping[str, Any]) -> flo
     if name in FIRST_LINE_TASKS:
         prediction = prediction.lstrip("\n").split("\n")[0]
     return best_score(TASK_METRIC[name], prediction, _answers(example), example.get("all_classes"))
-
-
-def length_bucket(length: int) -> str:
-    """LongBench-E length bucket of an example's ``length`` (words/characters): ``0-4k``, ``4-8k``, ``8k+``."""
-    return "0-4k" if length < 4000 else "4-8k" if length < 8000 else "8k+"
-
-
-def result_record(task: str, prediction: str, example: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-    """A JSON-ready result row for :func:`summarize`: task, score, prediction and the grouping fields."""
-    record: dict[str, Any] = {
-        "task": task,
-        "score": score_example(task, prediction, example),
-        "prediction": prediction,
-    }
-    for key in ("_id", "length", "difficulty", "domain", "answer", "answers"):
-        if key in example and example[key] is not None:
-            record[key] = example[key]
-    record.update(extra)
-    return record
-
-
-def _pct(values: Sequence[float]) -> float:
-    return round(100.0 * sum(values) / len(values), 2) if values else 0.0
-
-
-def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Aggregate per-example records (``task``, ``score`` in [0, 1], optional ``length`` / ``difficulty``).
-
-    Returns (scores x100, 2 decimals)::
-
-        {"tasks": {task: {"score", "n", "by_length": {"0-4k", "4-8k", "8k+"}}},   # v1 tasks
-         "categories": {category: mean task score}, "average": mean task score,
-         "v2": {"accuracy", "n", "by_difficulty": {...}, "by_length": {...}}}       # if any v2 record
-
-    ``by_length`` (LongBench-E buckets of the integer ``length``) is filled only from
-    records that have one. Sections with no records are omitted.
-    """
-    by_task: dict[str, list[float]] = defaultdict(list)
-    by_task_len: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    v2: list[float] = []
-    v2_diff: dict[str, list[float]] = defaultdict(list)
-    v2_len: dict[str, list[float]] = defaultdict(list)
-    for rec in records:
-        name = base_task(str(rec["task"]))
-        score = float(rec["score"])
-        if name == V2_TASK:
-            v2.append(score)
-            if rec.get("difficulty") is not None:
-                v2_diff[str(rec["difficulty"])].append(score)
-            if rec.get("length") is not None:
-                v2_len[str(rec["length"])].append(score)
-            continue
-        task = str(rec["task"])
-        by_task[task].append(score)
-        length = rec.get("length")
-        if isinstance(length, int) and not isinstance(length, bool):
-            by_task_len[task][length_bucket(length)].append(score)
-
-    out: dict[str, Any] = {}
-    if by_task:
-        tasks = {}
-        for task in sorted(by_task, key=lambda t: (TASKS.index(base_task(t)), t)):
-            entry: dict[str, Any] = {"score": _pct(by_task[task]), "n": len(by_task[task])}
-            if task in by_task_len:
-                buckets = by_task_len[task]
-                entry["by_length"] = {b: _pct(buckets[b]) for b in ("0-4k", "4-8k", "8k+") if buckets[b]}
-            tasks[task] = entry
-        cats: dict[str, list[float]] = defaultdict(list)
-        for task, entry in tasks.items():
-            cats[TASK_CATEGORY[base_task(task)]].append(entry["score"])
-        out["tasks"] = tasks
-        out["categories"] = {c: round(sum(v) / len(v), 2) for c, v in cats.items()}
-        out["average"] = round(sum(e["score"] for e in tasks.values()) / len(tasks), 2)
-    if v2:
-        order = {"easy": 0, "hard": 1, "short": 0, "medium": 1, "long": 2}
-        out["v2"] = {
-            "accuracy": _pct(v2),
-            "n": len(v2),
-            "by_difficulty": {k: _pct(v2_diff[k]) for k in sorted(v2_diff, key=lambda k: (order.get(k, 9), k))},
-            "by_length": {k: _pct(v2_len[k]) for k in sorted(v2_len, key=lambda k: (order.get(k, 9), k))},
-        }
-    return out

@@ -113,11 +113,15 @@ def f1_tokens(prediction: Sequence[str], reference: Sequence[str]) -> float:
     0.5714
     """
     common = Counter(prediction) & Counter(reference)
-    same = sum(common.values())
-    if same == 0:
+    return _f1(sum(common.values()), len(prediction), len(reference))
+
+
+def _f1(matched: int, n_prediction: int, n_reference: int) -> float:
+    """Harmonic mean of precision ``matched / n_prediction`` and recall ``matched / n_reference`` (0 if none match)."""
+    if matched == 0:
         return 0.0
-    precision = same / len(prediction)
-    recall = same / len(reference)
+    precision = matched / n_prediction
+    recall = matched / n_reference
     return 2 * precision * recall / (precision + recall)
 
 
@@ -168,12 +172,7 @@ def rouge_l(prediction: Sequence[Any], reference: Sequence[Any]) -> float:
     >>> round(rouge_l("the cat sat on the mat".split(), "the cat lay on a mat".split()), 4)
     0.6667
     """
-    lcs = lcs_length(prediction, reference)
-    if lcs == 0:
-        return 0.0
-    precision = lcs / len(prediction)
-    recall = lcs / len(reference)
-    return 2 * precision * recall / (precision + recall)
+    return _f1(lcs_length(prediction, reference), len(prediction), len(reference))
 
 
 def rouge_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:

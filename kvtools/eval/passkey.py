@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kvtools.errors import ConfigError
-from kvtools.eval.haystack import iter_filler
-from kvtools.eval.ruler import Rendered, _check_args, _fit, _Lazy, _render
+
+from .haystack import LazyStream, iter_filler
+from .prompting import Rendered, check_length, fit_units, render_prompt
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -138,7 +139,7 @@ def make_passkey(
     >>> s.n_tokens + 8 <= 2048 and f"The pass key is {s.passkey}." in s.text  # doctest: +SKIP
     True
     """
-    _check_args(length, max_new_tokens)
+    check_length(length, max_new_tokens)
     if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
         raise ConfigError(f"depth: must be a fraction in [0, 1], got {depth!r}")
     if filler not in ("varied", "classic"):
@@ -148,7 +149,7 @@ def make_passkey(
     passkey = rng.randint(10_000, 99_999)
     line = PASSKEY_LINE.format(passkey=passkey)
     source = iter_filler(f"passkey:{seed}") if filler == "varied" else itertools.cycle(CLASSIC_FILLER)
-    sentences = _Lazy(source)
+    sentences = LazyStream(source)
 
     def cut_at(n: int) -> int:
         return min(n, max(0, round(depth * n)))
@@ -158,9 +159,9 @@ def make_passkey(
         cut = cut_at(n)
         parts = [TASK_DESCRIPTION, " ".join(units[:cut]), line, " ".join(units[cut:]), QUESTION]
         user = "\n".join(p for p in parts if p)
-        return _render(tokenizer, user, ANSWER_PREFIX, sep=" ")
+        return render_prompt(tokenizer, user, ANSWER_PREFIX, sep=" ")
 
-    n, (text, ids) = _fit(render, length, max_new_tokens, 0, "passkey")
+    n, (text, ids) = fit_units(render, length, max_new_tokens, what="passkey")
     return PasskeySample(
         length=length,
         depth=float(depth),

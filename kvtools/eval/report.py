@@ -1,10 +1,11 @@
-"""Results files and summary tables of an evaluation run.
+"""Results files of an evaluation run, and the summary tables of a ``kvtools niah`` run.
 
-A run directory holds ``results.jsonl`` (one JSON object per sample, appended as the
-run goes) and ``config.json`` (the resolved run config). :func:`write_summary` turns
-the results into ``summary.md`` (tables readable in a README) and ``summary.csv``
-(one row per method and length, plus an ``all`` row per method), with per-method
-means and the ratio to the ``full`` baseline when it is part of the run.
+A run folder holds ``results.jsonl``: one JSON object per sample, appended as the run
+goes, the same record format for every suite and for ``kvtools niah`` (see
+:func:`kvtools.eval.run.run_eval`); :func:`read_results` reads it back. :func:`write_summary`
+turns NIAH results into ``summary.md`` (tables readable in a README) and ``summary.csv``
+(one row per method and length, plus an ``all`` row per method), with per-method means and
+the ratio to the ``full`` baseline when it is part of the run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "cell_key",
     "format_length",
     "read_results",
+    "record_key",
     "summarize",
     "summary_markdown",
     "write_summary",
@@ -37,38 +39,60 @@ MIB = 1024 * 1024
 CellKey = tuple[str, int, float, int]
 
 
+def record_key(record: dict[str, Any]) -> tuple[str, str, str, int, float, int]:
+    """The identity of a sample in a run: (method, suite, task, length, depth, sample); depth -1 without one."""
+    depth = record.get("depth")
+    return (str(record["method"]), str(record["suite"]), str(record["task"]), int(record["length"]),
+            -1.0 if depth is None else round(float(depth), 6), int(record["sample"]))
+
+
 def cell_key(record: dict[str, Any]) -> CellKey:
-    """The identity of a sample in a run: (method, length, depth, sample)."""
+    """A NIAH grid cell of one method: (method, length, depth, sample)."""
     return (str(record["method"]), int(record["length"]), round(float(record["depth"]), 6), int(record["sample"]))
 
 
-def read_results(
-    path: str | Path, *, repair: bool = False, key: Callable[[dict[str, Any]], Any] | None = None
-) -> list[dict[str, Any]]:
+def _upgraded(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` in the current format.
+
+    ``kvtools niah`` wrote its own records before it ran through the eval runner (the committed
+    ``results/niah-*`` folders hold them): NIAH samples without ``suite``, ``task``, ``references``
+    and ``decode_ms``, which follow from their other fields. Their ``prompt_sha1`` hashes the prompt
+    text (the current one hashes the token ids), and their prompts came from an earlier seed function
+    (their ``seed`` field), so new methods cannot join those cells (see ``run_eval``).
+    """
+    if "suite" in record:
+        return record
+    steps = max(int(record["new_tokens"]) - 1, 1)
+    return {**record, "suite": "niah", "task": "niah", "references": [record["value"]],
+            "decode_ms": 1000 * float(record["decode_s"]) / steps}
+
+
+def read_results(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
     """Read a ``results.jsonl`` file, tolerating a partial or corrupt line.
 
     Unparsable lines (typically the last one, cut by an interrupted run) and repeated
-    samples (same ``key``, default :func:`cell_key`; the first one wins) are dropped with a warning.
-    With ``repair=True`` the file is rewritten without them (atomically), and made to
-    end with a newline so that appending continues on a fresh line.
+    samples (same :func:`record_key`; the first one wins) are dropped with a warning.
+    Records of the older ``kvtools niah`` format are read in the current one.
+    With ``repair=True`` the file is rewritten without the dropped lines (atomically), and
+    made to end with a newline so that appending continues on a fresh line.
     A missing file reads as no results.
 
     >>> read_results("runs/niah/results.jsonl")  # doctest: +SKIP
-    [{'method': 'full', 'length': 1024, 'depth': 0.0, 'sample': 0, 'score': 1.0, ...}, ...]
+    [{'method': 'full', 'suite': 'niah', 'length': 1024, 'depth': 0.0, 'sample': 0, 'score': 1.0, ...}, ...]
     """
     path = Path(path)
     if not path.exists():
         return []
     raw = path.read_bytes()
     records: list[dict[str, Any]] = []
-    seen: set[CellKey] = set()
+    seen: set[tuple] = set()
     bad = dupes = 0
     for line in raw.split(b"\n"):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-            k = (key or cell_key)(rec)
+            rec = _upgraded(json.loads(line))
+            k = record_key(rec)
             if rec["score"] is not None:  # stream suites (ppl) have no score
                 float(rec["score"])
         except (ValueError, KeyError, TypeError):

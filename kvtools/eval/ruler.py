@@ -58,10 +58,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from kvtools.errors import ConfigError, InputTooLongError
-from kvtools.eval.haystack import iter_filler
+from kvtools.errors import ConfigError
 
-from .prompting import has_chat_template, render_prompt
+from .haystack import LazyStream, iter_filler
+from .prompting import Rendered, check_length, fit_units, render_prompt
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -209,81 +209,7 @@ def score(sample: RulerSample, output: str) -> float:
     return METRICS[sample.metric](output, sample.references)
 
 
-# ---------------------------------------------------------------- prompt rendering and fitting
-def _render(tokenizer: Any, user: str, answer_prefix: str, sep: str = "\n") -> tuple[str, list[int]]:
-    return render_prompt(tokenizer, user, answer_prefix, sep)
-
-
-def _check_args(length: Any, max_new_tokens: Any) -> None:
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ConfigError(f"length: must be a positive number of tokens, got {length!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens: must be a whole number >= 1, got {max_new_tokens!r}")
-
-
-Rendered = tuple[str, list[int]]
-
-
-def _fit(
-    render: Callable[[int], Rendered], length: int, max_new_tokens: int, n_min: int, what: str
-) -> tuple[int, Rendered]:
-    """Largest haystack size ``n >= n_min`` whose prompt fits ``length - max_new_tokens`` tokens.
-
-    Secant steps on the real token count (it grows almost linearly in ``n``) land next to
-    the answer; galloping and bisection then pin it down. Invariant: ``lo`` fits, ``hi``
-    does not. Raises :class:`InputTooLongError` if even ``n_min`` does not fit.
-    """
-    limit = length - max_new_tokens
-    tried: dict[int, Rendered] = {}
-
-    def size(n: int) -> int:
-        if n not in tried:
-            tried[n] = render(n)
-        return len(tried[n][1])
-
-    smallest = size(n_min)
-    if smallest > limit:
-        raise InputTooLongError(
-            f"{what}: length {length} is too short: the smallest sample takes {smallest} prompt tokens "
-            f"plus {max_new_tokens} new tokens; use a length of at least {smallest + max_new_tokens}"
-        )
-    n_cap = n_min + 4 * max(limit, 1) + 16  # every unit adds at least a token or so
-    lo, hi = n_min, None
-    a, fa = n_min, smallest
-    b = n_min + max(16, n_min)
-    for _ in range(6):
-        b = min(b, n_cap)
-        fb = size(b)
-        if fb <= limit:
-            lo = max(lo, b)
-        else:
-            hi = b if hi is None else min(hi, b)
-        if (hi is not None and hi - lo <= 1) or fb == fa:
-            break
-        slope = (fb - fa) / (b - a)
-        if slope <= 0:
-            break
-        guess = b + math.floor((limit - fb) / slope)
-        guess = max(guess, lo + 1)
-        if hi is not None:
-            guess = min(guess, hi - 1)
-        if guess in tried or guess == b:
-            break
-        a, fa, b = b, fb, guess
-    if hi is None:  # gallop up from the largest size known to fit
-        step = 1
-        while lo + step < n_cap and size(lo + step) <= limit:
-            lo, step = lo + step, step * 2
-        hi = min(lo + step, n_cap)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if size(mid) <= limit:
-            lo = mid
-        else:
-            hi = mid
-    return lo, tried[lo]
-
-
+# ---------------------------------------------------------------- haystack layout
 def _interleave(units: Sequence[str], inserts: Sequence[tuple[float, str]]) -> list[str]:
     """``units`` with each ``(fraction, text)`` inserted before unit ``round(fraction * len(units))``.
 
@@ -299,19 +225,6 @@ def _interleave(units: Sequence[str], inserts: Sequence[tuple[float, str]]) -> l
         if i < n:
             out.append(units[i])
     return out
-
-
-class _Lazy:
-    """A prefix-materialised stream: ``take(n)`` returns its first ``n`` items."""
-
-    def __init__(self, items: Iterator[str]) -> None:
-        self._it = items
-        self.items: list[str] = []
-
-    def take(self, n: int) -> list[str]:
-        while len(self.items) < n:
-            self.items.append(next(self._it))
-        return self.items[:n]
 
 
 # ---------------------------------------------------------------- keys and values
@@ -369,7 +282,7 @@ class RulerTask:
         self, tokenizer: Any, length: int, seed: int | str = 0, max_new_tokens: int | None = None
     ) -> RulerSample:
         new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        _check_args(length, new)
+        check_length(length, new)
         return self._build(tokenizer, length, seed, new)
 
     def _build(self, tokenizer: Any, length: int, seed: int | str, max_new_tokens: int) -> RulerSample:
@@ -440,13 +353,13 @@ class NiahTask(RulerTask):
         answer_prefix = _NIAH_PREFIX.format(kind=kind, query=query)
 
         if self.haystack == "filler":
-            units = _Lazy(iter_filler(f"ruler:{self.name}:{seed}"))
+            units = LazyStream(iter_filler(f"ruler:{self.name}:{seed}"))
             sep = " "
         else:
             hay_rng = _rng(self.name, seed, "haystack")
             hay_keys = _iter_unique(hay_rng, self.key_kind, set(used))
             hay_values = _iter_unique(hay_rng, self.value_kind, set(used))
-            units = _Lazy(
+            units = LazyStream(
                 _NIAH_NEEDLE.format(kind=kind, key=k, value=v) for k, v in zip(hay_keys, hay_values)
             )
             sep = "\n"
@@ -454,9 +367,9 @@ class NiahTask(RulerTask):
         def render(n: int) -> Rendered:
             context = sep.join(_interleave(units.take(n), needles))
             user = _NIAH_TEMPLATE.format(kind=kind, context=context, query=query)
-            return _render(tokenizer, user, answer_prefix)
+            return render_prompt(tokenizer, user, answer_prefix)
 
-        n, rendered = _fit(render, length, max_new_tokens, 0, self.name)
+        n, rendered = fit_units(render, length, max_new_tokens, what=self.name)
         meta = {"keys": keys, "values": values, "queries": queries, "needles": [t for _, t in needles],
                 "haystack_units": n}
         return self._sample(length, seed, max_new_tokens, rendered, references, answer_prefix, meta)
@@ -516,14 +429,14 @@ class VariableTrackingTask(RulerTask):
             ordered.append(chain.pop(0))
         fractions = sorted(rng.random() for _ in ordered)
         inserts = list(zip(fractions, ordered))
-        units = _Lazy(iter_filler(f"ruler:{self.name}:{seed}"))
+        units = LazyStream(iter_filler(f"ruler:{self.name}:{seed}"))
         answer_prefix = _VT_PREFIX.format(num=self.num_hops + 1, query=query)
 
         def render(n: int) -> Rendered:
             context = " ".join(_interleave(units.take(n), inserts))
-            return _render(tokenizer, _VT_TEMPLATE.format(context=context, query=query), answer_prefix)
+            return render_prompt(tokenizer, _VT_TEMPLATE.format(context=context, query=query), answer_prefix)
 
-        n, rendered = _fit(render, length, max_new_tokens, 0, self.name)
+        n, rendered = fit_units(render, length, max_new_tokens, what=self.name)
         meta = {"value": query, "chains": chains, "statements": ordered, "haystack_units": n}
         return self._sample(length, seed, max_new_tokens, rendered, list(chains[0]), answer_prefix, meta)
 
@@ -579,7 +492,7 @@ class CommonWordsTask(RulerTask):
         builtin = list(_ADJECTIVES + _NOUNS)
         rng.shuffle(builtin)
         extra = _iter_made_up_words(_rng(self.name, seed, "extra"), builtin)
-        pool = _Lazy(itertools.chain(builtin, extra))
+        pool = LazyStream(itertools.chain(builtin, extra))
         num = self.num_common
         answer_prefix = _CWE_PREFIX.format(num=num)
 
@@ -597,7 +510,7 @@ class CommonWordsTask(RulerTask):
             def render(n_rare: int) -> Rendered:
                 _, entries = words_for(plan, n_rare)
                 context = " ".join(f"{i}. {w}" for i, w in enumerate(entries, 1))
-                return _render(tokenizer, _CWE_TEMPLATE.format(context=context, num=num), answer_prefix)
+                return render_prompt(tokenizer, _CWE_TEMPLATE.format(context=context, num=num), answer_prefix)
 
             return render
 
@@ -613,7 +526,7 @@ class CommonWordsTask(RulerTask):
         # first (most demanding) plan that fits: the minimal size shrinks along the list
         lo, hi = 0, len(plans) - 1
         if not plan_fits(hi):
-            lo = hi  # let _fit raise with the smallest plan's size
+            lo = hi  # let fit_units raise with the smallest plan's size
         while lo < hi:
             mid = (lo + hi) // 2
             if plan_fits(mid):
@@ -621,7 +534,7 @@ class CommonWordsTask(RulerTask):
             else:
                 lo = mid + 1
         plan = plans[lo]
-        n_rare, rendered = _fit(render_with(plan), length, max_new_tokens, min_rare(plan), self.name)
+        n_rare, rendered = fit_units(render_with(plan), length, max_new_tokens, what=self.name, n_min=min_rare(plan))
         common, _ = words_for(plan, n_rare)
         meta = {"common_repeats": plan[0], "uncommon_repeats": plan[1], "num_uncommon": n_rare}
         return self._sample(length, seed, max_new_tokens, rendered, common, answer_prefix, meta)
@@ -697,9 +610,9 @@ class FrequentWordsTask(RulerTask):
         def render(total: int) -> Rendered:
             context = " ".join(words_for(total))
             user = _FWE_TEMPLATE.format(num=num, context=context, noise=self.noise)
-            return _render(tokenizer, user, answer_prefix)
+            return render_prompt(tokenizer, user, answer_prefix)
 
-        total, rendered = _fit(render, length, max_new_tokens, n_min, self.name)
+        total, rendered = fit_units(render, length, max_new_tokens, what=self.name, n_min=n_min)
         references = vocab[1 : 1 + self.num_answers]
         meta = {"num_words": total, "vocab_size": vocab_size, "noise": self.noise}
         return self._sample(length, seed, max_new_tokens, rendered, references, answer_prefix, meta)

@@ -1,4 +1,5 @@
-"""``kvtools eval RUN.yaml``: several methods x several suites, resumable, shardable.
+"""The eval runner: several methods x several suites, resumable, shardable. ``kvtools eval RUN.yaml`` runs a
+run file through it, and ``kvtools niah`` a run of one NIAH suite (:mod:`kvtools.eval.niah`).
 
 A run file::
 
@@ -15,11 +16,18 @@ A run file::
 Everything is validated before the model loads: the run file, the output folder,
 the model (found, from its config alone), the datasets of the public-data suites
 (loaded first: an unavailable hub is an error naming the suite's ``source``) and
-the lengths against the model's context. Nothing is written before that. The
-output folder then gets the resolved run (``run.json``), one JSON line per sample
-(``results.jsonl``, flushed as it goes), ``summary.md`` / ``summary.csv`` and
-plots. Re-running resumes: finished samples are skipped, a truncated last line is
-dropped.
+the lengths against the model's context; then, with the tokenizer, the shortest prompt
+of every task. Nothing is written before that. The output folder then gets the resolved
+run (``run.json``), one JSON line per sample (``results.jsonl``, flushed as it goes),
+``summary.md`` / ``summary.csv`` and plots. Re-running resumes: finished samples are
+skipped, a truncated last line is dropped; a method added to finished items must see the
+prompts the other methods saw (else the run is refused).
+
+One record per (method, item): ``model, suite, task, length, depth, sample, method, config``,
+then for a generated sample ``prompt_sha1`` (of the token ids), ``n_tokens, references,
+output, score, kv_bytes, new_tokens, prefill_s, decode_s, decode_ms`` (per token),
+``seconds`` and the suite's details (NIAH: ``key, value, depth_actual, seed``), or for a
+stream ``score: null, ppl, ppl_segments, segment, seconds``.
 
 Under ``accelerate launch -m kvtools eval RUN.yaml`` every process takes every
 ``world``-th item and writes its own shard; the main process merges them into
@@ -32,19 +40,21 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field
 
 from ..config import KVConfig, StrictNumbers, check_out_dir, load_config, read_yaml, same_method, validate_fields
 from ..errors import ConfigError, InputTooLongError
-from .report import read_results
-from .suites import Item, SuiteSpec, suite_from_dict
+from .generation import GenerateFn, PatchFn
+from .report import RESULTS_FILE, read_results, record_key
+from .suites import Item, Prepared, SuiteSpec, suite_from_dict
 
-RESULTS = "results.jsonl"
-TIMING_FIELDS = ("prefill_s", "decode_ms", "seconds")
+__all__ = ["EvalResult", "Run", "RunFile", "load_run", "resolve_items", "resolve_methods", "run_eval",
+           "split_models"]
 
 
 class RunFile(StrictNumbers):
@@ -62,21 +72,26 @@ class RunFile(StrictNumbers):
 
 @dataclass
 class Run:
-    """A validated run: configs and suites resolved."""
+    """A validated run: configs and suites resolved.
+
+    The class attributes and the methods below say how its folder is kept: the resolved run's file
+    (:meth:`to_dict`), what must match for a folder to be resumed, and the report written at the end.
+    """
 
     spec: RunFile
     configs: list[KVConfig]
     suites: list[SuiteSpec]
     source: str = ""
 
+    #: the file holding the resolved run in the output folder
+    config_file: ClassVar[str] = "run.json"
+    #: the key of the resolved run that maps method names to their configs
+    methods_key: ClassVar[str] = "methods"
+    #: keys of the resolved run that must match the run a folder holds for it to be resumed
+    must_match: ClassVar[tuple[str, ...]] = ("model", "seed")
+
     def items(self) -> list[Item]:
         return [item for suite in self.suites for item in suite.items()]
-
-    def suite(self, name: str, task: str) -> SuiteSpec:
-        for s in self.suites:
-            if s.suite == name and any(i.task == task for i in s.items()):
-                return s
-        raise KeyError((name, task))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,12 +101,55 @@ class Run:
             "suites": [s.model_dump() for s in self.suites],
         }
 
+    def resumed(self, old: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+        """The resolved run to write over ``old``, the one a folder with results holds: the methods of
+        both; a :class:`ConfigError` when the two differ in a ``must_match`` key or a method's config."""
+        new, key = self.to_dict(), self.methods_key
+        diffs = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in self.must_match if old.get(k) != new.get(k)]
+        diffs += [f"{key[:-1]} '{name}': {old[key][name]} there, {cfg} now" for name, cfg in new[key].items()
+                  if name in old.get(key, {}) and not same_method(old[key][name], cfg)]
+        if diffs:
+            raise ConfigError(f"{out_dir} holds a different run ({'; '.join(diffs)}); results would be mixed: "
+                              "use another output folder, or delete that folder to start over")
+        return {**new, key: {**old.get(key, {}), **new[key]}}
+
+    def summary(self, records: Sequence[dict[str, Any]]) -> str:
+        """The markdown summary of the records."""
+        from .eval_report import eval_markdown
+
+        return eval_markdown(records, f"`{self.model_name}`")
+
+    def write_report(self, records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+        """Write the summary tables and plots; returns the files written."""
+        from .eval_report import write_eval_report
+
+        return write_eval_report(records, out_dir, self.summary(records))
+
     @property
     def model_name(self) -> str:
         from ..models import canonical_name
 
         return self.spec.model if self.spec.model and self.spec.model.startswith("random:") else canonical_name(
             self.spec.model)
+
+
+def resolve_methods(specs: Sequence[Any], what: str = "methods", base_dir: Path | None = None) -> list[KVConfig]:
+    """Method configs (preset names, YAML paths, dicts or configs), validated; results are keyed by name,
+    so two of the same name are a :class:`ConfigError`."""
+    if not specs:
+        raise ConfigError(f"{what}: give at least one (preset name, YAML path or dict)")
+    configs = []
+    for i, spec in enumerate(specs):
+        try:
+            configs.append(load_config(spec, base_dir=base_dir))
+        except ConfigError as exc:
+            raise ConfigError(f"{what}[{i}]: {exc}") from None
+    names = [c.name for c in configs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{what}: two share the name {', '.join(repeated)}; results are keyed by name, "
+                          "give each a distinct `name:`")
+    return configs
 
 
 def load_run(source: str | Path | dict[str, Any]) -> Run:
@@ -108,23 +166,9 @@ def load_run(source: str | Path | dict[str, Any]) -> Run:
     spec = validate_fields(RunFile, raw, "run")
     if spec.model is not None and spec.models is not None:
         raise ConfigError("run.model / run.models: give one of them")
-    configs = []
-    for i, m in enumerate(spec.methods):
-        try:
-            configs.append(load_config(m, base_dir=Path(where).parent if where else None))
-        except ConfigError as exc:
-            raise ConfigError(f"methods[{i}]: {exc}") from None
-    names = [c.name for c in configs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"methods: two methods share a name ({names}); give inline configs a distinct `name:`")
+    configs = resolve_methods(spec.methods, base_dir=Path(where).parent if where else None)
     suites = [suite_from_dict(s, f"suites[{i}]") for i, s in enumerate(spec.suites)]
     return Run(spec, configs, suites, where)
-
-
-def record_key(rec: dict[str, Any]) -> tuple:
-    depth = rec.get("depth")
-    return (rec["method"], rec["suite"], rec["task"], int(rec["length"]),
-            -1.0 if depth is None else round(float(depth), 6), int(rec["sample"]))
 
 
 def _world() -> tuple[int, int, Any]:
@@ -171,10 +215,52 @@ def split_models(run: Run) -> list[tuple[Run, Path | None]]:
 
 @dataclass
 class EvalResult:
+    """Where a finished run wrote its files, its records (canonical order) and its markdown summary."""
+
     out_dir: Path
     records: list[dict[str, Any]]
     summary: str
     files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class _Folder:
+    """The files of a run folder for this process: its results (a shard under ``accelerate``) and the others'."""
+
+    out: Path
+    rank: int
+    world: int
+
+    @property
+    def results(self) -> Path:
+        return self.out / RESULTS_FILE if self.world == 1 else self.shards_dir / f"rank{self.rank}.jsonl"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.out / "shards"
+
+    def shards(self) -> list[Path]:
+        return sorted(self.shards_dir.glob("rank*.jsonl"))
+
+    def has_results(self) -> bool:
+        return any(p.is_file() and p.stat().st_size > 0 for p in [self.out / RESULTS_FILE, *self.shards()])
+
+    def done(self) -> list[dict[str, Any]]:
+        """Finished records of every process (this process's own file repaired if its last line was cut)."""
+        records = read_results(self.out / RESULTS_FILE, repair=self.world == 1)
+        return records + [r for p in self.shards() for r in read_results(p, repair=p == self.results)]
+
+    def merge(self, run: Run) -> list[dict[str, Any]]:
+        """Merge the shards into ``results.jsonl`` (canonical order, first record of a sample wins)."""
+        records = read_results(self.out / RESULTS_FILE) + [r for p in self.shards() for r in read_results(p)]
+        uniq = {record_key(r): r for r in reversed(records)}
+        records = _canonical(list(uniq.values()), run)
+        _write_atomic(self.out / RESULTS_FILE, records)
+        for p in self.shards():
+            p.unlink()
+        if self.shards_dir.exists() and not any(self.shards_dir.iterdir()):
+            self.shards_dir.rmdir()
+        return records
 
 
 def run_eval(
@@ -184,85 +270,78 @@ def run_eval(
     *,
     model: Any = None,
     tokenizer: Any = None,
-    generate_fn: Any = None,
+    generate_fn: GenerateFn | None = None,
+    patch_fn: PatchFn | None = None,
+    report: bool = True,
 ) -> EvalResult | None:
-    """Run (or resume) an eval run; returns its records and summary (``None`` on non-main processes)."""
+    """Run (or resume) a run; returns its records and summary (``None`` on non-main processes).
+
+    ``model``/``tokenizer`` skip loading the run's model; ``generate_fn`` replaces
+    :func:`~kvtools.eval.generation.generate_greedy` and ``patch_fn`` :func:`kvtools.patch`
+    (tests, other decoding); ``report=False`` writes no summary files nor plots.
+    """
     run = source if isinstance(source, Run) else load_run(source)
-    out_dir = check_out_dir(out or run.spec.out, "out")
     rank, world, state = _world()
+    folder = _Folder(check_out_dir(out or run.spec.out, "out"), rank, world)
+    config_path = folder.out / run.config_file
     resolved = run.to_dict()
-    run_json = out_dir / "run.json"
-    shard_dir = out_dir / "shards"
-    results_path = out_dir / RESULTS if world == 1 else shard_dir / f"rank{rank}.jsonl"
-    shards = sorted(shard_dir.glob("rank*.jsonl"))
-    has_results = any(p.is_file() and p.stat().st_size > 0 for p in [out_dir / RESULTS, *shards])
-    if run_json.exists() and has_results:  # a run.json without results (an older failed start) binds nothing
-        old = json.loads(run_json.read_text())
-        diffs = [k for k in ("model", "seed") if old.get(k) != resolved[k]]
-        diffs += [f"method '{n}'" for n, c in resolved["methods"].items() if n in old.get("methods", {})
-                  and not same_method(old["methods"][n], c)]
-        if diffs:
-            raise ConfigError(f"{out_dir} holds a different run ({', '.join(diffs)} differ); results would be "
-                              "mixed: use another out, or delete that folder to start over")
-        resolved["methods"] = {**old.get("methods", {}), **resolved["methods"]}
+    if config_path.exists() and folder.has_results():  # a config without results (a failed start) binds nothing
+        try:
+            old = json.loads(config_path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise ConfigError(f"{config_path}: unreadable run config; delete it or use another output folder") \
+                from None
+        resolved = run.resumed(old, folder.out)
     max_context = None
     if model is None:
-        if run.spec.model and run.spec.model.startswith("random:"):
-            raise ConfigError("run.model: eval needs a real model with a tokenizer; random:SHAPE models are for "
-                              "`kvtools bench`")
+        _refuse_random(run)
         from ..models import model_context_length
 
         max_context = model_context_length(run.spec.model)  # the model exists; no weights loaded
     all_items = resolve_items(run)  # public-data suites load their examples here, before any write
-    _check_lengths(all_items, max_context)
+    _check_lengths([it for _, it in all_items], max_context)
 
-    done = {record_key(r) for r in read_results(out_dir / RESULTS, repair=world == 1, key=record_key)}
-    done |= {record_key(r) for p in shards for r in read_results(p, repair=p == results_path, key=record_key)}
-    items = [it for i, it in enumerate(all_items) if i % world == rank]
-    todo = [(it, [c for c in run.configs if (c.name, *it.key()) not in done]) for it in items]
-    todo = [(it, cs) for it, cs in todo if cs]
+    done = folder.done()
+    _check_model_of(done, run, folder.out)
+    done_keys = {record_key(r) for r in done}
+    items = [pair for i, pair in enumerate(all_items) if i % folder.world == folder.rank]
+    todo = [(suite, it, [c for c in run.configs if (c.name, *it.key()) not in done_keys]) for suite, it in items]
+    todo = [t for t in todo if t[2]]
 
+    first: dict[Item, Prepared] = {}
     if todo:
         if model is None or tokenizer is None:
             model, tokenizer = _load(run)
-        _check_lengths([it for it, _ in todo], getattr(model.config, "max_position_embeddings", None))
-    # everything checked: only now the folder and run.json are written
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        run_json.write_text(json.dumps(resolved, indent=2) + "\n")
+        max_context = getattr(model.config, "max_position_embeddings", None)
+        _check_lengths([it for _, it, _ in todo], max_context)
+        first = _prepare_shortest(todo, tokenizer, run.spec.seed, max_context)
+    # everything checked: only now the folder and its run config are written
+    if folder.rank == 0:
+        folder.out.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
     if state is not None:
         state.wait_for_everyone()
     if todo:
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        _run_items(run, todo, model, tokenizer, results_path, quiet or rank != 0, generate_fn)
+        folder.results.parent.mkdir(parents=True, exist_ok=True)
+        loop = _Loop(run, model, tokenizer, max_context, generate_fn, patch_fn, _prompts_seen(done))
+        loop.run_all(todo, first, folder.results, quiet or folder.rank != 0)
 
     if state is not None:
         state.wait_for_everyone()
-    if rank != 0:
+    if folder.rank != 0:
         return None
-    records = read_results(out_dir / RESULTS, key=record_key)
-    for p in sorted(shard_dir.glob("rank*.jsonl")):
-        records += read_results(p, key=record_key)
-    uniq = {record_key(r): r for r in reversed(records)}  # first occurrence wins
-    records = _canonical(list(uniq.values()), run)
-    _write_atomic(out_dir / RESULTS, records)
-    for p in shard_dir.glob("rank*.jsonl"):
-        p.unlink()
-    if shard_dir.exists() and not any(shard_dir.iterdir()):
-        shard_dir.rmdir()
-    from .eval_report import write_eval_report
-
-    summary, files = write_eval_report(records, out_dir, run)
-    return EvalResult(out_dir, records, summary, [out_dir / "run.json", out_dir / RESULTS, *files])
+    records = folder.merge(run)
+    files = run.write_report(records, folder.out) if report else []
+    return EvalResult(folder.out, records, run.summary(records), [config_path, folder.out / RESULTS_FILE, *files])
 
 
-def resolve_items(run: Run) -> list[Item]:
-    """The run's items; a public-data suite loads its examples here, and a dataset it cannot load is a
-    :class:`ConfigError` naming the suite (``suites[i].source: ...``)."""
-    items: list[Item] = []
+def resolve_items(run: Run) -> list[tuple[SuiteSpec, Item]]:
+    """The run's items with their suite; a public-data suite loads its examples here, and a dataset it
+    cannot load is a :class:`ConfigError` naming the suite (``suites[i].source: ...``)."""
+    items: list[tuple[SuiteSpec, Item]] = []
     for i, suite in enumerate(run.suites):
         try:
-            items += suite.items()
+            items += [(suite, item) for item in suite.items()]
         except ConfigError as exc:
             raise ConfigError(f"suites[{i}].{exc}" if str(exc).startswith("source:") else f"suites[{i}]: {exc}") \
                 from None
@@ -278,61 +357,117 @@ def _check_lengths(items: list[Item], max_context: int | None) -> None:
         raise InputTooLongError(f"lengths {too_long} exceed the model's context of {max_context} tokens")
 
 
-def _load(run: Run):
+def _check_model_of(records: list[dict[str, Any]], run: Run, out_dir: Path) -> None:
+    """The folder's results are of the run's model (the run config already says so, unless it was deleted)."""
+    others = sorted({str(r.get("model")) for r in records if r.get("model") not in (None, run.model_name)})
+    if others:
+        raise ConfigError(f"{out_dir} holds results of model {', '.join(others)}, this run uses {run.model_name}; "
+                          "use another output folder, or delete that folder to start over")
+
+
+def _prepare_shortest(todo: list[tuple[SuiteSpec, Item, list[KVConfig]]], tokenizer: Any, seed: int,
+                      max_context: int | None) -> dict[Item, Prepared]:
+    """Prepare the shortest item of every (suite, task) to do, before anything is written: a length too
+    short for a task's prompt fails here. Returns the prepared prompts, for the run to use."""
+    shortest: dict[tuple[int, str], tuple[SuiteSpec, Item]] = {}
+    for suite, item, _ in todo:
+        key = (id(suite), item.task)
+        if suite.kind == "generate" and (key not in shortest or item.length < shortest[key][1].length):
+            shortest[key] = (suite, item)
+    return {item: suite.prepare(item, tokenizer, seed, max_context) for suite, item in shortest.values()}
+
+
+def _prompts_seen(records: list[dict[str, Any]]) -> dict[tuple, str]:
+    """The prompt hash of every finished item (any method's record of it)."""
+    return {record_key(r)[1:]: r["prompt_sha1"] for r in records if r.get("prompt_sha1")}
+
+
+def _refuse_random(run: Run) -> None:
     if run.spec.model and run.spec.model.startswith("random:"):
         raise ConfigError("run.model: eval needs a real model with a tokenizer; random:SHAPE models are for "
                           "`kvtools bench`")
+
+
+def _load(run: Run):
+    _refuse_random(run)
     from ..models import load_model
 
     kw = {"device_map": "auto"} if run.spec.device == "auto" else {}
-    model, tok = load_model(run.spec.model, device=None if run.spec.device in (None, "auto") else run.spec.device,
-                            **kw)
-    return model, tok
+    return load_model(run.spec.model, device=None if run.spec.device in (None, "auto") else run.spec.device, **kw)
 
 
-def _run_items(run, todo, model, tokenizer, results_path, quiet, generate_fn) -> None:
-    import torch
-    from tqdm.auto import tqdm
+@dataclass
+class _Loop:
+    """Runs the items left to do, appending one record per (item, method) to the results file."""
 
-    from ..patching import patch
-    from .niah import generate_greedy
-    from .ppl import stream_nll
+    run: Run
+    model: Any
+    tokenizer: Any
+    max_context: int | None
+    generate_fn: GenerateFn | None
+    patch_fn: PatchFn | None
+    prompts_seen: dict[tuple, str]
 
-    generate = generate_fn or generate_greedy
-    max_context = getattr(model.config, "max_position_embeddings", None)
-    _check_lengths([it for it, _ in todo], max_context)
-    total = sum(len(cs) for _, cs in todo)
-    with tqdm(total=total, disable=quiet, desc="eval", unit="sample") as bar, \
-            results_path.open("a", encoding="utf-8") as f:
-        for item, configs in todo:
-            suite = run.suite(item.suite, item.task)
-            base = {"model": run.model_name, "suite": item.suite, "task": item.task, "length": item.length,
-                    "depth": item.depth, "sample": item.sample}
-            if suite.kind == "stream":
-                ids = suite.stream_ids(item, tokenizer, run.spec.seed)
-                x = torch.tensor([ids], device=model.device)
-            else:
-                prep = suite.prepare(item, tokenizer, run.spec.seed, max_context)
-                sha = hashlib.sha1(json.dumps(prep.input_ids).encode()).hexdigest()[:12]
-            for cfg in configs:
-                bar.set_postfix(method=cfg.name, suite=item.suite, task=item.task, length=item.length)
-                t0 = time.perf_counter()
-                with patch(model, cfg) as p:
-                    if suite.kind == "stream":
-                        res = stream_nll(model, x, p, chunk=suite.chunk, segment=suite.segment)
-                        segs = res.segments()
-                        rec = {**base, "method": cfg.name, "score": None, "ppl": res.ppl(),
-                               "ppl_segments": segs, "segment": suite.segment,
-                               "seconds": time.perf_counter() - t0}
-                    else:
-                        gen = generate(model, tokenizer, p, prep, prep.max_new_tokens)
-                        steps = max(gen.new_tokens - 1, 1)
-                        rec = {**base, "method": cfg.name, "prompt_sha1": sha, "n_tokens": len(prep.input_ids),
-                               "references": prep.references, "output": gen.text,
-                               "score": float(prep.score(gen.text)), "kv_bytes": gen.kv_bytes,
-                               "prefill_s": gen.prefill_s, "decode_ms": 1000 * gen.decode_s / steps,
-                               "new_tokens": gen.new_tokens, **{k: v for k, v in prep.meta.items()
-                                                                if k not in ("n_tokens",)}}
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                bar.update()
+    def run_all(self, todo: list[tuple[SuiteSpec, Item, list[KVConfig]]], prepared: dict[Item, Prepared],
+                results: Path, quiet: bool) -> None:
+        from tqdm.auto import tqdm
+
+        from ..patching import patch
+
+        patch_fn = self.patch_fn or patch
+        total = sum(len(cs) for _, _, cs in todo)
+        with tqdm(total=total, disable=quiet, desc="eval", unit="sample") as bar, \
+                results.open("a", encoding="utf-8") as f:
+            for suite, item, configs in todo:
+                sample = self._stream(suite, item) if suite.kind == "stream" else \
+                    self._prompt(suite, item, prepared.get(item))
+                for cfg in configs:
+                    bar.set_postfix(method=cfg.name, suite=item.suite, task=item.task, length=item.length)
+                    t0 = time.perf_counter()
+                    with patch_fn(self.model, cfg) as handle:
+                        rec = sample(handle)
+                    base = {"model": self.run.model_name, "suite": item.suite, "task": item.task,
+                            "length": item.length, "depth": item.depth, "sample": item.sample, "method": cfg.name,
+                            "config": cfg.to_dict()}
+                    rec = {**base, **rec, "seconds": rec.get("seconds", time.perf_counter() - t0)}
+                    f.write(json.dumps(rec) + "\n")
+                    f.flush()
+                    bar.update()
+
+    def _prompt(self, suite: SuiteSpec, item: Item, prep: Prepared | None):
+        """The generated sample of one item: ``handle -> record fields``, on one prompt for every method."""
+        if prep is None:
+            prep = suite.prepare(item, self.tokenizer, self.run.spec.seed, self.max_context)
+        sha = hashlib.sha1(json.dumps(prep.input_ids).encode()).hexdigest()[:12]
+        seen = self.prompts_seen.get(item.key())
+        if seen is not None and seen != sha:
+            raise ConfigError(f"{item.suite} {item.task} length {item.length} depth {item.depth} sample "
+                              f"{item.sample}: the methods already run saw another prompt (an earlier kvtools, "
+                              "tokenizer or seed); results would be mixed: use another output folder")
+        generate = self.generate_fn
+        if generate is None:
+            from .generation import generate_greedy as generate
+
+        def sample(handle: Any) -> dict[str, Any]:
+            gen = generate(self.model, self.tokenizer, handle, prep.prompt, prep.max_new_tokens)
+            return {"prompt_sha1": sha, "n_tokens": len(prep.input_ids), "references": prep.references,
+                    "output": gen.text, "score": float(prep.score(gen.text)), "kv_bytes": gen.kv_bytes,
+                    "new_tokens": gen.new_tokens, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,
+                    "decode_ms": 1000 * gen.decode_s / max(gen.new_tokens - 1, 1),
+                    "seconds": gen.prefill_s + gen.decode_s, **prep.meta}
+
+        return sample
+
+    def _stream(self, suite: SuiteSpec, item: Item):
+        """The perplexity sample of one stream item: ``handle -> record fields``."""
+        import torch
+
+        from .ppl import stream_nll
+
+        ids = torch.tensor([suite.stream_ids(item, self.tokenizer, self.run.spec.seed)], device=self.model.device)
+
+        def sample(handle: Any) -> dict[str, Any]:
+            res = stream_nll(self.model, ids, handle, chunk=suite.chunk, segment=suite.segment)
+            return {"score": None, "ppl": res.ppl(), "ppl_segments": res.segments(), "segment": suite.segment}
+
+        return sample

@@ -2,9 +2,11 @@
 
 A suite is data (a pydantic model validated from the run file) plus two methods:
 ``items()`` lists the work (task x length x sample [x depth]) and ``prepare(item,
-tokenizer, seed)`` builds the prompt and its scorer. Sample seeds never depend on
-the method, so every method sees the same prompts. ``ppl`` is a stream suite:
-it is scored by per-segment perplexity instead of generation.
+tokenizer, seed, max_context)`` builds the prompt and its scorer. Prompt seeds come from
+:func:`sample_seed` alone: they never depend on the method, so every method sees the same
+prompts, and ``kvtools niah`` (a run of one ``niah`` suite) draws the same prompts as a run
+file's ``niah`` suite. ``ppl`` is a stream suite: it is scored by per-segment perplexity
+instead of generation.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
 from ..config import StrictNumbers
 from ..errors import ConfigError
+from .grid import parse_depths, parse_lengths
+from .haystack import MAX_NEW_TOKENS as NIAH_MAX_NEW_TOKENS
+from .haystack import build_niah_prompt, iter_filler, load_haystack_dir, score_output
 
 
 @dataclass(frozen=True)
@@ -32,29 +37,39 @@ class Item:
     depth: float | None = None
 
     def key(self) -> tuple[str, str, int, float, int]:
-        return (self.suite, self.task, self.length, -1.0 if self.depth is None else round(self.depth, 6), self.sample)
+        """The item's identity in a run (its records add the method); depth -1 for suites without one."""
+        depth = -1.0 if self.depth is None else round(float(self.depth), 6)
+        return (self.suite, self.task, self.length, depth, self.sample)
 
 
 @dataclass
 class Prepared:
-    """A prompt ready to generate from, with its scorer (``score(output) -> 0..1``)."""
+    """A prompt ready to generate from, with its scorer (``score(output) -> 0..1``).
 
-    input_ids: list[int]
+    ``prompt`` is the suite's own prompt object (``NiahPrompt``, ``RulerSample``, ``PasskeySample``,
+    ``LongPrompt``): what the generate function receives; ``meta`` goes into the sample's record.
+    """
+
+    prompt: Any
     max_new_tokens: int
     references: list[str]
     score: Callable[[str], float]
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def input_ids(self) -> list[int]:
+        return list(self.prompt.input_ids)
+
 
 def sample_seed(seed: int, item: Item) -> int:
-    """A seed per item, independent of the method and of the process that runs it."""
+    """The prompt seed of one item: from the run seed and the item alone, never the method nor the process
+    that runs it, so every method sees the same prompts. The one seed of every suite (``kvtools niah``
+    included)."""
     text = "|".join(map(str, (seed, *item.key())))
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:4], "little")
 
 
 def _parse_length(value: Any) -> int:
-    from .niah import parse_lengths
-
     (n,) = parse_lengths(str(value))
     return n
 
@@ -76,6 +91,9 @@ class SuiteSpec(StrictNumbers):
             v = [v]
         return [_parse_length(x) for x in v]
 
+    def check(self) -> None:
+        """Checks beyond the fields' own, run once the suite is validated (a :class:`ConfigError` names the key)."""
+
     def items(self) -> list[Item]:
         raise NotImplementedError
 
@@ -83,46 +101,55 @@ class SuiteSpec(StrictNumbers):
         raise NotImplementedError
 
 
-class NiahSuite(SuiteSpec):
-    """Needle in a haystack (the same prompts as ``kvtools niah``)."""
+class _DepthSuite(SuiteSpec):
+    """A needle at each of ``depths`` percent of the haystack, for every length and sample."""
 
-    suite: Literal["niah"] = "niah"
-    depths: list[float] = Field(default_factory=lambda: [0.0, 50.0, 100.0], description="needle depths in %")
-    haystack: str | None = Field(default=None, description="folder of .txt files (default: built-in filler)")
+    depths: list[float] = Field(default_factory=lambda: [0.0, 50.0, 100.0], description="depths in % of the haystack")
 
     @field_validator("depths", mode="before")
     @classmethod
     def _depths(cls, v: Any) -> Any:
-        from .niah import parse_depths
-
         return parse_depths(v if isinstance(v, str) else ",".join(map(str, v)))
 
     def items(self) -> list[Item]:
-        return [Item("niah", "niah", n, s, d) for n in self.lengths for d in self.depths for s in range(self.samples)]
+        return [Item(self.suite, self.suite, n, s, d) for n in self.lengths for d in self.depths
+                for s in range(self.samples)]
+
+
+class NiahSuite(_DepthSuite):
+    """Needle in a haystack (``kvtools niah`` runs one of these)."""
+
+    suite: Literal["niah"] = "niah"
+    haystack: str | None = Field(default=None, description="folder of .txt files (default: built-in filler)")
+    _corpus: list[str] | None = PrivateAttr(default=None)
+
+    def check(self) -> None:
+        """Every length leaves room for the answer, and the haystack folder holds text."""
+        new_tokens = self.max_new_tokens or NIAH_MAX_NEW_TOKENS
+        too_short = [n for n in self.lengths if n <= new_tokens]
+        if too_short:
+            raise ConfigError(f"lengths: {too_short} leave no room for the prompt with max_new_tokens={new_tokens}")
+        self.corpus()
+
+    def corpus(self) -> list[str] | None:
+        """The haystack folder's sentences (read once), or ``None`` for the built-in filler."""
+        if self.haystack and self._corpus is None:
+            self._corpus = load_haystack_dir(self.haystack)
+        return self._corpus
 
     def prepare(self, item, tokenizer, seed, max_context):
-        from .haystack import build_niah_prompt, load_haystack_dir
-        from .niah import score_output
-
-        corpus = load_haystack_dir(self.haystack) if self.haystack else None
-        mnt = self.max_new_tokens or 16
-        p = build_niah_prompt(
-            tokenizer, item.length, float(item.depth), sample_seed(seed, item), max_new_tokens=mnt,
-            max_context=max_context, haystack=corpus,
-        )
-        return Prepared(list(p.input_ids), mnt, [p.value], lambda out, v=p.value: score_output(out, v),
-                        {"key": p.key, "n_tokens": p.n_tokens})
+        new_tokens = self.max_new_tokens or NIAH_MAX_NEW_TOKENS
+        cell_seed = sample_seed(seed, item)
+        p = build_niah_prompt(tokenizer, item.length, float(item.depth), cell_seed, max_new_tokens=new_tokens,
+                              max_context=max_context, haystack=self.corpus())
+        return Prepared(p, new_tokens, [p.value], lambda out, v=p.value: score_output(out, v),
+                        {"key": p.key, "value": p.value, "depth_actual": round(p.depth_actual, 3), "seed": cell_seed})
 
 
-class PasskeySuite(SuiteSpec):
+class PasskeySuite(_DepthSuite):
     """Passkey retrieval: the first integer of the output must be the pass key."""
 
     suite: Literal["passkey"] = "passkey"
-    depths: list[float] = Field(default_factory=lambda: [0.0, 50.0, 100.0], description="pass key depths in %")
-
-    def items(self) -> list[Item]:
-        return [Item("passkey", "passkey", n, s, d) for n in self.lengths for d in self.depths
-                for s in range(self.samples)]
 
     def prepare(self, item, tokenizer, seed, max_context):
         from .passkey import make_passkey, score
@@ -130,22 +157,49 @@ class PasskeySuite(SuiteSpec):
         mnt = self.max_new_tokens or 8
         p = make_passkey(tokenizer, item.length, float(item.depth) / 100, seed=sample_seed(seed, item),
                          max_new_tokens=mnt)
-        return Prepared(list(p.input_ids), mnt, list(p.references), lambda out, s=p: score(s, out),
-                        {"n_tokens": p.n_tokens})
+        return Prepared(p, mnt, list(p.references), lambda out, s=p: score(s, out))
 
 
-class RulerSuite(SuiteSpec):
-    """RULER-style synthetic tasks (niah variants, vt, cwe, fwe)."""
+def _check_tasks(v: Any, allowed: Sequence[str]) -> list[str]:
+    unknown = [t for t in v if t not in allowed]
+    if unknown:
+        import difflib
 
-    suite: Literal["ruler"] = "ruler"
+        hint = difflib.get_close_matches(unknown[0], list(allowed), n=1)
+        raise ValueError(
+            f"unknown task '{unknown[0]}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f"; allowed: all, {', '.join(allowed)}"
+        )
+    return list(v)
+
+
+class _TaskSuite(SuiteSpec):
+    """A suite of named tasks: ``tasks: all`` or a list of :meth:`task_names`."""
+
     tasks: list[str] | Literal["all"] = "all"
+
+    @classmethod
+    def task_names(cls) -> tuple[list[str], list[str]]:
+        """(the tasks a run file may name, the tasks ``all`` stands for)."""
+        raise NotImplementedError
 
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: Any) -> Any:
+        allowed, everything = cls.task_names()
+        return list(everything) if v == "all" else _check_tasks(v, allowed)
+
+
+class RulerSuite(_TaskSuite):
+    """RULER-style synthetic tasks (niah variants, vt, cwe, fwe)."""
+
+    suite: Literal["ruler"] = "ruler"
+
+    @classmethod
+    def task_names(cls):
         from .ruler import TASKS
 
-        return _check_tasks(v, list(TASKS))
+        return list(TASKS), list(TASKS)
 
     def items(self) -> list[Item]:
         return [Item("ruler", t, n, s) for t in self.tasks for n in self.lengths for s in range(self.samples)]
@@ -155,8 +209,8 @@ class RulerSuite(SuiteSpec):
 
         smp = make_sample(item.task, tokenizer, item.length, seed=sample_seed(seed, item),
                           max_new_tokens=self.max_new_tokens)
-        return Prepared(list(smp.input_ids), smp.max_new_tokens, list(smp.references),
-                        lambda out, s=smp: score(s, out), {"metric": smp.metric, "n_tokens": smp.n_tokens})
+        return Prepared(smp, smp.max_new_tokens, list(smp.references), lambda out, s=smp: score(s, out),
+                        {"metric": smp.metric})
 
 
 class PplSuite(SuiteSpec):
@@ -173,8 +227,6 @@ class PplSuite(SuiteSpec):
                 for n in self.lengths for s in range(self.samples)]
 
     def stream_ids(self, item: Item, tokenizer: Any, seed: int) -> list[int]:
-        from .haystack import iter_filler
-
         if self.text:
             path = Path(self.text)
             if not path.is_file():
@@ -191,22 +243,7 @@ class PplSuite(SuiteSpec):
         return list(ids[: item.length])
 
 
-def _check_tasks(v: Any, allowed: Sequence[str]) -> list[str]:
-    if v == "all":
-        return list(allowed)
-    unknown = [t for t in v if t not in allowed]
-    if unknown:
-        import difflib
-
-        hint = difflib.get_close_matches(unknown[0], list(allowed), n=1)
-        raise ValueError(
-            f"unknown task '{unknown[0]}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
-            + f"; allowed: all, {', '.join(allowed)}"
-        )
-    return list(v)
-
-
-class _DatasetSuite(SuiteSpec):
+class _DatasetSuite(_TaskSuite):
     """Public data through ``datasets`` (hub id or local jsonl/json/parquet): ``samples`` examples per task,
     each prompt middle-truncated to ``length - max_new_tokens`` tokens."""
 
@@ -214,6 +251,15 @@ class _DatasetSuite(SuiteSpec):
     _data: dict[str, list[Any]] = PrivateAttr(default_factory=dict)
 
     def _examples(self, task: str) -> list[Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _benchmark() -> Any:
+        """The benchmark module: ``prepare_prompt(task, example, tokenizer, max_input_tokens)`` and
+        ``score_example(task, output, example)``."""
+        raise NotImplementedError
+
+    def _default_new_tokens(self, task: str) -> int:
         raise NotImplementedError
 
     def examples(self, task: str) -> list[Any]:
@@ -225,19 +271,36 @@ class _DatasetSuite(SuiteSpec):
         return [Item(self.suite, t, n, i) for t in self.tasks for n in self.lengths
                 for i in range(min(self.samples, len(self.examples(t))))]
 
+    def prepare(self, item, tokenizer, seed, max_context):
+        bench = self._benchmark()
+        ex = self.examples(item.task)[item.sample]
+        new_tokens = self.max_new_tokens or self._default_new_tokens(item.task)
+        p = bench.prepare_prompt(item.task, ex, tokenizer, item.length - new_tokens)
+        return Prepared(p, new_tokens, [], lambda out, t=item.task, e=ex: bench.score_example(t, out, e),
+                        {"truncated": p.truncated, "n_original": p.n_original})
+
 
 class LongBenchSuite(_DatasetSuite):
     """LongBench v1 (21 tasks, official metrics) and v2 (``tasks: [longbench_v2]``, four-choice accuracy)."""
 
     suite: Literal["longbench"] = "longbench"
-    tasks: list[str] | Literal["all"] = "all"
 
-    @field_validator("tasks")
     @classmethod
-    def _tasks(cls, v: Any) -> Any:
+    def task_names(cls):
         from .longbench import TASKS, V2_TASK
 
-        return _check_tasks(v, [*TASKS, V2_TASK]) if v != "all" else list(TASKS)
+        return [*TASKS, V2_TASK], list(TASKS)
+
+    @staticmethod
+    def _benchmark():
+        from . import longbench
+
+        return longbench
+
+    def _default_new_tokens(self, task):
+        from . import longbench as lb
+
+        return lb.V2_MAX_NEW_TOKENS if task == lb.V2_TASK else lb.TASK_MAX_NEW_TOKENS[lb.base_task(task)]
 
     def _examples(self, task):
         from . import longbench as lb
@@ -246,30 +309,29 @@ class LongBenchSuite(_DatasetSuite):
             return lb.load_longbench_v2(self.source or lb.HUB_V2, limit=self.samples)
         return lb.load_longbench(task, self.source or lb.HUB_V1, limit=self.samples)
 
-    def prepare(self, item, tokenizer, seed, max_context):
-        from . import longbench as lb
-
-        ex = self.examples(item.task)[item.sample]
-        mnt = self.max_new_tokens or (lb.V2_MAX_NEW_TOKENS if item.task == lb.V2_TASK
-                                      else lb.TASK_MAX_NEW_TOKENS[lb.base_task(item.task)])
-        p = lb.prepare_prompt(item.task, ex, tokenizer, item.length - mnt)
-        return Prepared(list(p.input_ids), mnt, [], lambda out, t=item.task, e=ex: lb.score_example(t, out, e),
-                        {"truncated": p.truncated, "n_original": p.n_original})
-
 
 class InfiniteBenchSuite(_DatasetSuite):
     """InfiniteBench: synthetic tasks (passkey, number_string, kv_retrieval) generated locally at each
     length; real-data tasks through ``datasets``."""
 
     suite: Literal["infinitebench"] = "infinitebench"
-    tasks: list[str] | Literal["all"] = "all"
 
-    @field_validator("tasks")
     @classmethod
-    def _tasks(cls, v: Any) -> Any:
+    def task_names(cls):
         from .infinitebench import SYNTHETIC_TASKS, TASKS
 
-        return _check_tasks(v, TASKS) if v != "all" else list(SYNTHETIC_TASKS)
+        return list(TASKS), list(SYNTHETIC_TASKS)
+
+    @staticmethod
+    def _benchmark():
+        from . import infinitebench
+
+        return infinitebench
+
+    def _default_new_tokens(self, task):
+        from .infinitebench import TASK_MAX_NEW_TOKENS
+
+        return TASK_MAX_NEW_TOKENS[task]
 
     def _examples(self, task):
         from . import infinitebench as ib
@@ -281,16 +343,13 @@ class InfiniteBenchSuite(_DatasetSuite):
     def prepare(self, item, tokenizer, seed, max_context):
         from . import infinitebench as ib
 
-        if item.task in ib.SYNTHETIC_TASKS:
-            smp = ib.make_synthetic(item.task, tokenizer, item.length, seed=sample_seed(seed, item),
-                                    max_new_tokens=self.max_new_tokens, max_context=max_context)
-            ex, p = smp.example, smp.prompt
-        else:
-            ex = self.examples(item.task)[item.sample]
-            mnt = self.max_new_tokens or ib.TASK_MAX_NEW_TOKENS[item.task]
-            p = ib.prepare_prompt(item.task, ex, tokenizer, item.length - mnt)
-        return Prepared(list(p.input_ids), p.max_new_tokens, [],
-                        lambda out, t=item.task, e=ex: ib.score_example(t, out, e), {"truncated": p.truncated})
+        if item.task not in ib.SYNTHETIC_TASKS:
+            return super().prepare(item, tokenizer, seed, max_context)
+        smp = ib.make_synthetic(item.task, tokenizer, item.length, seed=sample_seed(seed, item),
+                                max_new_tokens=self.max_new_tokens, max_context=max_context)
+        p = smp.prompt
+        return Prepared(p, p.max_new_tokens, [], lambda out, t=item.task, e=smp.example: ib.score_example(t, out, e),
+                        {"truncated": p.truncated, "n_original": p.n_original})
 
 
 SUITES: dict[str, type[SuiteSpec]] = {
@@ -313,4 +372,9 @@ def suite_from_dict(raw: Any, where: str) -> SuiteSpec:
     if name not in SUITES:
         raise ConfigError(f"{where}.suite: unknown value '{name}'{closest(name, list(SUITES))}; "
                           f"allowed: {', '.join(SUITES)}")
-    return validate_fields(SUITES[name], raw, where, what=name)
+    suite = validate_fields(SUITES[name], raw, where, what=name)
+    try:
+        suite.check()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.{exc}") from None
+    return suite
