@@ -16,6 +16,7 @@ stay right after compression.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,6 +35,17 @@ class Step:
     end_of_prompt: bool  # last chunk of the call
     chunk: int = 0  # chunk number inside this call
     start: int = 0  # stream index of the call's first token (a later call on the same cache starts after 0)
+    #: host-side facts the model wrapper knows once per call (derived from the tensors when not given), so
+    #: layers can plan without reading the device: the stream index of ``idx[0]`` (``idx`` is consecutive),
+    #: and whether every new token is real
+    first: int | None = None
+    all_real: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.first is None:
+            self.first = int(self.idx[0]) if self.idx.numel() else 0
+        if self.all_real is None:
+            self.all_real = bool(self.valid.all())
 
     @property
     def q_len(self) -> int:
@@ -59,6 +71,7 @@ class SlotLayer(CacheLayerMixin):
         self.seen = 0
         #: per-cache method state (re-entrant: never on modules): sub-tables, RowStates, stores
         self.state: dict[str, Any] = {}
+        self._layout: tuple[tuple[Any, ...], TableLayout] | None = None  # (what it was read from, layout)
 
     # --- transformers CacheLayerMixin API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -70,6 +83,7 @@ class SlotLayer(CacheLayerMixin):
         self.pos = torch.zeros(b, hk, 0, dtype=torch.long, device=dev)
         self.idx = torch.zeros(b, hk, 0, dtype=torch.long, device=dev)
         self.is_initialized = True
+        self._set_layout(TableLayout(ordered=True, all_valid=True))
 
     def update(self, key_states, value_states, *args, **kwargs):  # type: ignore[override]
         raise RuntimeError(
@@ -90,6 +104,31 @@ class SlotLayer(CacheLayerMixin):
         self.is_initialized = False
         self.seen = 0
         self.state = {}
+        self._layout = None
+
+    # --- what the host knows about the table without reading it
+    def _set_layout(self, layout: TableLayout | None) -> None:
+        # weak references, not ids: a freed tensor's id may be reused by a later one
+        self._layout = None if layout is None else (
+            (weakref.ref(self.valid), _version(self.valid), weakref.ref(self.idx), _version(self.idx)), layout)
+
+    def forget_layout(self) -> None:
+        """Say that ``valid`` / ``idx`` were written in place (a method's own slot writes): the layout is no
+        longer known. (Outside inference mode the tensors' version counters catch such writes as well.)"""
+        self._layout = None
+
+    @property
+    def layout(self) -> TableLayout | None:
+        """The table's :class:`TableLayout` when the host knows it: kept up to date by :meth:`append` and batch
+        reordering; any other change of ``valid`` / ``idx`` (an eviction, a method writing slots in place)
+        makes it unknown (None), and readers fall back to reading the tensors."""
+        if self._layout is None or self.valid is None:
+            return None
+        (valid, v_version, idx, i_version), layout = self._layout
+        if valid() is not self.valid or idx() is not self.idx or (v_version, i_version) != (
+                _version(self.valid), _version(self.idx)):
+            return None
+        return layout
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -109,8 +148,10 @@ class SlotLayer(CacheLayerMixin):
     def _apply(self, fn) -> None:
         """Apply a batch-axis operation to every tensor of the table and of its sub-tables."""
         if self.is_initialized:
+            layout = self.layout  # a property of every row: survives reordering / selecting rows
             for name in ("keys", "values", "valid", "pos", "idx"):
                 setattr(self, name, fn(getattr(self, name)))
+            self._set_layout(layout)
         for key, sub in self.state.items():  # also when this table is empty (duo: all heads streaming)
             if not callable(getattr(sub, "_apply", None)):
                 raise TypeError(f"layer.state['{key}'] is a {type(sub).__name__}, which cannot follow batch "
@@ -121,6 +162,7 @@ class SlotLayer(CacheLayerMixin):
         """Append new tokens' slots. k, v: [B, Hk, Lq, D]."""
         if not self.is_initialized:
             self.lazy_initialization(k, v)
+        before, size = self.layout, self.size
         b, hk, lq, _ = k.shape
         self.keys = torch.cat([self.keys, k], dim=2)
         self.values = torch.cat([self.values, v], dim=2)
@@ -128,6 +170,9 @@ class SlotLayer(CacheLayerMixin):
         self.pos = torch.cat([self.pos, step.pos[:, None, :].expand(b, hk, lq).to(self.pos.device)], dim=2)
         self.idx = torch.cat([self.idx, step.idx.view(1, 1, lq).expand(b, hk, lq).to(self.idx.device)], dim=2)
         self.seen += lq
+        if before is not None:
+            self._set_layout(TableLayout(ordered=before.ordered and step.first == size,
+                                         all_valid=before.all_valid and bool(step.all_real)))
 
     def keep(self, keep: torch.Tensor) -> None:
         """Keep only the slots flagged in ``keep`` [B, Hk, S] (bool), in stream order.
@@ -170,6 +215,22 @@ class SlotLayer(CacheLayerMixin):
             return total
         table = [getattr(self, name) for name in ("keys", "values", "valid", "pos", "idx")]
         return total + tensor_bytes([t for t in table if t is not None], device)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter (inference-mode tensors keep none)."""
+    return None if t.is_inference() else t._version
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """Facts about a slot table the host can know without reading the device (see :attr:`SlotLayer.layout`).
+
+    ``ordered``: slot j holds stream token j for every row and head (nothing evicted or moved), so the
+    table is the stream so far; ``all_valid``: every slot is real (no padding, nothing invalidated)."""
+
+    ordered: bool
+    all_valid: bool
 
 
 class RowState:

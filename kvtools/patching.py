@@ -222,6 +222,9 @@ def _model_forward(patch: Patch, orig: Any):
         chunk = getattr(patch.config.prefill, "chunk", None)
         bounds = [(0, n)] if not chunk or n <= chunk else [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
         real = valid.sum(-1)
+        am = kw.get("attention_mask")
+        # read once per call (never without a padding mask); layers plan from it without reading the device
+        all_real = not (torch.is_tensor(am) and am.dim() == 2) or bool(valid.all())
         outs = []
         for c, (s, e) in enumerate(bounds):
             cache.step = Step(
@@ -232,6 +235,8 @@ def _model_forward(patch: Patch, orig: Any):
                 end_of_prompt=e == n,
                 chunk=c,
                 start=seen,
+                first=seen + s,
+                all_real=all_real or bool(valid[:, s:e].all()),
             )
             ckw = dict(kw)
             if len(bounds) > 1:

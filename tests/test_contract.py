@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import kvtools
-from kvtools.cache import KVCache
+from kvtools.cache import KVCache, SlotLayer
 from kvtools.methods import CACHE_POLICIES, DECODE_METHODS, PREFILL_METHODS
 
 from .conftest import ALL_FAMILIES, VOCAB, random_ids, tiny_model
@@ -120,7 +120,7 @@ def test_every_registered_method_has_a_case():
 
 
 # ---------------------------------------------------------------- drivers
-@torch.no_grad()
+@torch.inference_mode()  # as generate runs (no version counters: in-place slot writes must say so)
 def run_calls(model, ids, calls=CALLS, cache=None, am=None):
     """Feed ``ids`` in consecutive calls of the given sizes on one cache (HF positions: cumsum of the padding
     mask). Returns every fed token's logits [B, N, V] and the cache."""
@@ -135,9 +135,26 @@ def run_calls(model, ids, calls=CALLS, cache=None, am=None):
         res = model(input_ids=ids[:, s - past:e - past], attention_mask=am[:, :e], position_ids=pos[:, s:e],
                     past_key_values=cache, use_cache=True)
         cache = res.past_key_values
+        check_layouts(cache)
         out.append(res.logits)
         s = e
     return torch.cat(out, 1), cache
+
+
+def check_layouts(cache):
+    """What the host believes about each slot table (``SlotLayer.layout``, used to skip device reads) is what
+    the tensors say, for every layer and every sub-table a method keeps."""
+    tables = list(cache.layers)
+    while tables:
+        layer = tables.pop()
+        tables += [t for t in layer.state.values() if isinstance(t, SlotLayer)]
+        known = layer.layout
+        if known is None or layer.valid is None:
+            continue
+        ar = torch.arange(layer.size)
+        ordered = bool((layer.idx == ar).all()) and bool((layer.valid == layer.valid[:, :1]).all())
+        assert not known.ordered or ordered, "layout says ordered; the table is not"
+        assert known.all_valid == bool(layer.valid.all()), "layout's all_valid is wrong"
 
 
 @torch.no_grad()
@@ -335,12 +352,12 @@ def test_nbytes_counts_the_tensors_the_cache_holds(config):
 
 def test_nbytes_counts_state_carried_between_calls():
     """What a method keeps in layer.state between calls (retrieval's IVF training queries before the
-    offload, lists of tensors) is part of the bytes the cache holds."""
+    offload) is part of the bytes the cache holds."""
     model = tiny_model("llama")
     cfg = {"cache": {**RETR, "index": "ivf", "train_on": "queries", "n_sink": 4, "window": 64}, "decode": RETR}
     with kvtools.patch(model, cfg) as p:
         _, cache = run_calls(model, random_ids(1, 20), [20], cache=p.make_cache())
-    kept = [t for layer in cache.layers for t in layer.state.get("train_q", [])]
+    kept = [layer.state["train_q"].q for layer in cache.layers if "train_q" in layer.state]
     assert kept, "the prompt is shorter than sink + window: the training queries wait in the cache"
     resident = [t for layer in cache.layers for t in _tensors(
         {k: v for k, v in vars(layer).items() if k != "state"} | dict(layer.state), set())]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -11,27 +12,36 @@ import torch.nn.functional as F
 from .block_sparse import BlockLayout, available, block_sparse_attention, causal_block_mask
 from .masks import causal_band, dense_mask, padding, real_or_own, visible
 
+if TYPE_CHECKING:
+    from ..cache import TableLayout
+
 
 def build_slot_mask(
     valid: torch.Tensor,
     idx: torch.Tensor,
     q_idx: torch.Tensor,
     sliding_window: int | None = None,
+    layout: TableLayout | None = None,
 ) -> torch.Tensor | None:
     """Boolean attention mask [B, Hk or 1, Lq, S] for queries at stream indices ``q_idx`` [Lq].
 
     A query sees valid slots at or before its own index (and inside the sliding
     window when one is given); it always sees its own key, so padding queries
     never get an all-masked row. Returns ``None`` when nothing needs masking
-    (all valid, single query, no binding window).
+    (all valid, single query, no binding window). ``layout``: what the host knows about the table (then
+    nothing is read from the device to decide), with ``q_idx`` the table's last stream indices.
     """
-    lq = q_idx.numel()
-    all_valid = bool(valid.all())
-    window_binds = sliding_window is not None and bool((q_idx.max() - idx.min()) >= sliding_window)
+    lq, s = q_idx.numel(), idx.shape[-1]
+    if layout is not None and layout.ordered:  # idx is arange(s), the queries are the last ones
+        all_valid, same_heads = layout.all_valid, True
+        window_binds = sliding_window is not None and s - 1 >= sliding_window
+    else:
+        all_valid = bool(valid.all())
+        window_binds = sliding_window is not None and bool((q_idx.max() - idx.min()) >= sliding_window)
+        same_heads = valid.shape[1] == 1 or (bool((valid == valid[:, :1]).all()) and bool((idx == idx[:, :1]).all()))
     if all_valid and lq == 1 and not window_binds:
         return None
-    # one mask for every head when the table is the same across heads (no per-head selection)
-    if valid.shape[1] > 1 and bool((valid == valid[:, :1]).all()) and bool((idx == idx[:, :1]).all()):
+    if same_heads:  # one mask for every head when the table is the same across heads (no per-head selection)
         valid, idx = valid[:, :1], idx[:, :1]
     b, h, s = idx.shape
     rule = visible(sliding_window, padding(valid), q_pos=q_idx.to(idx.device), k_pos=idx)
@@ -75,21 +85,25 @@ def attend_slots(
     q_idx: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    layout: TableLayout | None = None,
 ) -> torch.Tensor:
-    """Exact attention of queries q [B, H, Lq, D] at stream indices q_idx over a slot table."""
+    """Exact attention of queries q [B, H, Lq, D] at stream indices q_idx over a slot table.
+
+    ``layout`` (the table's :attr:`~kvtools.cache.SlotLayer.layout`, the queries its last tokens): what the
+    host knows about the table, so the path is chosen without reading the device."""
     lq, s = q.shape[2], keys.shape[2]
-    fresh = (
-        lq == s
-        and bool(valid.all())
-        and (sliding_window is None or s <= sliding_window)
-        and bool((idx[0, 0] == q_idx.to(idx.device)).all())
-    )
-    if fresh:  # a whole prompt on an empty cache: plain causal attention
+    if layout is not None:
+        ordered, all_valid = layout.ordered, layout.all_valid
+    else:
+        ordered = stream_ordered(valid, idx, q_idx)
+        all_valid = ordered and bool(valid.all())
+    if lq == s and ordered and all_valid and (sliding_window is None or s <= sliding_window):
+        # a whole prompt on an empty cache: plain causal attention
         return sdpa_grouped(q, keys, values, None, scale, is_causal=True)
-    if sliding_window is not None and s > _BAND_MIN * sliding_window and stream_ordered(valid, idx, q_idx):
+    if sliding_window is not None and s > _BAND_MIN * sliding_window and ordered:
         # a long prompt through a sliding-window layer: only the band, O(L * window) instead of O(L^2)
-        return banded_attention(q, keys, values, valid[:, 0], scale, sliding_window)
-    mask = build_slot_mask(valid, idx, q_idx, sliding_window)
+        return banded_attention(q, keys, values, None if all_valid else valid[:, 0], scale, sliding_window)
+    mask = build_slot_mask(valid, idx, q_idx, sliding_window, layout)
     return sdpa_grouped(q, keys, values, mask, scale)
 
 

@@ -139,7 +139,8 @@ def prefill_by_row(method: PrefillMethod, q: torch.Tensor, k: torch.Tensor, v: t
 
 def _fresh(layer: SlotLayer, step: Step) -> bool:
     """The slot table holds exactly the stream so far, in order, the same for every head (no eviction yet)."""
-    return stream_ordered(layer.valid, layer.idx, step.idx)
+    layout = layer.layout
+    return layout.ordered if layout is not None else stream_ordered(layer.valid, layer.idx, step.idx)
 
 
 class CachePolicy(Method):
@@ -183,9 +184,8 @@ class CachePolicy(Method):
             return prefill_by_row(self.prefill, q, layer.keys, layer.values, layer.valid[:, 0], info)
         if not step.is_prefill and self.decode is not None and self.decode.applies(info, layer.size):
             return self.decode.attend(layer, q, step, info)
-        return attend_slots(
-            q, layer.keys, layer.values, layer.valid, layer.idx, step.idx, info.scale, info.sliding_window
-        )
+        return attend_slots(q, layer.keys, layer.values, layer.valid, layer.idx, step.idx, info.scale,
+                            info.sliding_window, layer.layout)
 
     def bind(self, num_layers: int, num_kv_heads: int) -> None:
         """Check the config against the model (called by ``patch()`` before the model is touched)."""

@@ -128,6 +128,7 @@ class StreamingLLMPolicy(CachePolicy):
             layer.pos[:, :, w] = step.pos[:, :1].to(layer.pos.device)
             layer.idx[:, :, w] = step.idx.to(layer.idx.device)
             layer.seen += 1
+            layer.forget_layout()
         if ring.sink_k is not None and w < self.cfg.n_sink:  # the token is itself a sink
             self._new_sink(ring, k, step, torch.arange(self.cfg.n_sink, device=k.device) == w)
         if out is not None:
@@ -156,6 +157,7 @@ class StreamingLLMPolicy(CachePolicy):
         layer.pos.scatter_(2, wi, step.pos[:, None, :1].to(layer.pos.device).expand(b, hk, 1))
         layer.idx.scatter_(2, wi, step.idx.view(1, 1, 1).to(layer.idx.device).expand(b, hk, 1))
         layer.seen += 1
+        layer.forget_layout()
         if ring.sink_k is not None:
             self._new_sink(ring, k, step, torch.arange(ns, device=w.device) == wi)
         n_now = torch.minimum(n + 1, cap)
