@@ -3,7 +3,7 @@ model and its class) and one line here."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..errors import ConfigError
 from ..params import STAGES, StageParams
@@ -19,8 +19,14 @@ from .retrieval import RetrievalDecodeMethod, RetrievalPolicy
 from .snapkv import SnapKVPolicy
 from .streamingllm import StreamingLLMPolicy
 
-if TYPE_CHECKING:
-    from ..config import KVConfig
+
+class Stages(Protocol):
+    """What :func:`make_policy` reads from a config (``kvtools.KVConfig`` is one)."""
+
+    prefill: StageParams
+    cache: StageParams
+    decode: StageParams
+
 
 #: every method, by stage; ``kvtools methods`` lists them in this order
 METHODS: tuple[type[Method], ...] = (
@@ -41,7 +47,7 @@ PREFILL_METHODS: dict[str, type[PrefillMethod]] = {n: m for n, m in REGISTRY["pr
 DECODE_METHODS: dict[str, type[DecodeMethod]] = {n: m for n, m in REGISTRY["decode"].items() if not m.builtin}  # type: ignore[misc]
 
 
-def make_policy(config: KVConfig) -> CachePolicy:
+def make_policy(config: Stages) -> CachePolicy:
     """The cache policy for a validated config, carrying its sparse prefill / decode methods."""
     try:
         policy = CACHE_POLICIES[config.cache.method](config.cache)

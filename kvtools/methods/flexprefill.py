@@ -1,4 +1,4 @@
-"""FlexPrefillParams: context-aware sparse prefill (per head: vertical-slash or query-aware blocks).
+"""FlexPrefill: context-aware sparse prefill (per head: vertical-slash or query-aware blocks).
 
 For each (row, query head), from the last block of queries:
 
@@ -39,7 +39,7 @@ from .common import top_n_mask
 
 
 class FlexPrefillParams(StageParams):
-    """FlexPrefillParams: per-head sparse prefill, vertical-slash or query-aware block selection."""
+    """FlexPrefill: per-head sparse prefill, vertical-slash or query-aware block selection."""
 
     method: Literal["flexprefill"] = "flexprefill"
     gamma: float = Field(default=0.9, gt=0, le=1, description="attention mass each head's selection must cover")
@@ -80,7 +80,7 @@ def flexprefill_blocks(
     q: torch.Tensor, k: torch.Tensor, kv_valid: torch.Tensor | None, cfg: FlexPrefillParams, scale: float,
     q_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block mask [B, H, NQB, NKB] FlexPrefillParams computes, and which heads were query-aware [B, H]."""
+    """Block mask [B, H, NQB, NKB] FlexPrefill computes, and which heads were query-aware [B, H]."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     bs = cfg.block_size
