@@ -54,12 +54,14 @@ CASES: dict[tuple[str, str], Case] = {
     ),
     ("cache", "snapkv"): Case(
         [{"cache": {"method": "snapkv", "budget": 1000, "window": 4, "kernel": 3}},
-         {"cache": {"method": "snapkv", "budget": 1.0, "window": 4, "kernel": 3}}],
+         {"cache": {"method": "snapkv", "budget": 1.0, "window": 4, "kernel": 3}},
+         {"cache": {"method": "snapkv", "budget": 1000, "window": 4, "kernel": 3, "layers": "pyramid"}}],
         {"cache": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3}},
     ),
     ("cache", "knorm"): Case(
         [{"cache": {"method": "knorm", "budget": 1000, "window": 4}},
-         {"cache": {"method": "knorm", "budget": 1.0, "window": 4}}],
+         {"cache": {"method": "knorm", "budget": 1.0, "window": 4}},
+         {"cache": {"method": "knorm", "budget": 1000, "window": 4, "layers": "pyramid"}}],
         {"cache": {"method": "knorm", "budget": 0.5, "window": 4}},
         selects=True,  # bf16 keys reorder near-equal key norms (0.0145 vs full's 0.0054 on the sparse config)
     ),

@@ -12,6 +12,7 @@ A new method is its parameters (a :class:`ScoredParams`) plus its ``score`` (see
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -31,6 +32,11 @@ class ScoredParams(StageParams):
         default=1024, gt=0, description="slots per KV head (int) or fraction of the prompt (0 < f <= 1)"
     )
     window: int = Field(default=32, ge=1, description="most recent tokens of each call always kept")
+    layers: Literal["uniform", "pyramid"] = Field(
+        default="uniform", description="how the budget is spread over layers, the total unchanged: the same in "
+                                       "every layer, or PyramidKV's, decreasing linearly with depth")
+    beta: float = Field(default=20.0, gt=1, description="pyramid: the first layer keeps 2 - 1/beta times the mean "
+                                                        "of what is kept beyond the window, the last 1/beta times")
 
     def check(self, stage: str) -> None:
         super().check(stage)
@@ -55,6 +61,24 @@ class ScoredEvictionPolicy(CachePolicy):
 
     #: how many of the call's last queries ``score`` needs (0: none)
     observe: int = 0
+    num_layers: int = 1
+
+    def bind(self, num_layers: int, num_kv_heads: int) -> None:
+        self.num_layers = num_layers
+
+    def layer_budget(self, budget: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """This layer's share [B] of the per-layer ``budget`` [B]: every layer keeps the window; what is kept
+        beyond it, ``(budget - window) * num_layers`` in all, is split over the layers by :func:`layer_weights`
+        (cumulative rounding: the shares add up to the total exactly)."""
+        if self.cfg.layers == "uniform":
+            return budget
+        w = self.cfg.window
+        rest = (budget - w).clamp(min=0) * self.num_layers  # [B]
+        cum = layer_weights(self.num_layers, self.cfg.beta).cumsum(0)
+        cum = cum / cum[-1]
+        hi = torch.floor(rest.double() * cum[layer_idx]).long()
+        lo = torch.floor(rest.double() * cum[layer_idx - 1]).long() if layer_idx > 0 else torch.zeros_like(rest)
+        return torch.minimum(budget, budget.new_full((), w)) + (hi - lo)
 
     def score(self, layer: SlotLayer, candidates: torch.Tensor, q_obs: torch.Tensor | None,
               i_obs: torch.Tensor | None, info: LayerInfo) -> torch.Tensor:
@@ -80,8 +104,17 @@ class ScoredEvictionPolicy(CachePolicy):
         call = layer.valid & (layer.idx >= step.start)  # [B, Hk, S]: this call's slots
         n_real = call[:, 0].sum(-1)  # [B]
         budget = resolve_tokens(self.cfg.budget, step.prompt_real.to(n_real.device))
-        budget = torch.maximum(budget, torch.clamp(n_real, max=w))
+        budget = self.layer_budget(torch.maximum(budget, torch.clamp(n_real, max=w)), info.layer_idx)
         if bool((n_real <= budget).all()):
             return
         scores = self.score(layer, call, q_obs, None if i_obs is None else i_obs.to(layer.idx.device), info)
         layer.keep(keep_top(scores, call, budget, keep_first_last(call, 0, w)) | (layer.valid & ~call))
+
+
+def layer_weights(num_layers: int, beta: float) -> torch.Tensor:
+    """PyramidKV's per-layer shares [L] (float64, mean 1): linear from ``2 - 1/beta`` at the first layer to
+    ``1/beta`` at the last."""
+    if num_layers == 1:
+        return torch.ones(1, dtype=torch.float64)
+    lo = 1.0 / beta
+    return torch.linspace(2.0 - lo, lo, num_layers, dtype=torch.float64)
