@@ -131,13 +131,13 @@ class SlotLayer(CacheLayerMixin):
         return layout
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self.map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+        self.map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply(lambda t: t[indices])
+        self.map_rows(lambda t: t[indices.to(t.device)])
 
     # --- slot table operations
     @property
@@ -145,18 +145,25 @@ class SlotLayer(CacheLayerMixin):
         """Slots held per (row, KV head)."""
         return 0 if self.keys is None else int(self.keys.shape[2])
 
-    def _apply(self, fn) -> None:
-        """Apply a batch-axis operation to every tensor of the table and of its sub-tables."""
+    def map_rows(self, fn) -> None:
+        """Apply a batch-axis operation to every tensor of the table and of its sub-tables. Method state goes
+        first: a state that cannot follow (untyped, or a store that refuses) raises before anything moved."""
+        for key, sub in self.state.items():
+            if not callable(getattr(sub, "map_rows", None)):
+                raise TypeError(f"layer.state['{key}'] is a {type(sub).__name__}, which cannot follow batch "
+                                "reordering; keep per-row method state in a kvtools.cache.RowState")
+        for sub in self.state.values():  # also when this table is empty (duo: all heads streaming)
+            sub.map_rows(fn)  # a sub-table, a RowState, or a store that decides itself (the retrieval CPU side)
         if self.is_initialized:
             layout = self.layout  # a property of every row: survives reordering / selecting rows
             for name in ("keys", "values", "valid", "pos", "idx"):
                 setattr(self, name, fn(getattr(self, name)))
             self._set_layout(layout)
-        for key, sub in self.state.items():  # also when this table is empty (duo: all heads streaming)
-            if not callable(getattr(sub, "_apply", None)):
-                raise TypeError(f"layer.state['{key}'] is a {type(sub).__name__}, which cannot follow batch "
-                                "reordering; keep per-row method state in a kvtools.cache.RowState")
-            sub._apply(fn)  # a sub-table, a RowState, or a store that decides itself (the retrieval CPU side)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_layout"] = None  # weak references do not pickle; a copy re-derives what it needs
+        return state
 
     def append(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
         """Append new tokens' slots. k, v: [B, Hk, Lq, D]."""
@@ -245,7 +252,7 @@ class RowState:
     #: tensor attributes that are not per row (left alone by batch reordering)
     shared: ClassVar[tuple[str, ...]] = ()
 
-    def _apply(self, fn) -> None:
+    def map_rows(self, fn) -> None:
         for name, val in list(vars(self).items()):
             if torch.is_tensor(val) and val.dim() > 0 and name not in self.shared:
                 setattr(self, name, fn(val))

@@ -79,7 +79,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from kvtools.config import check_out_dir
     from kvtools.eval.run import load_run, split_models
 
-    run = load_run(args.run)  # validate before importing torch-heavy parts or loading the model
+    run = load_run(args.run)  # validate the whole run file before loading any model
     runs = []
     for one, sub in split_models(run):  # every model and folder checked before the first one runs
         out = args.out if sub is None else (Path(args.out) / sub.name if args.out else sub)
@@ -210,12 +210,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
     gates, losses = calibrate_duo(
         model, tok, steps=args.steps, lr=args.lr, reg=args.reg, lengths=lengths, n_sink=args.n_sink,
-        recent=args.recent, seed=args.seed, quiet=args.quiet,
+        window=args.window, seed=args.seed, quiet=args.quiet,
     )
     header = (
         f"DuoAttention gates for {canonical_name(args.model)} (rows = layers, columns = KV heads)\n"
         f"kvtools calibrate duo --model {canonical_name(args.model)} --steps {args.steps} --lr {args.lr} "
-        f"--reg {args.reg} --lengths {args.lengths} --n-sink {args.n_sink} --recent {args.recent} --seed {args.seed}\n"
+        f"--reg {args.reg} --lengths {args.lengths} --n-sink {args.n_sink} --window {args.window} --seed {args.seed}\n"
         f"loss: first {losses[0]:.5f}, last {losses[-1]:.5f}"
     )
     path = write_pattern(gates, args.out, header)
@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--reg", type=float, default=0.05, help="L1 weight on the gates")
     cal.add_argument("--lengths", default="1k,2k", help="context lengths of the synthetic samples")
     cal.add_argument("--n-sink", type=int, default=64)
-    cal.add_argument("--recent", type=int, default=256)
+    cal.add_argument("--window", "--recent", dest="window", type=int, default=256,
+                     help="streaming heads' recent tokens (--recent: the old name)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--random", action="store_true", help="write seeded random gates instead (a baseline)")
     cal.add_argument("--quiet", action="store_true")

@@ -74,3 +74,19 @@ def smollm2():
         return kvtools.load_model()
     except kvtools.ModelNotAvailableError as exc:  # pragma: no cover - the README setup installs it
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A byte-level tokenizer with a chat template (no files, no hub)."""
+    from .helpers import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    """The same tokenizer without a chat template."""
+    from .helpers import byte_tokenizer
+
+    return byte_tokenizer(chat=False)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import json
+
+import pytest
 import torch
 
 
@@ -85,3 +89,22 @@ def assert_matches_unpatched(model, config, prompt_len: int, steps: int, batch: 
         got, cache = prefill_then_decode(model, ids, prompt_len, cache=p.make_cache())
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
     return cache
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+#: loader tests need the optional ``datasets`` package (kvtools[eval]); metrics and prompts do not
+needs_datasets = pytest.mark.skipif(
+    not _importable("datasets"), reason="needs the 'datasets' package: pip install 'kvtools[eval]'"
+)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path

@@ -45,3 +45,23 @@ def test_untyped_state_refuses_reordering(untyped):
     layer.state["mine"] = untyped
     with pytest.raises(TypeError, match=r"layer.state\['mine'\] is a .* cannot follow batch reordering"):
         cache.reorder_cache(torch.tensor([2, 0, 1]))
+
+
+@pytest.mark.parametrize("config", ["full", {"cache": {"method": "snapkv", "budget": 12, "window": 4, "kernel": 3}}])
+def test_a_used_cache_pickles_and_continues_the_same(config):
+    import pickle
+
+    import kvtools
+
+    from .conftest import random_ids, tiny_model
+
+    model = tiny_model("llama")
+    ids = random_ids(2, 25)
+    with torch.no_grad(), kvtools.patch(model, config) as p:
+        cache = p.make_cache()
+        model(input_ids=ids[:, :24], past_key_values=cache, use_cache=True)
+        twin = pickle.loads(pickle.dumps(cache))
+        assert twin.slots() == cache.slots() and twin.nbytes() == cache.nbytes()
+        a = model(input_ids=ids[:, 24:], past_key_values=cache, use_cache=True).logits
+        b = model(input_ids=ids[:, 24:], past_key_values=twin, use_cache=True).logits
+    assert torch.equal(a, b)

@@ -21,10 +21,10 @@ def test_gates_at_one_reproduce_the_full_model(tiny):
     ids = torch.randint(3, 200, (1, 64))
     ref = model(ids).logits
     n = model.config.num_hidden_layers
-    with gated_attention(model, torch.ones(n, 2), n_sink=2, recent=4):
+    with gated_attention(model, torch.ones(n, 2), n_sink=2, window=4):
         got = model(ids, use_cache=False).logits
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
-    with gated_attention(model, torch.zeros(n, 2), n_sink=2, recent=4):
+    with gated_attention(model, torch.zeros(n, 2), n_sink=2, window=4):
         stream = model(ids, use_cache=False).logits
     assert (stream - ref).abs().max() > 1e-3  # gates at 0 really use the streaming mask
     assert torch.equal(model(ids).logits, ref)  # restored
@@ -32,7 +32,7 @@ def test_gates_at_one_reproduce_the_full_model(tiny):
 
 def test_calibration_lowers_its_loss_and_is_deterministic(tiny, tmp_path):
     model, tok = tiny
-    kw = dict(steps=12, lr=0.05, reg=0.05, lengths=(600,), n_sink=4, recent=16, seed=3, quiet=True)
+    kw = dict(steps=12, lr=0.05, reg=0.05, lengths=(600,), n_sink=4, window=16, seed=3, quiet=True)
     gates, losses = calibrate_duo(model, tok, **kw)
     assert gates.shape == (2, 2) and bool(((gates >= 0) & (gates <= 1)).all())
     assert sum(losses[-3:]) / 3 < losses[0]

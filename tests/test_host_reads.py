@@ -12,11 +12,12 @@ pytestmark = pytest.mark.mechanics
 
 
 class ReadCounter:
-    """Counts tensor-to-host conversions (bool(), int(), float(), .item(), .tolist()) while inside attention."""
+    """Counts tensor-to-host conversions (bool(), int(), float(), .item(), .tolist(), .cpu(), .nonzero(), which
+    waits for its output size) while inside attention, and the attention calls."""
 
     def __init__(self, monkeypatch):
-        self.n, self.inside = 0, False
-        for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+        self.n, self.calls, self.inside = 0, 0, False
+        for name in ("__bool__", "__int__", "__float__", "item", "tolist", "cpu", "nonzero"):
             orig = getattr(torch.Tensor, name)
             monkeypatch.setattr(torch.Tensor, name, self._counting(orig))
 
@@ -31,6 +32,7 @@ class ReadCounter:
         orig = policy.attend
 
         def attend(*a, **k):
+            self.calls += 1
             self.inside = True
             try:
                 return orig(*a, **k)
@@ -52,6 +54,7 @@ def test_full_cache_prefill_and_decode_read_nothing_back(family, monkeypatch):
             model(input_ids=ids[:, :24], past_key_values=cache, use_cache=True)  # a fresh prompt
             for i in range(24, 30):  # decode steps
                 model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+    assert counter.calls == model.config.num_hidden_layers * 7  # the counter watched every layer of every call
     assert counter.n == 0, f"{counter.n} device reads inside attention"
 
 
@@ -66,4 +69,4 @@ def test_the_counter_sees_reads_when_the_host_does_not_know(monkeypatch):
         with torch.no_grad():
             model(input_ids=ids[:, :24], past_key_values=cache, use_cache=True)
             model(input_ids=ids[:, 24:25], past_key_values=cache, use_cache=True)
-    assert counter.n > 0
+    assert counter.calls == model.config.num_hidden_layers * 2 and counter.n > 0

@@ -25,7 +25,7 @@ from kvtools.eval.infinitebench import (
     score_example,
 )
 
-from .test_longbench import needs_datasets, plain_tok, tok, write_jsonl  # noqa: F401  (tok, plain_tok: fixtures)
+from .helpers import needs_datasets, write_jsonl
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 

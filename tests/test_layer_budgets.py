@@ -81,3 +81,34 @@ def test_fractional_budget_splits_per_row():
     kept = torch.stack([layer.valid[:, 0].sum(-1) for layer in cache.layers])  # [L, B]
     assert kept[:, 0].tolist() == pyramid_budgets(30, 4, LAYERS, 3.0)
     assert kept[:, 1].tolist() == pyramid_budgets(20, 4, LAYERS, 3.0)
+
+
+def capped_budgets(budget: int, window: int, layers: int, beta: float, n_real: int) -> list[int]:
+    """:func:`pyramid_budgets` when a layer's share would pass the tokens it holds: held at them, the rest split
+    again over the other layers, in exact fractions."""
+    lo = Fraction(1) / Fraction(beta)
+    w = [2 - lo - (2 - 2 * lo) * Fraction(i, layers - 1) for i in range(layers)]
+    total, cap = Fraction((budget - window) * layers), Fraction(n_real - window)
+    capped: set[int] = set()
+    while True:
+        left = total - cap * len(capped)
+        free = sum(w[i] for i in range(layers) if i not in capped)
+        share = [cap if i in capped else left * w[i] / free for i in range(layers)]
+        over = {i for i in range(layers) if i not in capped and share[i] > cap}
+        if not over:
+            break
+        capped |= over
+    cum = [int(sum(share[: i + 1])) for i in range(layers)]
+    return [window + c - (cum[i - 1] if i else 0) for i, c in enumerate(cum)]
+
+
+def test_shares_beyond_what_a_layer_holds_go_to_the_other_layers():
+    model = deep_llama()
+    ids = random_ids(1, 40)
+    cfg = {"cache": {"method": "knorm", "budget": 0.75, "window": 4, "layers": "pyramid", "beta": 20.0}}
+    want = capped_budgets(30, 4, LAYERS, 20.0, 40)
+    assert want[0] == 40 and sum(want) == 30 * LAYERS  # the reference does cap here
+    with torch.no_grad(), kvtools.patch(model, cfg) as p:
+        cache = p.make_cache()
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert cache.slots() == want

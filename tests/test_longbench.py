@@ -7,7 +7,6 @@ UTF-8 byte, exact round trip), with and without a chat template.
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
 import sys
@@ -34,31 +33,7 @@ from kvtools.eval.longbench import (
 )
 from kvtools.eval.prompting import truncate_middle
 
-from .helpers import byte_tokenizer
-
-
-
-def _importable(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
-
-
-#: loader tests need the optional ``datasets`` package (kvtools[eval]); metrics and prompts do not
-needs_datasets = pytest.mark.skipif(
-    not _importable("datasets"), reason="needs the 'datasets' package: pip install 'kvtools[eval]'"
-)
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def plain_tok():
-    return byte_tokenizer(chat=False)
+from .helpers import needs_datasets, write_jsonl
 
 
 # ---------------------------------------------------------------- fixtures on disk
@@ -81,11 +56,6 @@ def v1_example(task: str, i: int = 0) -> dict:
         "language": "zh" if zh else "en",
         "_id": f"id{i}",
     }
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def v2_example(i: int, difficulty: str, length: str) -> dict:

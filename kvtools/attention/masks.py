@@ -22,7 +22,7 @@ QPos = int | torch.Tensor | None  # see at_positions
 
 __all__ = [
     "MaskMod", "and_masks", "or_masks", "causal", "sliding_window", "same_position", "padding", "left_padding",
-    "at_positions", "causal_band", "real_or_own", "visible", "dense_mask",
+    "at_positions", "causal_band", "real_or_own", "visible", "dense_mask", "leading_padding",
 ]
 
 
@@ -99,3 +99,13 @@ def dense_mask(mod: MaskMod, b: int, h: int, q: torch.Tensor, k: torch.Tensor) -
     rows = torch.arange(b, device=dev).view(-1, 1, 1, 1)
     heads = torch.arange(h, device=dev).view(1, -1, 1, 1)
     return mod(rows, heads, q.view(1, 1, -1, 1), k.to(dev).view(1, 1, 1, -1))
+
+
+def leading_padding(valid: torch.Tensor) -> torch.Tensor | None:
+    """[B] count of leading invalid slots of each row of ``valid`` [B, S], or None when some row's invalid
+    slots are not a prefix (not left padding)."""
+    pads = (~valid).long().cumprod(-1).sum(-1)
+    real = valid.sum(-1)
+    if bool((pads + real != valid.shape[-1]).any()):
+        return None
+    return pads

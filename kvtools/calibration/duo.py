@@ -2,7 +2,7 @@
 
 One gate ``alpha`` in [0, 1] per (layer, KV head), initialised to 1, the model
 frozen. Each attention layer outputs ``alpha * full + (1 - alpha) * streaming``
-per head (streaming: causal attention to ``n_sink`` first + ``recent`` latest
+per head (streaming: causal attention to ``n_sink`` first + ``window`` latest
 tokens). The loss is the mean squared difference between the gated model's and
 the full model's final hidden states on the answer tokens, plus
 ``reg * mean(|alpha|)``; AdamW, gates clamped to [0, 1] after every step. The
@@ -69,14 +69,14 @@ def multi_passkey_sample(tokenizer: Any, length: int, rng: random.Random, n_keys
 
 
 @contextmanager
-def gated_attention(model: Any, gates: torch.Tensor, n_sink: int, recent: int):
+def gated_attention(model: Any, gates: torch.Tensor, n_sink: int, window: int):
     """Replace attention forwards (on the instance) by the alpha-gated full/streaming mix; restore after."""
     adapter = adapter_for(model)
     modules = adapter.attention_modules(model)
     saved = [m.__dict__.get("forward") for m in modules]
 
     def make(i: int):
-        window = adapter.sliding_window(model, getattr(modules[i], "layer_idx", i))
+        layer_window = adapter.sliding_window(model, getattr(modules[i], "layer_idx", i))
 
         def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
             q, k, v = adapter.project(self, hidden_states)
@@ -84,8 +84,8 @@ def gated_attention(model: Any, gates: torch.Tensor, n_sink: int, recent: int):
             b, h, l, d = q.shape
             hk = k.shape[1]
             ar = torch.arange(l, device=q.device)
-            causal = dense_mask(causal_band(window), 1, 1, ar, ar)[0, 0]
-            stream = causal & dense_mask(or_masks(lambda b, h, qi, ki: ki < n_sink, sliding_window(recent)),
+            causal = dense_mask(causal_band(layer_window), 1, 1, ar, ar)[0, 0]
+            stream = causal & dense_mask(or_masks(lambda b, h, qi, ki: ki < n_sink, sliding_window(window)),
                                          1, 1, ar, ar)[0, 0]
             scale = adapter.scale(self)
             full = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=h != hk)
@@ -120,7 +120,7 @@ def calibrate_duo(
     reg: float = 0.05,
     lengths: tuple[int, ...] = (1024, 2048),
     n_sink: int = 64,
-    recent: int = 256,
+    window: int = 256,
     seed: int = 0,
     quiet: bool = False,
 ) -> tuple[torch.Tensor, list[float]]:
@@ -142,7 +142,7 @@ def calibrate_duo(
             smp = multi_passkey_sample(tokenizer, rng.choice(lengths), rng)
             with torch.no_grad():
                 target = _final_hidden(model, smp.input_ids)[:, smp.answer]
-            with gated_attention(model, gates, n_sink, recent):
+            with gated_attention(model, gates, n_sink, window):
                 got = _final_hidden(model, smp.input_ids)[:, smp.answer]
             loss = F.mse_loss(got, target) + reg * gates.abs().mean()
             opt.zero_grad()

@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 
 from ..attention.dense import attend_slots, stream_ordered
+from ..attention.masks import leading_padding
 from ..cache import SlotLayer, Step
 from ..params import StageParams
 
@@ -86,16 +87,6 @@ class DecodeMethod(StageMethod):
     def attend(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> torch.Tensor:
         """q [B, H, 1, D] of the step's token (already appended to ``layer``) -> output [B, H, 1, D]."""
         raise NotImplementedError
-
-
-def leading_padding(valid: torch.Tensor) -> torch.Tensor | None:
-    """[B] count of leading invalid slots of each row of ``valid`` [B, S], or None when some row's invalid
-    slots are not a prefix (not left padding)."""
-    pads = (~valid).long().cumprod(-1).sum(-1)
-    real = valid.sum(-1)
-    if bool((pads + real != valid.shape[-1]).any()):
-        return None
-    return pads
 
 
 def row_groups(pads: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

@@ -24,10 +24,11 @@ from pydantic import Field
 
 from ..attention.block_sparse import BlockLayout, band_blocks, block_sparse_attention
 from ..attention.dense import attend_slots
+from ..attention.masks import leading_padding
 from ..attention.merge import attention_with_lse
 from ..cache import RowState, SlotLayer, Step
 from ..params import Backend, StageParams
-from .base import DecodeMethod, LayerInfo, PrefillMethod, leading_padding, row_groups
+from .base import DecodeMethod, LayerInfo, PrefillMethod, row_groups
 
 class HipParams(StageParams):
     """What HiP prefill and decode share: the tree search's budget and granularity, sink and window."""

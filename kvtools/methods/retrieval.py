@@ -421,7 +421,7 @@ class OffloadStore:
             return 0
         return sum(h.nbytes() for row in self.heads for h in row)
 
-    def _apply(self, fn) -> None:
+    def map_rows(self, fn) -> None:
         raise KVToolsError("the retrieval cache keeps per-row CPU indexes and does not support beam search or "
                            "reordering batch rows")
 

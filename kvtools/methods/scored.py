@@ -66,25 +66,18 @@ class ScoredEvictionPolicy(CachePolicy):
     def bind(self, num_layers: int, num_kv_heads: int) -> None:
         self.num_layers = num_layers
 
-    def layer_budget(self, budget: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """This layer's share [B] of the per-layer ``budget`` [B]: every layer keeps the window; what is kept
-        beyond it, ``(budget - window) * num_layers`` in all, is split over the layers by :func:`layer_weights`
-        (cumulative rounding: the shares add up to the total exactly)."""
+    def layer_budget(self, budget: torch.Tensor, n_real: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """This layer's share [B] of the per-layer ``budget`` [B] for a call of ``n_real`` [B] real tokens:
+        every layer keeps the window; what is kept beyond it, ``(budget - window) * num_layers`` in all, is
+        split over the layers by :func:`layer_weights`, a layer's share capped at what the call holds and the
+        excess passed to the others (:func:`split_capped`): the total equals the uniform budget's."""
         if self.cfg.layers == "uniform":
             return budget
-        w = self.cfg.window
-        rest = (budget - w).clamp(min=0) * self.num_layers  # [B]
-        cum = layer_weights(self.num_layers, self.cfg.beta).cumsum(0)
-        cum = cum / cum[-1]
-        hi = torch.floor(rest.double() * cum[layer_idx]).long()
-        lo = torch.floor(rest.double() * cum[layer_idx - 1]).long() if layer_idx > 0 else torch.zeros_like(rest)
-        return torch.minimum(budget, budget.new_full((), w)) + (hi - lo)
-
-    def score(self, layer: SlotLayer, candidates: torch.Tensor, q_obs: torch.Tensor | None,
-              i_obs: torch.Tensor | None, info: LayerInfo) -> torch.Tensor:
-        """Scores [B, Hk, S] of the table's slots (only ``candidates`` [B, Hk, S] are compared); ``q_obs``
-        [B, H, observe, D]: the call's last queries, at stream indices ``i_obs`` [observe]."""
-        raise NotImplementedError
+        window = torch.minimum(budget, budget.new_full((), self.cfg.window))
+        rest = (budget - window) * self.num_layers  # [B]
+        cap = (n_real - window).clamp(min=0)
+        shares = split_capped(rest, cap, layer_weights(self.num_layers, self.cfg.beta))  # [L, B]
+        return window + shares[layer_idx]
 
     def after_attend(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> None:
         if not step.is_prefill:
@@ -104,7 +97,7 @@ class ScoredEvictionPolicy(CachePolicy):
         call = layer.valid & (layer.idx >= step.start)  # [B, Hk, S]: this call's slots
         n_real = call[:, 0].sum(-1)  # [B]
         budget = resolve_tokens(self.cfg.budget, step.prompt_real.to(n_real.device))
-        budget = self.layer_budget(torch.maximum(budget, torch.clamp(n_real, max=w)), info.layer_idx)
+        budget = self.layer_budget(torch.maximum(budget, torch.clamp(n_real, max=w)), n_real, info.layer_idx)
         if bool((n_real <= budget).all()):
             return
         scores = self.score(layer, call, q_obs, None if i_obs is None else i_obs.to(layer.idx.device), info)
@@ -118,3 +111,23 @@ def layer_weights(num_layers: int, beta: float) -> torch.Tensor:
         return torch.ones(1, dtype=torch.float64)
     lo = 1.0 / beta
     return torch.linspace(2.0 - lo, lo, num_layers, dtype=torch.float64)
+
+
+def split_capped(total: torch.Tensor, cap: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Integer shares [L, B] of ``total`` [B] in proportion to ``weights`` [L], none above ``cap`` [B]: a share
+    that would pass the cap is held at it and the rest is split again over the others (water-filling); the
+    shares are rounded by cumulative flooring, so each row's add up to ``min(total, L * cap)`` exactly."""
+    w = weights.to(total.device, torch.float64)[:, None]  # [L, 1]
+    total, cap = total.double(), cap.double()[None]  # [B], [1, B]
+    total = torch.minimum(total, cap[0] * w.shape[0])
+    capped = torch.zeros(w.shape[0], total.shape[0], dtype=torch.bool, device=total.device)
+    for _ in range(w.shape[0]):  # each round caps at least one more layer, or stops
+        free = w * ~capped  # [L, B]
+        left = total - (cap * capped).sum(0)
+        share = torch.where(capped, cap, left * free / free.sum(0).clamp(min=1e-300))
+        over = ~capped & (share > cap)
+        if not bool(over.any()):
+            break
+        capped |= over
+    cum = torch.floor(share.cumsum(0) + 1e-9).long()  # [L, B]
+    return torch.diff(cum, dim=0, prepend=torch.zeros_like(cum[:1]))

@@ -102,7 +102,7 @@ class StreamingLLMPolicy(CachePolicy):
         self, layer: SlotLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, info: LayerInfo
     ) -> torch.Tensor:
         ring = layer.state.get("ring")
-        if ring is not None and step.q_len == 1 and layer.size > 0 and bool(step.valid.all()):
+        if ring is not None and step.q_len == 1 and layer.size > 0 and step.all_real:
             if ring.n_all is not None:
                 return self._decode_uniform(layer, ring, q, k, v, step, info)
             return self._decode_rows(layer, ring, q, k, v, step, info)

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 
-from ..masks import left_padding, visible
+from ..masks import leading_padding, left_padding, visible
 from .layout import BlockLayout, band_blocks
 
 
@@ -52,13 +52,8 @@ def flex_block_mask(layout: BlockLayout, lq: int, lk: int, off: int, first: torc
 def first_real(valid: torch.Tensor) -> torch.Tensor | None:
     """[B] int32 index of each row's first real key, or None when padding is not a prefix (left padding).
     Reads the answer on the host."""
-    valid = valid.bool()
-    n = valid.shape[1]
-    first = torch.where(valid.any(1), valid.float().argmax(1), torch.full_like(valid[:, 0], n, dtype=torch.long))
-    ar = torch.arange(n, device=valid.device)
-    if bool(((ar[None, :] >= first[:, None]) != valid).any()):
-        return None
-    return first.to(torch.int32)
+    pads = leading_padding(valid.bool())
+    return None if pads is None else pads.to(torch.int32)
 
 
 def flex_block_sparse(q, k, v, layout: BlockLayout, scale: float, off: int, kv_valid, window=None):
