@@ -55,7 +55,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("cache", "snapkv"): Case(
         [{"cache": {"method": "snapkv", "budget": 1000, "window": 4, "kernel": 3}},
          {"cache": {"method": "snapkv", "budget": 1.0, "window": 4, "kernel": 3}},
-         {"cache": {"method": "snapkv", "budget": 1000, "window": 4, "kernel": 3, "layers": "pyramid"}}],
+         {"cache": {"method": "snapkv", "budget": 1000, "window": 4, "kernel": 3, "layers": "pyramid", "span": 4}}],
         {"cache": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3}},
     ),
     ("cache", "knorm"): Case(

@@ -21,7 +21,7 @@ from ..cache import RowState, SlotLayer, Step
 from ..errors import ConfigError
 from ..params import StageParams
 from .base import CachePolicy, LayerInfo
-from .common import keep_first_last, keep_top, resolve_tokens
+from .common import keep_first_last, keep_top, resolve_tokens, valid_rank
 
 
 class ScoredParams(StageParams):
@@ -37,6 +37,8 @@ class ScoredParams(StageParams):
                                        "every layer, or PyramidKV's, decreasing linearly with depth")
     beta: float = Field(default=20.0, gt=1, description="pyramid: the first layer keeps 2 - 1/beta times the mean "
                                                         "of what is kept beyond the window, the last 1/beta times")
+    span: int = Field(default=1, ge=1, description="keep whole spans of this many consecutive tokens, ranked by "
+                                                   "the sum of their tokens' scores (ChunkKV; 1: single tokens)")
 
     def check(self, stage: str) -> None:
         super().check(stage)
@@ -101,7 +103,10 @@ class ScoredEvictionPolicy(CachePolicy):
         if bool((n_real <= budget).all()):
             return
         scores = self.score(layer, call, q_obs, None if i_obs is None else i_obs.to(layer.idx.device), info)
-        layer.keep(keep_top(scores, call, budget, keep_first_last(call, 0, w)) | (layer.valid & ~call))
+        protect = keep_first_last(call, 0, w)
+        if self.cfg.span > 1:
+            scores = span_scores(scores, call & ~protect, self.cfg.span)
+        layer.keep(keep_top(scores, call, budget, protect) | (layer.valid & ~call))
 
 
 def layer_weights(num_layers: int, beta: float) -> torch.Tensor:
@@ -131,3 +136,14 @@ def split_capped(total: torch.Tensor, cap: torch.Tensor, weights: torch.Tensor) 
         capped |= over
     cum = torch.floor(share.cumsum(0) + 1e-9).long()  # [L, B]
     return torch.diff(cum, dim=0, prepend=torch.zeros_like(cum[:1]))
+
+
+def span_scores(scores: torch.Tensor, candidates: torch.Tensor, span: int) -> torch.Tensor:
+    """Scores [B, Hk, S] where each candidate carries the sum of the scores of its span: the ``span`` consecutive
+    candidates of its (row, head) it falls in, counted in stream order from the first. Every token of a span
+    then ranks together (ties keep the earlier slot, so spans are taken whole, the last one cut to fit the
+    budget); other slots keep their scores."""
+    span_id = valid_rank(candidates).clamp(min=0) // span  # [B, Hk, S]
+    sums = torch.zeros(*scores.shape[:-1], scores.shape[-1] // span + 1, dtype=torch.float64, device=scores.device)
+    sums.scatter_add_(-1, span_id, scores.double().masked_fill(~candidates, 0.0))
+    return torch.where(candidates, sums.gather(-1, span_id), scores.double())
