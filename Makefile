@@ -29,7 +29,7 @@ test-slow: setup
 
 # The committed reference results (same command as the demo, into results/).
 results: setup
-	$(VENV)/bin/kvtools niah --config full,snapkv-0.25,streamingllm-0.25,knorm-0.25,snapkv-0.25-pyramid \
+	$(VENV)/bin/kvtools niah --config full,snapkv-0.25,streamingllm-0.25,knorm-0.25,snapkv-0.25-pyramid,snapkv-0.25-span,knorm-0.25-span \
 	  --lengths 1k,2k,4k --depths 0:100:5 --samples 2 --out results/niah-smollm2
 
 clean:
