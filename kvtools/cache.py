@@ -179,7 +179,7 @@ class SlotLayer(CacheLayerMixin):
         self.seen += lq
         if before is not None:
             self._set_layout(TableLayout(ordered=before.ordered and step.first == size,
-                                         all_valid=before.all_valid and bool(step.all_real)))
+                                         all_valid=before.all_valid and step.all_real))
 
     def keep(self, keep: torch.Tensor) -> None:
         """Keep only the slots flagged in ``keep`` [B, Hk, S] (bool), in stream order.

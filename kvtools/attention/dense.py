@@ -92,15 +92,19 @@ def attend_slots(
     ``layout`` (the table's :attr:`~kvtools.cache.SlotLayer.layout`, the queries its last tokens): what the
     host knows about the table, so the path is chosen without reading the device."""
     lq, s = q.shape[2], keys.shape[2]
+    whole_prompt = lq == s and (sliding_window is None or s <= sliding_window)
+    long_band = sliding_window is not None and s > _BAND_MIN * sliding_window
     if layout is not None:
         ordered, all_valid = layout.ordered, layout.all_valid
-    else:
+    elif whole_prompt or long_band:  # only these paths need the table's order: read it only for them
         ordered = stream_ordered(valid, idx, q_idx)
         all_valid = ordered and bool(valid.all())
-    if lq == s and ordered and all_valid and (sliding_window is None or s <= sliding_window):
+    else:
+        ordered = all_valid = False
+    if whole_prompt and ordered and all_valid:
         # a whole prompt on an empty cache: plain causal attention
         return sdpa_grouped(q, keys, values, None, scale, is_causal=True)
-    if sliding_window is not None and s > _BAND_MIN * sliding_window and ordered:
+    if long_band and ordered:
         # a long prompt through a sliding-window layer: only the band, O(L * window) instead of O(L^2)
         return banded_attention(q, keys, values, None if all_valid else valid[:, 0], scale, sliding_window)
     mask = build_slot_mask(valid, idx, q_idx, sliding_window, layout)
