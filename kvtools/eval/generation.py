@@ -8,6 +8,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from ..bench.timing import sync
+
 __all__ = ["GenerateFn", "Generation", "PatchFn", "generate_greedy"]
 
 
@@ -38,16 +40,9 @@ class _FirstTokenTimer:
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         if self.first is None:
-            _sync(self.device)
+            sync(self.device)
             self.first = time.perf_counter()
         return scores
-
-
-def _sync(device: Any) -> None:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new_tokens: int) -> Generation:
@@ -69,7 +64,7 @@ def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new
         pad = pad[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     timer = _FirstTokenTimer(device)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
@@ -79,7 +74,7 @@ def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new
             logits_processor=LogitsProcessorList([timer]),
             **patch.cache_kwargs(cache),
         )
-    _sync(device)
+    sync(device)
     end = time.perf_counter()
     new = out[0, ids.shape[1] :]
     first = timer.first if timer.first is not None else end
