@@ -140,6 +140,11 @@ class SlotLayer(CacheLayerMixin):
         self.map_rows(lambda t: t[indices.to(t.device)])
 
     # --- slot table operations
+    def new_table(self) -> SlotLayer:
+        """An empty table stored like this one (a method's sub-table: duo's streaming heads): use it rather
+        than ``SlotLayer()`` so a storage option of the cache (quantisation) applies to sub-tables too."""
+        return SlotLayer()
+
     @property
     def size(self) -> int:
         """Slots held per (row, KV head)."""

@@ -21,7 +21,6 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..cache import SlotLayer
 from ..errors import ConfigError
 from ..params import StageParams
 from .base import CachePolicy
@@ -145,7 +144,7 @@ class DuoPolicy(CachePolicy):
             out[:, r] = o.view(b, r.numel(), g, lq, -1)
         sub = layer.state.get("stream")
         if sub is None:
-            sub = layer.state["stream"] = SlotLayer()
+            sub = layer.state["stream"] = layer.new_table()
         o = self.streaming.attend(sub, qg[:, s].reshape(b, -1, lq, d), k[:, s], v[:, s], step, info)
         out[:, s] = o.view(b, s.numel(), g, lq, -1)
         return out.view(b, h, lq, -1)
