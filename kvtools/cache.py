@@ -176,8 +176,7 @@ class SlotLayer(CacheLayerMixin):
             self.lazy_initialization(k, v)
         before, size = self.layout, self.size
         b, hk, lq, _ = k.shape
-        self.keys = torch.cat([self.keys, k], dim=2)
-        self.values = torch.cat([self.values, v], dim=2)
+        self._append_kv(k, v, step)
         self.valid = torch.cat([self.valid, step.valid[:, None, :].expand(b, hk, lq)], dim=2)
         self.pos = torch.cat([self.pos, step.pos[:, None, :].expand(b, hk, lq).to(self.pos.device)], dim=2)
         self.idx = torch.cat([self.idx, step.idx.view(1, 1, lq).expand(b, hk, lq).to(self.idx.device)], dim=2)
@@ -206,14 +205,79 @@ class SlotLayer(CacheLayerMixin):
 
     def gather(self, sel: torch.Tensor, fill_invalid: torch.Tensor | None = None) -> None:
         """Replace the table by the slots ``sel`` [B, Hk, K] (indices into the slot axis)."""
-        d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
-        self.keys = self.keys.gather(2, sel[..., None].expand(*sel.shape, d_k))
-        self.values = self.values.gather(2, sel[..., None].expand(*sel.shape, d_v))
+        self._gather_kv(sel)
         self.valid = self.valid.gather(2, sel)
         if fill_invalid is not None:
             self.valid = self.valid & ~fill_invalid
         self.pos = self.pos.gather(2, sel)
         self.idx = self.idx.gather(2, sel)
+
+    def write(self, at: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
+        """Write one decode step's new token (``k``, ``v``: [B, Hk, 1, D]) over the slot ``at``: one slot for
+        every row and head (int), or a slot per (row, head) ([B, Hk] tensor); the slot's metadata becomes the
+        token's. The table's layout is then unknown (:meth:`forget_layout`)."""
+        b, hk = k.shape[:2]
+        pos = step.pos[:, None, :1].to(self.pos.device).expand(b, hk, 1)
+        idx = step.idx.view(1, 1, 1).to(self.idx.device).expand(b, hk, 1)
+        if isinstance(at, int):
+            self._write_kv(at, k, v)
+            self.valid[:, :, at] = True
+            self.pos[:, :, at], self.idx[:, :, at] = pos[..., 0], idx[..., 0]
+        else:
+            at = at[..., None]  # [B, Hk, 1]
+            self._write_kv(at, k, v)
+            self.valid.scatter_(2, at, True)
+            self.pos.scatter_(2, at, pos)
+            self.idx.scatter_(2, at, idx)
+        self.seen += 1
+        self.forget_layout()
+
+    def rewrite_keys(self, at: int | torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> None:
+        """Replace the keys of tokens the table holds (re-rotated to the RoPE positions ``pos``): the slots
+        ``[0, at)`` of every row and head (int; ``k`` [B, Hk, at, D], ``pos`` [B or 1, Hk, at]) or the slots
+        ``at`` [B, Hk, n] (``k`` [B, Hk, n, D], ``pos`` [B, Hk, n])."""
+        if isinstance(at, int):
+            self._write_kv(slice(0, at), k, None)
+            self.pos[:, :, :at] = pos
+        else:
+            self._write_kv(at, k, None)
+            self.pos.scatter_(2, at, pos)
+
+    def grow(self, n: int = 1) -> None:
+        """Append ``n`` free (invalid) slots to every row and head."""
+        b, hk = self.valid.shape[:2]
+        self._grow_kv(n)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(b, hk, n)], 2)
+        self.pos = torch.cat([self.pos, self.pos.new_zeros(b, hk, n)], 2)
+        self.idx = torch.cat([self.idx, self.idx.new_full((b, hk, n), -1)], 2)
+
+    # --- how keys / values are stored (a subclass may store them otherwise: kvtools.quant)
+    def _append_kv(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
+        self.keys = torch.cat([self.keys, k], dim=2)
+        self.values = torch.cat([self.values, v], dim=2)
+
+    def _gather_kv(self, sel: torch.Tensor) -> None:
+        self.keys = self.keys.gather(2, sel[..., None].expand(*sel.shape, self.keys.shape[-1]))
+        self.values = self.values.gather(2, sel[..., None].expand(*sel.shape, self.values.shape[-1]))
+
+    def _write_kv(self, at: int | slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
+        """Write ``k`` (and ``v`` unless None) at the slot ``at`` (int: k [B, Hk, 1, D]), the slots ``at``
+        (slice) or the slots ``at`` [B, Hk, n] (index tensor)."""
+        for name, new in (("keys", k), ("values", v)):
+            if new is None:
+                continue
+            t = getattr(self, name)
+            if isinstance(at, int):
+                t[:, :, at] = new[:, :, 0]
+            elif isinstance(at, slice):
+                t[:, :, at] = new
+            else:
+                t.scatter_(2, at[..., None].expand(*at.shape, t.shape[-1]), new.to(t.dtype))
+
+    def _grow_kv(self, n: int) -> None:
+        b, hk = self.valid.shape[:2]
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(b, hk, n, self.keys.shape[-1])], 2)
+        self.values = torch.cat([self.values, self.values.new_zeros(b, hk, n, self.values.shape[-1])], 2)
 
     def nbytes(self, device: str | torch.device | None = None, offloaded: bool | None = None) -> int:
         """Bytes of this table plus what a method keeps in ``state`` (duo's streaming heads, the retrieval

@@ -122,13 +122,7 @@ class StreamingLLMPolicy(CachePolicy):
         if w == layer.size:  # still growing
             layer.append(k, v, step)
         else:
-            layer.keys[:, :, w] = k[:, :, 0]
-            layer.values[:, :, w] = v[:, :, 0]
-            layer.valid[:, :, w] = True
-            layer.pos[:, :, w] = step.pos[:, :1].to(layer.pos.device)
-            layer.idx[:, :, w] = step.idx.to(layer.idx.device)
-            layer.seen += 1
-            layer.forget_layout()
+            layer.write(w, k, v, step)
         if ring.sink_k is not None and w < self.cfg.n_sink:  # the token is itself a sink
             self._new_sink(ring, k, step, torch.arange(self.cfg.n_sink, device=k.device) == w)
         if out is not None:
@@ -140,7 +134,7 @@ class StreamingLLMPolicy(CachePolicy):
 
     def _decode_rows(self, layer: SlotLayer, ring: RingState, q, k, v, step: Step, info: LayerInfo):
         """Rows in different states (left padding, per-row capacities): the write slot per row, as tensors."""
-        b, hk, s = layer.valid.shape
+        s = layer.size
         ns = self.cfg.n_sink
         cap = ring.cap[:, None]  # [B, 1]
         n = layer.valid.sum(-1)  # [B, Hk] real slots held: the first n
@@ -148,18 +142,10 @@ class StreamingLLMPolicy(CachePolicy):
         w = torch.where(n >= cap, oldest, n)  # [B, Hk]
         out = self._attend_with_self(layer, ring, q, k, v, step, info, n + 1) if self.attend_with_self else None
         if s < ring.max_cap and bool((w >= s).any()):
-            self._grow(layer)
-        wi = w[..., None]  # [B, Hk, 1]
-        d_k, d_v = layer.keys.shape[-1], layer.values.shape[-1]
-        layer.keys.scatter_(2, wi[..., None].expand(b, hk, 1, d_k), k)
-        layer.values.scatter_(2, wi[..., None].expand(b, hk, 1, d_v), v)
-        layer.valid.scatter_(2, wi, True)
-        layer.pos.scatter_(2, wi, step.pos[:, None, :1].to(layer.pos.device).expand(b, hk, 1))
-        layer.idx.scatter_(2, wi, step.idx.view(1, 1, 1).to(layer.idx.device).expand(b, hk, 1))
-        layer.seen += 1
-        layer.forget_layout()
+            layer.grow(1)
+        layer.write(w, k, v, step)
         if ring.sink_k is not None:
-            self._new_sink(ring, k, step, torch.arange(ns, device=w.device) == wi)
+            self._new_sink(ring, k, step, torch.arange(ns, device=w.device) == w[..., None])
         n_now = torch.minimum(n + 1, cap)
         self._check_uniform(layer, ring, n_now)
         if out is not None:
@@ -198,8 +184,8 @@ class StreamingLLMPolicy(CachePolicy):
         c = step.pos[:, None, :1].to(ring.sink_base.device) - (n_seen - 1 if isinstance(n_seen, int) else
                                                                (n_seen - 1)[..., None])  # [B, 1 or Hk, 1]: P - T
         delta = ring.sink_base[:, :, :ns] + c
-        layer.keys[:, :, :ns] = rotate_f32(ring.sink_k[:, :, :ns], ring.sink_kh[:, :, :ns], delta, info.inv_freq)
-        layer.pos[:, :, :ns] = delta + ring.sink_pos[:, :, :ns]
+        layer.rewrite_keys(ns, rotate_f32(ring.sink_k[:, :, :ns], ring.sink_kh[:, :, :ns], delta, info.inv_freq),
+                           delta + ring.sink_pos[:, :, :ns])
 
     def _check_uniform(self, layer: SlotLayer, ring: RingState, n: torch.Tensor) -> None:
         """Switch to the one-slot-for-all path once every row holds the same count (and, when full, has its
@@ -213,16 +199,6 @@ class StreamingLLMPolicy(CachePolicy):
         oldest = torch.where(layer.valid[..., self.cfg.n_sink:], layer.idx[..., self.cfg.n_sink:], _LAST).argmin(-1)
         if bool((oldest == oldest.flatten()[0]).all()):
             ring.n_all, ring.ptr = n0, int(oldest.flatten()[0]) + self.cfg.n_sink
-
-    @staticmethod
-    def _grow(layer: SlotLayer) -> None:
-        """Append one free (invalid) slot to every row."""
-        b, hk, _, _ = layer.keys.shape
-        layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(b, hk, 1, layer.keys.shape[-1])], 2)
-        layer.values = torch.cat([layer.values, layer.values.new_zeros(b, hk, 1, layer.values.shape[-1])], 2)
-        layer.valid = torch.cat([layer.valid, layer.valid.new_zeros(b, hk, 1)], 2)
-        layer.pos = torch.cat([layer.pos, layer.pos.new_zeros(b, hk, 1)], 2)
-        layer.idx = torch.cat([layer.idx, layer.idx.new_full((b, hk, 1), -1)], 2)
 
     # ------------------------------------------------------------ multi-token calls (and the odd decode)
     def _ring(self, layer: SlotLayer, step: Step, info: LayerInfo) -> RingState:
@@ -244,8 +220,7 @@ class StreamingLLMPolicy(CachePolicy):
         cache_pos = self.cfg.positions == "cache"
         if cache_pos and ring.sink_k is not None and layer.size:  # every key back at its original position
             ns = min(self.cfg.n_sink, layer.size)
-            layer.keys[:, :, :ns] = ring.sink_k[:, :, :ns]
-            layer.pos[:, :, :ns] = ring.sink_pos[:, :, :ns]
+            layer.rewrite_keys(ns, ring.sink_k[:, :, :ns], ring.sink_pos[:, :, :ns])
         if layer.size:
             room = ring.cap if ring.room is None else ring.room
             self._select(layer, room if self.attend_with_self else room - step.valid.sum(-1))
@@ -283,9 +258,8 @@ class StreamingLLMPolicy(CachePolicy):
         delta = torch.where(has, ring.sink_base[..., :ns] + c, 0)
         if not bool(delta.any()):  # nothing evicted before these queries
             return
-        rot = rotate_f32(sk[:, :, :ns], ring.sink_kh[:, :, :ns], delta, info.inv_freq).to(layer.keys.dtype)
-        layer.keys.scatter_(2, first[..., None].expand(b, hk, ns, d), rot)
-        layer.pos.scatter_(2, first, sp[..., :ns] + delta)
+        rot = rotate_f32(sk[:, :, :ns], ring.sink_kh[:, :, :ns], delta, info.inv_freq)
+        layer.rewrite_keys(first, rot, sp[..., :ns] + delta)
 
     def _select(self, layer: SlotLayer, target: torch.Tensor, canonical: bool = False) -> None:
         """Keep each row's first ``n_sink`` and last ``target - n_sink`` [B] real tokens (by stream index),
