@@ -161,7 +161,8 @@ class SlotLayer(CacheLayerMixin):
             sub.map_rows(fn)  # a sub-table, a RowState, or a store that decides itself (the retrieval CPU side)
         if self.is_initialized:
             layout = self.layout  # a property of every row: survives reordering / selecting rows
-            for name in ("keys", "values", "valid", "pos", "idx"):
+            self._map_storage(fn)
+            for name in ("valid", "pos", "idx"):
                 setattr(self, name, fn(getattr(self, name)))
             self._set_layout(layout)
 
@@ -274,6 +275,13 @@ class SlotLayer(CacheLayerMixin):
             else:
                 t.scatter_(2, at[..., None].expand(*at.shape, t.shape[-1]), new.to(t.dtype))
 
+    def _map_storage(self, fn) -> None:
+        self.keys, self.values = fn(self.keys), fn(self.values)
+
+    def _storage_tensors(self) -> list[torch.Tensor]:
+        """The tensors keys and values are stored in (what :meth:`nbytes` counts for them)."""
+        return [t for t in (self.keys, self.values) if t is not None]
+
     def _grow_kv(self, n: int) -> None:
         b, hk = self.valid.shape[:2]
         self.keys = torch.cat([self.keys, self.keys.new_zeros(b, hk, n, self.keys.shape[-1])], 2)
@@ -289,7 +297,7 @@ class SlotLayer(CacheLayerMixin):
                 total += t.nbytes(device)
         if offloaded:
             return total
-        table = [getattr(self, name) for name in ("keys", "values", "valid", "pos", "idx")]
+        table = [*self._storage_tensors(), self.valid, self.pos, self.idx]
         return total + tensor_bytes([t for t in table if t is not None], device)
 
 
@@ -348,8 +356,10 @@ class KVCache(Cache):
             print(cache.nbytes())
     """
 
-    def __init__(self, num_layers: int | None = None) -> None:
-        super().__init__(layers=[SlotLayer() for _ in range(num_layers or 0)])
+    def __init__(self, num_layers: int | None = None, quant: Any = None) -> None:
+        #: how keys / values are stored: None (the model's dtype) or a kvtools.quant.QuantParams
+        self.quant = quant
+        super().__init__(layers=[self._new_layer() for _ in range(num_layers or 0)])
         self.step: Step | None = None
         #: tokens seen by the model through this cache (every layer, whatever it keeps; even a layer whose
         #: heads all live in a method's own store): HF derives positions from it
@@ -357,9 +367,25 @@ class KVCache(Cache):
         #: (model id, config) of the patch that first used this cache; another patch may not continue it
         self.owner: tuple[int, Any] | None = None
 
+    def _new_layer(self) -> SlotLayer:
+        if self.quant is None:
+            return SlotLayer()
+        from .quant import QuantizedSlotLayer  # kvtools.quant builds on this module
+
+        return QuantizedSlotLayer(self.quant)
+
+    def store(self, quant: Any) -> None:
+        """Store keys / values as ``quant`` says (None: in the model's dtype); only an empty cache may change."""
+        if quant == self.quant:
+            return
+        if self.seen:
+            raise RuntimeError("a KVCache that holds tokens cannot change how it stores them")
+        self.quant = quant
+        self.layers = [self._new_layer() for _ in self.layers]
+
     def ensure_layers(self, num_layers: int) -> None:
         while len(self.layers) < num_layers:
-            self.layers.append(SlotLayer())
+            self.layers.append(self._new_layer())
 
     def layer(self, layer_idx: int) -> SlotLayer:
         return self.layers[layer_idx]

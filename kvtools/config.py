@@ -27,6 +27,7 @@ import yaml
 from .errors import ConfigError
 from .methods import STAGE_MODELS
 from .params import STAGES, StageParams, StrictNumbers, closest, validate_fields
+from .quant import QuantParams
 
 __all__ = ["STAGES", "STAGE_MODELS", "KVConfig", "StrictNumbers", "check_out_dir", "check_out_file", "closest",
            "config_from_dict", "list_presets", "load_config", "parse_yaml", "read_yaml", "same_method",
@@ -68,14 +69,19 @@ class KVConfig:
     decode: StageParams = field(default_factory=lambda: _default("decode"))
     name: str = "full"
     description: str = ""
+    #: how the cache stores keys and values (None: in the model's dtype); see :mod:`kvtools.quant`
+    quant: QuantParams | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "prefill": self.prefill.model_dump(exclude_none=True),
             "cache": self.cache.model_dump(exclude_none=True),
             "decode": self.decode.model_dump(exclude_none=True),
         }
+        if self.quant is not None:
+            out["quant"] = self.quant.model_dump()
+        return out
 
 
 # ---------------------------------------------------------------- validation
@@ -109,7 +115,7 @@ def config_from_dict(raw: dict[str, Any], name: str | None = None, base_dir: Pat
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"config: must be a mapping with keys {', '.join(STAGES)}, got {type(raw).__name__}")
-    allowed_top = [*STAGES, "name", "description"]
+    allowed_top = [*STAGES, "quant", "name", "description"]
     for key in raw:
         if key not in allowed_top:
             raise ConfigError(
@@ -124,8 +130,13 @@ def config_from_dict(raw: dict[str, Any], name: str | None = None, base_dir: Pat
     methods = {s: stages[s].method for s in STAGES}
     for s in STAGES:
         stages[s].check_stages(s, methods)
-    display = raw.get("name") or name or _auto_name(stages)
-    return KVConfig(**stages, name=str(display), description=str(raw.get("description", "")))
+    quant = None
+    if raw.get("quant") is not None:
+        if not isinstance(raw["quant"], dict):
+            raise ConfigError(f"quant: must be a mapping like {{bits: 4}}, got {raw['quant']!r}")
+        quant = validate_fields(QuantParams, raw["quant"], "quant", what="quantisation")
+    display = raw.get("name") or name or _auto_name(stages) + (f"+int{quant.bits}" if quant else "")
+    return KVConfig(**stages, name=str(display), description=str(raw.get("description", "")), quant=quant)
 
 
 def _auto_name(stages: dict[str, StageParams]) -> str:

@@ -52,6 +52,8 @@ class Patch:
         self.modules = self.adapter.attention_modules(model)
         self.num_layers = len(self.modules)
         self.policy.bind(self.num_layers, int(model.config.num_key_value_heads))
+        if self.config.quant is not None:
+            self.config.quant.check_model(int(self.modules[0].head_dim))
         self._saved: list[tuple[nn.Module, Any]] = []
         self._install()
 
@@ -100,7 +102,7 @@ class Patch:
     # ------------------------------------------------------------ caches
     def make_cache(self) -> KVCache:
         """A fresh cache sized for this model; pass it as ``past_key_values=`` to ``generate``."""
-        return KVCache(self.num_layers)
+        return KVCache(self.num_layers, quant=self.config.quant)
 
     def cache_kwargs(self, cache: KVCache) -> dict[str, KVCache]:
         """``{name: cache}`` with the argument name the installed transformers prefers
@@ -109,9 +111,9 @@ class Patch:
 
     def _ensure_cache(self, cache: Any) -> KVCache:
         if isinstance(cache, KVCache):
-            cache.ensure_layers(self.num_layers)
             owner = (id(self.model), self.config)
             if cache.seen == 0 or cache.owner is None:
+                cache.store(self.config.quant)  # an empty cache takes this config's storage
                 cache.owner = owner
             elif cache.owner != owner:
                 raise KVToolsError(
@@ -119,6 +121,7 @@ class Patch:
                     f"({cache.owner[1].name!r}); continue it under that patch, or pass a new cache "
                     f"(patch.make_cache()) for '{self.config.name}'"
                 )
+            cache.ensure_layers(self.num_layers)
             return cache
         if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
             return self.make_cache()  # e.g. the empty DynamicCache generate() creates

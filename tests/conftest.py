@@ -16,10 +16,10 @@ from transformers import (
 VOCAB = 128
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, head_dim: int = 16):
     common = dict(
         vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=0,
+        num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=1024, pad_token_id=0,
         bos_token_id=1, eos_token_id=2,
     )
     if family == "llama":
@@ -45,9 +45,9 @@ FAMILIES = ["llama", "qwen3", "gemma3"]
 ALL_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 
 
-def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, head_dim: int = 16):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(family, head_dim), dtype=torch.float32).eval()
     return model.to(dtype)
 
 
