@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,38 @@ def summarize_eval(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def method_points(rows: Sequence[dict[str, Any]], suite: str) -> dict[str, tuple[float, float]]:
+    """Each method's (mean KV bytes as a fraction of full's, mean score x100) over the lengths of ``suite``
+    (its task mean when it has several tasks); methods without a KV ratio (no ``full`` run) are left out."""
+    srows = [r for r in rows if r["suite"] == suite]
+    main = "*" if any(r["task"] == "*" for r in srows) else (srows[0]["task"] if srows else None)
+    out = {}
+    for m in dict.fromkeys(r["method"] for r in srows):
+        cells = [r for r in srows if r["task"] == main and r["method"] == m]
+        kv = _mean([c["kv_bytes_vs_full"] for c in cells])
+        score = _mean([c["score"] for c in cells])
+        if kv is not None and score is not None:
+            out[m] = (kv, score)
+    return out
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The methods no other beats on both axes (fewer KV bytes *and* a higher score; (x, y) = (KV share,
+    score)), from the fewest bytes up. A tie on both keeps every tied method."""
+    front = []
+    for m, (x, y) in points.items():
+        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for m2, (x2, y2) in points.items() if m2 != m)
+        if not dominated:
+            front.append(m)
+    return sorted(front, key=lambda m: points[m])
+
+
+def method_family(name: str) -> str:
+    """A method's name with its first number (a budget) replaced by ``*``: the curve it belongs to
+    (``snapkv-0.1-span``, ``snapkv-0.25-span`` -> ``snapkv-*-span``)."""
+    return re.sub(r"\d+(\.\d+)?", "*", name, count=1)
+
+
 def _f(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
@@ -88,6 +121,12 @@ def eval_markdown(records: Sequence[dict[str, Any]], title: str = "") -> str:
                        + f" | {_f(mean, '.1f')} | {_pct(ratio)} | "
                        f"{_f(None if kv is None else kv / 2**20, '.1f')} | {_pct(kv_ratio)} | {_f(pre, '.2f')} | "
                        f"{_f(dec, '.1f')} |")
+        points = method_points(rows, suite)
+        if len(points) >= 3:
+            front = pareto_front(points)
+            out += ["", "Pareto frontier (mean KV share of full -> mean score; nothing else holds fewer bytes and "
+                    "scores higher): " + ", ".join(f"{m} ({_pct(points[m][0])} -> {points[m][1]:.1f})"
+                                                   for m in front)]
         tasks = [t for t in dict.fromkeys(r["task"] for r in srows) if t != "*"]
         if len(tasks) > 1:
             out += ["", f"Per task (score x100, mean over lengths {', '.join(format_length(n) for n in lengths)}):", "",
@@ -152,6 +191,9 @@ def _plots(records, rows, out_dir: Path) -> list[Path]:
             fig.tight_layout()
             fig.savefig(out_dir / name, dpi=110)
             files.append(out_dir / name)
+    shares = {suite: method_points(rows, suite) for suite in suites}
+    if any(len(p) >= 3 for p in shares.values()):
+        files.append(_plot_frontier(shares, out_dir / "score_vs_kv_share.png"))
     niah = [r for r in records if r["suite"] == "niah" and r.get("score") is not None]
     if niah:
         from .plots import plot_heatmaps
@@ -173,3 +215,34 @@ def _plots(records, rows, out_dir: Path) -> list[Path]:
         fig.savefig(out_dir / "ppl.png", dpi=110)
         files.append(out_dir / "ppl.png")
     return files
+
+
+def _plot_frontier(shares: dict[str, dict[str, tuple[float, float]]], path: Path) -> Path:
+    """Per suite: every method at (mean KV share of full, mean score), the budgets of one method joined
+    (:func:`method_family`), the Pareto frontier dashed."""
+    from matplotlib.figure import Figure
+
+    suites = [s for s, p in shares.items() if p]
+    fig = Figure(figsize=(5.2 * len(suites), 4.2))
+    axes = fig.subplots(1, len(suites), squeeze=False)[0]
+    for ax, suite in zip(axes, suites):
+        points = shares[suite]
+        families: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+        for m, (x, y) in points.items():
+            families[method_family(m)].append((100 * x, y, m))
+        for fam, pts in families.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam)
+            for x, y, m in pts:
+                ax.annotate(m, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front(points)
+        ax.plot([100 * points[m][0] for m in front], [points[m][1] for m in front], "k--", lw=1, label="Pareto frontier")
+        ax.set_title(suite)
+        ax.set_xlabel("KV bytes held, % of full")
+        ax.set_ylabel("score x100 (mean over lengths)")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
