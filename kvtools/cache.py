@@ -17,7 +17,8 @@ stay right after compression.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -40,6 +41,9 @@ class Step:
     #: and whether every new token is real
     first: int | None = None
     all_real: bool | None = None
+    #: work a method defers until every layer has run this chunk (called in order, then dropped): e.g.
+    #: ``layers: adaptive`` splits a budget over layers from all of their scores
+    deferred: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.first is None:

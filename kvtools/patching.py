@@ -248,6 +248,8 @@ def _model_forward(patch: Patch, orig: Any):
             if private:
                 ckw["use_cache"] = True
             outs.append(orig(**ckw))
+            for task in cache.step.deferred:  # after every layer ran this chunk
+                task()
             cache.seen += e - s
         cache.step = None
         out = outs[-1]

@@ -112,3 +112,71 @@ def test_shares_beyond_what_a_layer_holds_go_to_the_other_layers():
         cache = p.make_cache()
         model(input_ids=ids, past_key_values=cache, use_cache=True)
     assert cache.slots() == want
+
+
+# ---------------------------------------------------------------- layers: adaptive
+def adaptive_reference(curves: list[list[float]], rest: list[int], floor: float) -> list[int]:
+    """Plain loop: each layer its floor, then the largest remaining curve values over all layers one by one."""
+    counts = [min(int(r * floor), len(c)) for r, c in zip(rest, curves)]
+    left = sum(rest) - sum(counts)
+    pool = sorted(((-v, li, r) for li, c in enumerate(curves) for r, v in enumerate(c) if r >= counts[li]))
+    for _, li, _ in pool[:max(left, 0)]:
+        counts[li] += 1
+    return counts
+
+
+def test_adaptive_counts_match_a_plain_greedy_reference():
+    from kvtools.methods.scored import adaptive_counts
+
+    g = torch.Generator().manual_seed(0)
+    scores, cands = [], []
+    for n_cand in (30, 12, 30, 25):
+        s = torch.rand(2, 3, 40, generator=g) ** (1 + 3 * torch.rand(1, generator=g))  # layers spread differently
+        c = torch.zeros(2, 3, 40, dtype=torch.bool)
+        c[..., 5:5 + n_cand] = True
+        scores.append(s)
+        cands.append(c)
+    rest = torch.tensor([[10, 8], [10, 8], [10, 8], [10, 8]])
+    got = adaptive_counts(scores, cands, rest, 0.2)
+    for b in range(2):
+        curves = [sorted(s[b][:, c[b, 0]].double().sort(-1, descending=True).values.mean(0).tolist(), reverse=True)
+                  for s, c in zip(scores, cands)]
+        assert got[:, b].tolist() == adaptive_reference(curves, rest[:, b].tolist(), 0.2)
+    assert got.sum(0).tolist() == rest.sum(0).tolist() and bool((got != rest).any())
+
+
+def test_adaptive_keeps_the_uniform_total_and_each_layer_its_top_scores():
+    model = deep_llama()
+    ids = random_ids(1, 80)
+    base = {"method": "snapkv", "budget": 24, "window": 4, "kernel": 3}
+    with torch.no_grad():
+        with kvtools.patch(model, {"cache": {**base, "layers": "adaptive"}}) as p:
+            ada = p.make_cache()
+            model(input_ids=ids, past_key_values=ada, use_cache=True)
+        with kvtools.patch(model, {"cache": base}) as p:
+            uni = p.make_cache()
+            model(input_ids=ids, past_key_values=uni, use_cache=True)
+    assert sum(ada.slots()) == sum(uni.slots()) and ada.nbytes() == uni.nbytes()
+    assert ada.slots() != uni.slots() and min(ada.slots()) >= 4 + int(20 * 0.2)
+    # each layer keeps what snapkv keeps with that layer's count as its budget
+    for layer_idx, b in enumerate(ada.slots()):
+        with torch.no_grad(), kvtools.patch(model, {"cache": {**base, "budget": b}}) as p:
+            alone = p.make_cache()
+            model(input_ids=ids, past_key_values=alone, use_cache=True)
+        assert torch.equal(ada.layers[layer_idx].idx, alone.layers[layer_idx].idx), layer_idx
+
+
+def test_adaptive_covering_budget_equals_unpatched_across_calls():
+    from .test_contract import CALLS, reference, run_calls
+
+    model = deep_llama()
+    ids = random_ids(2, sum(CALLS), seed=1)
+    cfg = {"cache": {"method": "snapkv", "budget": 1000, "window": 4, "kernel": 3, "layers": "adaptive", "span": 2}}
+    with kvtools.patch(model, cfg) as p:
+        got, _ = run_calls(model, ids, cache=p.make_cache())
+    torch.testing.assert_close(got, reference(model, ids), atol=1e-4, rtol=0)
+
+
+def test_adaptive_needs_attention_mass_scores():
+    with pytest.raises(kvtools.ConfigError, match="cache.layers: adaptive.*knorm"):
+        kvtools.load_config({"cache": {"method": "knorm", "budget": 0.25, "layers": "adaptive"}})

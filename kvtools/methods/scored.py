@@ -4,24 +4,27 @@ At the end of each multi-token call (a prompt, or a later call: a question after
 turn), the call's own slots are compressed to ``budget`` per (row, KV head) (an int, or a fraction of the
 call's real tokens): the call's last ``window`` tokens are always kept, the others ranked by
 :meth:`ScoredEvictionPolicy.score` (higher = keep; ties keep the earlier slot). What earlier calls kept is
-never touched, and decode steps append without evicting. A scorer that reads the call's last queries
-(SnapKV's observation window) sets :attr:`observe`; they are carried across the chunks of a chunked call.
+never touched, and decode steps append without evicting. With ``calls: first`` only the call that starts the
+cache is compressed (a document compressed once, then questions kept whole). A scorer that reads the call's
+last queries (SnapKV's observation window) sets :attr:`observe`; they are carried across the chunks of a
+chunked call.
 A new method is its parameters (a :class:`ScoredParams`) plus its ``score`` (see ``knorm.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from ..cache import RowState, SlotLayer, Step
 from ..errors import ConfigError
 from ..params import StageParams
 from .base import CachePolicy, LayerInfo
-from .common import keep_first_last, keep_top, resolve_tokens, valid_rank
+from .common import keep_first_last, keep_top, resolve_tokens, top_n_mask, valid_rank
 
 
 class ScoredParams(StageParams):
@@ -32,16 +35,33 @@ class ScoredParams(StageParams):
         default=1024, gt=0, description="slots per KV head (int) or fraction of the prompt (0 < f <= 1)"
     )
     window: int = Field(default=32, ge=1, description="most recent tokens of each call always kept")
-    layers: Literal["uniform", "pyramid"] = Field(
+    layers: Literal["uniform", "pyramid", "adaptive"] = Field(
         default="uniform", description="how the budget is spread over layers, the total unchanged: the same in "
-                                       "every layer, or PyramidKV's, decreasing linearly with depth")
+                                       "every layer; PyramidKV's, decreasing linearly with depth; or adaptive: "
+                                       "after the call's last layer ran, the slots beyond the windows go to the "
+                                       "layers' highest-scored tokens over all layers at once (attention-mass "
+                                       "scores only: snapkv)")
+    floor: float = Field(default=0.2, ge=0, le=1, description="adaptive: each layer keeps at least this fraction "
+                                                              "of its uniform share beyond the window")
     beta: float = Field(default=20.0, gt=1, description="pyramid: the first layer keeps 2 - 1/beta times the mean "
                                                         "of what is kept beyond the window, the last 1/beta times")
     span: int = Field(default=1, ge=1, description="keep whole spans of this many consecutive tokens, ranked by "
                                                    "the sum of their tokens' scores (ChunkKV; 1: single tokens)")
+    calls: Literal["all", "first"] = Field(
+        default="all", description="which multi-token calls on a cache are compressed: all (each over its own "
+                                   "tokens, the budget resolved from its own length: a short follow-up question at "
+                                   "a fractional budget keeps only max(budget, window) of its tokens) or first "
+                                   "(only the call that starts the cache, chunked or not: a document compressed "
+                                   "once, the questions and chat turns after it kept whole)")
+
+    #: the method's scores are attention mass, comparable across layers (``layers: adaptive`` needs that)
+    mass_scores: ClassVar[bool] = False
 
     def check(self, stage: str) -> None:
         super().check(stage)
+        if self.layers == "adaptive" and not self.mass_scores:
+            raise ConfigError(f"{stage}.layers: adaptive compares scores across layers, which needs attention-mass "
+                              f"scores ({self.method} ranks by something else); use uniform or pyramid")
         if isinstance(self.budget, int) and self.budget < self.window:
             raise ConfigError(f"{stage}.budget: must be >= {stage}.window ({self.window}) so the window fits, "
                               f"got {self.budget}")
@@ -73,7 +93,7 @@ class ScoredEvictionPolicy(CachePolicy):
         every layer keeps the window; what is kept beyond it, ``(budget - window) * num_layers`` in all, is
         split over the layers by :func:`layer_weights`, a layer's share capped at what the call holds and the
         excess passed to the others (:func:`split_capped`): the total equals the uniform budget's."""
-        if self.cfg.layers == "uniform":
+        if self.cfg.layers != "pyramid":
             return budget
         window = torch.minimum(budget, budget.new_full((), self.cfg.window))
         rest = (budget - window) * self.num_layers  # [B]
@@ -82,7 +102,7 @@ class ScoredEvictionPolicy(CachePolicy):
         return window + shares[layer_idx]
 
     def after_attend(self, layer: SlotLayer, q: torch.Tensor, step: Step, info: LayerInfo) -> None:
-        if not step.is_prefill:
+        if not step.is_prefill or (self.cfg.calls == "first" and step.start > 0):
             return
         q_obs = i_obs = None
         if self.observe:  # carry the call's last queries (and their stream indices) across its chunks
@@ -100,13 +120,66 @@ class ScoredEvictionPolicy(CachePolicy):
         n_real = call[:, 0].sum(-1)  # [B]
         budget = resolve_tokens(self.cfg.budget, step.prompt_real.to(n_real.device))
         budget = self.layer_budget(torch.maximum(budget, torch.clamp(n_real, max=w)), n_real, info.layer_idx)
-        if bool((n_real <= budget).all()):
+        adaptive = self.cfg.layers == "adaptive"
+        if bool((n_real <= budget).all()) and not adaptive:
             return
         scores = self.score(layer, call, q_obs, None if i_obs is None else i_obs.to(layer.idx.device), info)
         protect = keep_first_last(call, 0, w)
+        if adaptive:  # every layer's scores first: the split is made once the call's last layer ran
+            group = next((d for d in step.deferred if isinstance(d, LayerAllocation) and d.policy is self), None)
+            if group is None:
+                step.deferred.append(group := LayerAllocation(self))
+            group.layers.append((layer, scores, call, protect, budget))
+            return
+        self._keep(layer, scores, call, protect, budget)
+
+    def _keep(self, layer: SlotLayer, scores: torch.Tensor, call: torch.Tensor, protect: torch.Tensor,
+              budget: torch.Tensor) -> None:
         if self.cfg.span > 1:
             scores = span_scores(scores, call & ~protect, self.cfg.span)
         layer.keep(keep_top(scores, call, budget, protect) | (layer.valid & ~call))
+
+
+class LayerAllocation:
+    """``layers: adaptive``: the layers' scores of one call, split once every layer has run (a
+    :attr:`~kvtools.cache.Step.deferred` task)."""
+
+    def __init__(self, policy: ScoredEvictionPolicy) -> None:
+        self.policy = policy
+        self.layers: list[tuple[SlotLayer, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self) -> None:
+        p = self.policy
+        cand = [call & ~protect for _, _, call, protect, _ in self.layers]
+        rest = [b - (call & protect)[:, 0].sum(-1) for (_, _, call, protect, b) in self.layers]  # [B] each
+        n = adaptive_counts([s for _, s, _, _, _ in self.layers], cand, torch.stack(rest), p.cfg.floor)  # [L, B]
+        for (layer, scores, call, protect, _), extra in zip(self.layers, n):
+            p._keep(layer, scores, call, protect, (call & protect)[:, 0].sum(-1) + extra)
+
+
+def adaptive_counts(scores: list[torch.Tensor], candidates: list[torch.Tensor], rest: torch.Tensor,
+                    floor: float) -> torch.Tensor:
+    """Slots [L, B] each layer keeps beyond its protected ones, ``rest.sum(0)`` [B] in all (or every candidate).
+
+    Layer l's curve is the mean over its KV heads of their r-th highest candidate score (``scores[l]``,
+    ``candidates[l]`` [B, Hk, S]; every head of a row has the same candidates). Each layer first gets
+    ``floor * rest[l]`` (its uniform share's floor, at most its candidates); the other slots go to the highest
+    remaining curve values over all layers (ties: the earlier layer, then the earlier rank)."""
+    curves, counts = [], []
+    for s, c in zip(scores, candidates):
+        srt = s.double().masked_fill(~c, float("-inf")).sort(-1, descending=True).values  # [B, Hk, S]
+        curves.append(srt.mean(1))  # [B, S]: -inf past the candidates
+        counts.append(c[:, 0].sum(-1))  # [B]
+    width = max(c.shape[-1] for c in curves)
+    curve = torch.stack([F.pad(c, (0, width - c.shape[-1]), value=float("-inf")) for c in curves])  # [L, B, W]
+    count = torch.stack(counts)  # [L, B]
+    base = torch.minimum(torch.floor(rest.double() * floor).long(), count)  # [L, B]
+    extra = (rest.sum(0) - base.sum(0)).clamp(min=0)  # [B]
+    rank = torch.arange(width, device=curve.device)
+    free = (rank >= base[..., None]) & (rank < count[..., None])  # [L, B, W]
+    flat = curve.masked_fill(~free, float("-inf")).permute(1, 0, 2).reshape(curve.shape[1], -1)  # [B, L*W]
+    take = top_n_mask(flat, extra, free.permute(1, 0, 2).reshape(flat.shape))
+    return base + take.view(flat.shape[0], len(curves), width).sum(-1).T
 
 
 def layer_weights(num_layers: int, beta: float) -> torch.Tensor:

@@ -33,6 +33,8 @@ class SnapKVParams(ScoredParams):
     kernel: int = Field(default=7, ge=1, description="1-D pooling kernel over the sequence (odd)")
     pool: Literal["max", "avg"] = "max"
 
+    mass_scores = True  # summed attention probabilities: comparable across layers
+
     def check(self, stage: str) -> None:
         super().check(stage)
         if self.kernel % 2 == 0:
