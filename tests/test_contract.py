@@ -66,8 +66,18 @@ CASES: dict[tuple[str, str], Case] = {
         selects=True,  # bf16 keys reorder near-equal key norms (0.0145 vs full's 0.0054 on the sparse config)
     ),
     ("cache", "duo"): Case(  # layer 0 has no retrieval head: its heads all live in the streaming table
-        [{"cache": {"method": "duo", "retrieval_heads": {1: [0]}, "n_sink": 4, "window": 1000}}],
+        [{"cache": {"method": "duo", "retrieval_heads": {1: [0]}, "n_sink": 4, "window": 1000}},
+         # composed: each head group under a scored method (int / fractional budgets, pyramid, spans)
+         {"cache": {"method": "duo", "retrieval_heads": {1: [0]},
+                    "streaming": {"method": "snapkv", "budget": 1.0, "window": 4, "kernel": 3, "span": 4},
+                    "retrieval": {"method": "knorm", "budget": 1000, "window": 4, "layers": "pyramid"}}}],
         {"cache": {"method": "duo", "retrieval_heads": {1: [0]}, "n_sink": 3, "window": 6}},
+    ),
+    ("cache", "duo+snapkv"): Case(  # duo composed with scored methods: the sparse case (covering: duo's)
+        [],
+        {"cache": {"method": "duo", "retrieval_heads": {1: [0]},
+                   "streaming": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3, "span": 2},
+                   "retrieval": {"method": "snapkv", "budget": 12, "window": 4, "kernel": 3, "layers": "pyramid"}}},
     ),
     ("cache", "retrieval"): Case(
         [{"cache": {**RETR, "index": "flat", "top_k": 1000, "n_sink": 4, "window": 8}, "decode": RETR}],
