@@ -66,7 +66,7 @@ def _cmd_niah(args: argparse.Namespace) -> int:
 
     run = niah_grid(  # configs, grid and haystack validated; nothing loaded
         args.model, _split_configs(args.config), args.lengths, args.depths, args.samples, args.haystack,
-        args.max_new_tokens, args.seed, args.out,
+        args.max_new_tokens, args.seed, args.out, question="agnostic" if args.question_agnostic else "aware",
     )
     check_out_dir(args.out)
     _check_model(args.model, run.suites[0].lengths)
@@ -183,9 +183,54 @@ def _cmd_bench_recall(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate_heads(args: argparse.Namespace) -> int:
+    """``kvtools calibrate heads``: retrieval-head scores (no gradients) written as a Duo pattern."""
+    from kvtools.eval.grid import parse_lengths
+    from kvtools.eval.haystack import MAX_NEW_TOKENS
+
+    lengths = tuple(parse_lengths(args.lengths))
+    samples = 8 if args.samples is None else args.samples
+    if samples < 1:
+        raise ConfigError(f"--samples: must be >= 1 (prompts per length), got {samples}")
+    if args.random:
+        raise ConfigError("--random: only for calibrate duo (the random baseline); calibrate heads measures heads")
+    short = [n for n in lengths if n <= MAX_NEW_TOKENS]
+    if short:
+        raise ConfigError(f"--lengths: {short} leave no room for a NIAH prompt; use lengths > {MAX_NEW_TOKENS}")
+    from kvtools.config import check_out_file
+
+    check_out_file(args.out)  # a pattern file: an existing one is replaced
+    _check_model(args.model, lengths)
+    from kvtools.calibration import retrieval_head_scores, write_pattern
+    from kvtools.models import canonical_name, load_model
+
+    model, tok = load_model(args.model)
+    reduce = args.reduce or "max"
+    res = retrieval_head_scores(model, tok, lengths=lengths, samples=samples, seed=args.seed, greedy=args.greedy,
+                                reduce=reduce, quiet=args.quiet)
+    name = canonical_name(args.model)
+    header = (
+        f"retrieval-head scores (Wu et al. 2024) for {name} (rows = layers, columns = KV heads; {reduce} over "
+        f"each KV head's query heads); binarise with sparsity\n"
+        f"kvtools calibrate heads --model {name} --lengths {args.lengths} --samples {samples} --reduce {reduce} "
+        f"--seed {args.seed}{' --greedy' if args.greedy else ''}\n"
+        f"{res.prompts} prompts, {'greedy answers' if args.greedy else 'teacher-forced needle answers'}; "
+        f"greedy answer = needle on {100 * res.matched:.0f}% of them"
+    )
+    path = write_pattern(res.kv, args.out, header)
+    print(f"wrote {path}: {res.prompts} prompts; {int((res.kv > 0).sum())} of {res.kv.numel()} KV heads copy at "
+          f"least once, {int((res.kv >= 0.1).sum())} score >= 0.1; greedy answer = needle on "
+          f"{100 * res.matched:.0f}% of the prompts")
+    return 0
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.method == "heads":
+        return _cmd_calibrate_heads(args)
     from kvtools.eval.grid import parse_lengths
 
+    if args.samples is not None or args.greedy or args.reduce is not None:
+        raise ConfigError("--samples / --greedy / --reduce: only for calibrate heads")
     lengths = tuple(parse_lengths(args.lengths))
     if args.steps < 1 or args.lr <= 0 or args.reg < 0:
         raise ConfigError("--steps must be >= 1, --lr > 0, --reg >= 0")
@@ -289,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--haystack", default=None, metavar="DIR",
                       help="folder of .txt files for the haystack (default: built-in varied filler)")
     niah.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per sample (default: 16)")
+    niah.add_argument("--question-agnostic", action="store_true",
+                      help="feed the haystack first, compressed before the question is seen, then the question "
+                           "(kept whole); default: the whole prompt in one call (question-aware)")
     _add_out_seed_quiet(niah, "runs/niah")
 
     ev = _command(sub, "eval", _cmd_eval, "a YAML-configured run: methods x suites (niah, passkey, ruler, ppl), "
@@ -341,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--queries", type=int, default=64, help="last prompt queries searched per head")
     _add_out_seed_quiet(br, "runs/bench-recall")
 
-    cal = _command(sub, "calibrate", _cmd_calibrate, "calibrate a method's parameters on the model (duo: head gates)")
-    cal.add_argument("method", choices=["duo"], help="what to calibrate")
+    cal = _command(sub, "calibrate", _cmd_calibrate, "calibrate a method's parameters on the model (duo: head gates; "
+                   "heads: retrieval-head scores without gradients, a duo pattern)")
+    cal.add_argument("method", choices=["duo", "heads"], help="what to calibrate")
     cal.add_argument("--model", default=None, help="model name/path (default: built-in)")
     cal.add_argument("--out", required=True, help="pattern file to write (TSV)")
     cal.add_argument("--steps", type=int, default=200)
@@ -354,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="streaming heads' recent tokens (--recent: the old name)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--random", action="store_true", help="write seeded random gates instead (a baseline)")
+    cal.add_argument("--samples", type=int, default=None,
+                     help="heads: NIAH prompts per length, depths evenly spaced (default: 8)")
+    cal.add_argument("--greedy", action="store_true",
+                     help="heads: score the model's greedy answers (default: teacher-force the needle's)")
+    cal.add_argument("--reduce", choices=["max", "mean"], default=None,
+                     help="heads: a KV head's score from its query heads' (default: max)")
     cal.add_argument("--quiet", action="store_true")
 
     _command(sub, "configs", _cmd_configs, "list the preset configs")

@@ -1,4 +1,6 @@
-"""One timed greedy generation through a patched model: what every generated eval sample runs."""
+"""One timed greedy generation through a patched model: what every generated eval sample runs, in one call
+(question-aware: the cache policy compresses the prompt having seen the question) or two (question-agnostic:
+the context first, compressed at the end of its own call, then the question)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ class Generation:
 
 
 #: ``generate_fn(model, tokenizer, patch, prompt, max_new_tokens) -> Generation``; ``prompt`` is the suite's
-#: prompt object (``NiahPrompt``, ``RulerSample``, ...), which has ``input_ids``
+#: prompt object (``NiahPrompt``, ``RulerSample``, ...), which has ``input_ids``. A question-agnostic run also
+#: passes ``split=n`` (the prompt's ``context_tokens``), as :func:`generate_greedy` takes it
 GenerateFn = Callable[[Any, Any, Any, Any, int], Generation]
 #: ``patch_fn(model, config)`` -> context manager yielding a handle with ``make_cache()`` (:func:`kvtools.patch`)
 PatchFn = Callable[[Any, Any], AbstractContextManager[Any]]
@@ -45,9 +48,15 @@ class _FirstTokenTimer:
         return scores
 
 
-def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new_tokens: int) -> Generation:
+def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new_tokens: int, *,
+                    split: int | None = None) -> Generation:
     """Greedy ``model.generate`` on ``prompt.input_ids`` with a fresh ``patch.make_cache()``; times prefill
-    and decode.
+    (up to the first new token's logits) and decode.
+
+    ``split=n`` (question-agnostic): ``input_ids[:n]`` (the context) is fed first as its own call on the
+    cache, so the policy compresses it at the end of that call without seeing the rest; ``generate`` then
+    feeds the rest (the question and the generation prompt) as a second call on the same cache and decodes.
+    The model sees the same tokens at the same positions as in one call.
 
     >>> with kvtools.patch(model, "snapkv") as p:  # doctest: +SKIP
     ...     gen = generate_greedy(model, tok, p, build_niah_prompt(tok, 1024, 50), 16)
@@ -57,6 +66,8 @@ def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new
 
     device = model.device
     ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)
+    if split is not None and not 0 < split < ids.shape[1]:
+        raise ValueError(f"split: must leave tokens on both sides of the {ids.shape[1]}-token prompt, got {split}")
     cache = patch.make_cache()
     eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -67,6 +78,10 @@ def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new
     sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
+        if split is not None:  # the context alone: compressed at the end of this call
+            context = ids[:, :split]
+            model(input_ids=context, attention_mask=torch.ones_like(context), use_cache=True, logits_to_keep=1,
+                  **patch.cache_kwargs(cache))
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

@@ -30,7 +30,7 @@ from typing import Any
 
 from kvtools.errors import ConfigError
 
-from .prompting import Rendered, check_length, fit_units, render_prompt
+from .prompting import Rendered, check_length, fit_units, has_chat_template, question_split, render_prompt
 
 __all__ = [
     "MAX_NEW_TOKENS",
@@ -243,6 +243,8 @@ class NiahPrompt:
 
     ``text`` is the whole model input (chat template and pre-filled answer prefix
     included) and ``input_ids`` its tokens; ``len(input_ids) + max_new_tokens <= length``.
+    ``context_tokens``: how many of them come before the question (the template's beginning and the
+    haystack; :func:`~kvtools.eval.prompting.question_split`), ``None`` if the tokenizer cannot split there.
     """
 
     text: str
@@ -256,6 +258,7 @@ class NiahPrompt:
     depth: float  # requested depth, % of the haystack tokens
     depth_actual: float  # where the needle landed, % of the haystack tokens before it
     n_sentences: int  # haystack sentences used
+    context_tokens: int | None = None  # tokens before the question
 
     @property
     def n_tokens(self) -> int:
@@ -376,4 +379,5 @@ def build_niah_prompt(
         text=text, input_ids=ids, key=key, value=value, needle=needle, question=question,
         answer_prefix=answer_prefix, length=length, depth=float(depth),
         depth_actual=100.0 * counts.total(cut) / total if total else float(depth), n_sentences=n,
+        context_tokens=question_split(tokenizer, text, ids, question, chat=has_chat_template(tokenizer)),
     )

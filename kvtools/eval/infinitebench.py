@@ -52,7 +52,17 @@ from kvtools.errors import ConfigError
 
 from .datasets import load_dataset_source
 from .metrics import best_score
-from .prompting import LongPrompt, Rendered, check_length, fit_context, fit_units, has_chat_template, render_prompt
+from .prompting import (
+    LongPrompt,
+    Rendered,
+    after_context,
+    check_length,
+    fit_context,
+    fit_units,
+    has_chat_template,
+    question_split,
+    render_prompt,
+)
 
 __all__ = [
     "HUB_ID",
@@ -312,7 +322,9 @@ def make_synthetic(
     example = {**example, "id": seed if isinstance(seed, int) else zlib.crc32(str(seed).encode())}
     denominator = (n_units - 1) if task == "kv_retrieval" else n_units
     depth_actual = 100.0 * at / denominator if denominator > 0 else 0.0
-    prompt = LongPrompt(task, text, ids, new_tokens, chat, False, len(ids))
+    question = after_context(lambda ctx: format_prompt(task, {**example, "context": ctx}), example["context"])
+    prompt = LongPrompt(task, text, ids, new_tokens, chat, False, len(ids),
+                        question_split(tokenizer, text, ids, question, chat=chat))
     return SyntheticSample(task, example, prompt, length, float(depth), depth_actual, n_units)
 
 

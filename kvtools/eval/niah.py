@@ -11,6 +11,8 @@ extend the grid. Nothing is written before every check passed (grid, configs, ou
 the model found and the lengths within its context, read from its config before any weights
 load, the shortest prompt). What differs from a run file: the folder keeps the grid's flat
 ``config.json`` and gets the NIAH tables (``summary.md``, ``summary.csv``) and heatmaps.
+``question="agnostic"`` (``kvtools niah --question-agnostic``) feeds the haystack first, compressed before
+the question is seen, then the question (a run file's ``question: agnostic``, :mod:`kvtools.eval.run`).
 
 Example::
 
@@ -31,7 +33,7 @@ from .generation import GenerateFn, PatchFn
 from .grid import parse_depths, parse_lengths
 from .haystack import MAX_NEW_TOKENS
 from .report import summary_markdown, write_summary
-from .run import EvalResult, Run, RunFile, resolve_methods, run_eval
+from .run import EvalResult, Run, RunFile, check_question, resolve_methods, run_eval
 from .suites import suite_from_dict
 
 __all__ = ["NiahGrid", "NiahRun", "niah_grid", "run_niah"]
@@ -47,7 +49,7 @@ class NiahGrid(Run):
 
     config_file: ClassVar[str] = "config.json"
     methods_key: ClassVar[str] = "configs"
-    must_match: ClassVar[tuple[str, ...]] = ("suite", "model", "seed", "max_new_tokens", "haystack")
+    must_match: ClassVar[tuple[str, ...]] = ("suite", "model", "seed", "max_new_tokens", "haystack", "question")
 
     def to_dict(self) -> dict[str, Any]:
         (suite,) = self.suites
@@ -61,6 +63,7 @@ class NiahGrid(Run):
             "max_new_tokens": suite.max_new_tokens,
             "seed": self.spec.seed,
             "haystack": suite.haystack,
+            "question": self.question,
         }
 
     def resumed(self, old: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -89,8 +92,10 @@ def niah_grid(
     max_new_tokens: int = MAX_NEW_TOKENS,
     seed: int = 0,
     out_dir: str | Path = "runs/niah",
+    *,
+    question: str = "aware",
 ) -> NiahGrid:
-    """The run of a NIAH grid, validated (configs, grid, haystack folder); nothing is loaded.
+    """The run of a NIAH grid, validated (configs, grid, haystack folder, question mode); nothing is loaded.
 
     ``lengths`` / ``depths`` are lists or specs (:func:`~kvtools.eval.grid.parse_lengths`,
     :func:`~kvtools.eval.grid.parse_depths`); the other arguments are those of :func:`run_niah`.
@@ -101,8 +106,9 @@ def niah_grid(
     haystack = str(Path(haystack_dir).resolve()) if haystack_dir is not None else None
     suite = suite_from_dict({"suite": "niah", "lengths": parse_lengths(lengths), "depths": parse_depths(depths),
                              "samples": samples, "max_new_tokens": max_new_tokens, "haystack": haystack}, "niah")
+    check_question(question, [suite])
     spec = RunFile(model=model_name, methods=[c.to_dict() for c in resolved], suites=[suite.model_dump()],
-                   seed=seed, out=str(out_dir))
+                   seed=seed, out=str(out_dir), question=question)
     return NiahGrid(spec, resolved, [suite])
 
 
@@ -122,6 +128,7 @@ def run_niah(
     generate_fn: GenerateFn | None = None,
     patch_fn: PatchFn | None = None,
     report: bool = True,
+    question: str = "aware",
 ) -> EvalResult | None:
     """Run (or resume) a needle-in-a-haystack grid and write its results (what ``kvtools niah`` does);
     returns the records and summary (``None`` on the other processes of an ``accelerate launch``).
@@ -143,6 +150,8 @@ def run_niah(
         generate_fn: replaces :func:`~kvtools.eval.generation.generate_greedy` (tests, other decoding).
         patch_fn: replaces :func:`kvtools.patch` (tests).
         report: write the summary and heatmaps at the end.
+        question: ``aware`` (each prompt in one call) or ``agnostic`` (the haystack first, compressed before the
+            question is fed; the question kept whole: scored cache methods run with ``calls: first``).
 
     Everything is validated (configs, grid, haystack folder, resume compatibility)
     before the model is loaded; a length beyond the model's context raises
@@ -151,6 +160,7 @@ def run_niah(
     >>> run = run_niah(None, ["full", "streamingllm"], [1024, 2048], [0, 50, 100], 2, "runs/niah")  # doctest: +SKIP
     >>> print(run.summary)  # doctest: +SKIP
     """
-    run = niah_grid(model_name, configs, lengths, depths, samples, haystack_dir, max_new_tokens, seed, out_dir)
+    run = niah_grid(model_name, configs, lengths, depths, samples, haystack_dir, max_new_tokens, seed, out_dir,
+                    question=question)
     return run_eval(run, out_dir, quiet, model=model, tokenizer=tokenizer, generate_fn=generate_fn,
                     patch_fn=patch_fn, report=report)

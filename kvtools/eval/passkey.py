@@ -30,7 +30,7 @@ from typing import Any, Literal
 from kvtools.errors import ConfigError
 
 from .haystack import LazyStream, iter_filler
-from .prompting import Rendered, check_length, fit_units, render_prompt
+from .prompting import Rendered, check_length, fit_units, has_chat_template, question_split, render_prompt
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -65,7 +65,8 @@ class PasskeySample:
     ``text`` is the whole model input (chat template and pre-filled answer prefix included)
     and ``input_ids`` its tokens; ``n_tokens + max_new_tokens <= length``. ``depth`` is the
     requested fraction of the filler before the passkey line, ``depth_actual`` the achieved one
-    (whole sentences); ``references == [str(passkey)]``.
+    (whole sentences); ``references == [str(passkey)]``. ``context_tokens``: how many tokens come
+    before the question (:func:`~kvtools.eval.prompting.question_split`), ``None`` if they cannot be split.
     """
 
     length: int
@@ -83,6 +84,7 @@ class PasskeySample:
     task: str = "passkey"
     metric: str = "first_integer"
     meta: dict[str, Any] = field(default_factory=dict)
+    context_tokens: int | None = None
 
 
 def first_integer(text: str) -> int | None:
@@ -176,4 +178,5 @@ def make_passkey(
         depth_actual=cut_at(n) / n if n else float(depth),
         n_sentences=n,
         meta={"filler": filler},
+        context_tokens=question_split(tokenizer, text, ids, QUESTION, chat=has_chat_template(tokenizer)),
     )

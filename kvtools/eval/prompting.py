@@ -8,6 +8,8 @@
   passkey, InfiniteBench) all size their haystack with it.
 - :func:`fit_context`: a document prompt (LongBench, InfiniteBench) whose context loses its
   middle until the prompt fits.
+- :func:`question_split`: where a prompt's context part ends and its question begins, in tokens, for a
+  question-agnostic run (the context fed and compressed as its own call before the question is seen).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from kvtools.errors import ConfigError, InputTooLongError
 __all__ = [
     "LongPrompt",
     "Rendered",
+    "after_context",
     "check_length",
     "fit_context",
     "fit_units",
     "has_chat_template",
+    "question_split",
     "render_prompt",
     "truncate_middle",
 ]
@@ -58,6 +62,48 @@ def render_prompt(
     else:
         text = f"{user}{sep}{answer_prefix}" if answer_prefix else user
     return text, list(tokenizer.encode(text, add_special_tokens=not chat))
+
+
+def question_split(tokenizer: Any, text: str, ids: list[int], question: str, *, chat: bool) -> int | None:
+    """How many leading tokens of ``ids`` (the tokens of ``text``, from :func:`render_prompt`) form the context
+    part of the prompt: everything before the last occurrence of ``question`` in ``text``, less the whitespace
+    before it (the chat template's beginning included). The rest (the question, the template's end and the
+    answer prefix) is the second call of a question-agnostic run.
+
+    The context text is tokenized alone (BOS as ``render_prompt`` adds it). When its tokens are a prefix of
+    ``ids`` (the usual case: the cut falls between a word or punctuation mark and the whitespace before the
+    question) that is the split, so each part holds exactly the tokens of its own text; otherwise (a tokenizer that
+    merges across the cut) the split is their common prefix, the last context token going with the question.
+    Either way ``ids[:n] + ids[n:] == ids``. ``None`` when ``question`` is not in ``text``, either part would be
+    empty, or the context's own tokens differ from the prompt's by more than two at the cut: that prompt cannot
+    run question-agnostic (the runner refuses it), a question-aware run does not need the split.
+
+    >>> text, ids = render_prompt(tok, "Some document.\n\nWhat is it?", "It is")  # doctest: +SKIP
+    >>> n = question_split(tok, text, ids, "What is it?", chat=True)  # doctest: +SKIP
+    >>> tok.decode(ids[n:])  # doctest: +SKIP
+    '\n\nWhat is it?<|im_end|>\n<|im_start|>assistant\nIt is'
+    """
+    question = question.strip()
+    at = text.rfind(question) if question else -1
+    if at < 0:
+        return None
+    head = list(tokenizer.encode(text[: len(text[:at].rstrip())], add_special_tokens=not chat))
+    n = 0
+    for a, b in zip(head, ids):
+        if a != b:
+            break
+        n += 1
+    if not 0 < n < len(ids) or n < len(head) - 2:  # a tokenizer may merge a token or two across the cut, no more
+        return None
+    return n
+
+
+def after_context(user: Callable[[str], str], context: str) -> str:
+    """What the user message ``user(context)`` holds after ``context`` (the question, for a template that puts
+    it after the document): its text from where it first differs from ``user(context + "\\x00")``."""
+    whole, longer = user(context), user(context + "\x00")
+    end = next((i for i, (a, b) in enumerate(zip(whole, longer)) if a != b), len(whole))
+    return whole[end:]
 
 
 def check_length(length: Any, max_new_tokens: Any, max_context: int | None = None) -> None:
@@ -196,6 +242,7 @@ class LongPrompt:
     chat: bool
     truncated: bool  # the middle of the context was cut
     n_original: int  # tokens the prompt would have had without truncation
+    context_tokens: int | None = None  # tokens before the question (:func:`question_split`)
 
     @property
     def n_tokens(self) -> int:
@@ -219,28 +266,37 @@ def fit_context(
 
     Everything but the context (instructions, question, options, chat template) is kept
     whole; the context keeps its head and tail halves (:func:`truncate_middle`), with the
-    budget corrected until the whole prompt fits. Raises :class:`InputTooLongError` when the
-    prompt does not fit even with an empty context.
+    budget corrected until the whole prompt fits. ``context_tokens`` ends the prompt's tokens at
+    the end of the context (:func:`question_split`; the template puts the question after it).
+    Raises :class:`InputTooLongError` when the prompt does not fit even with an empty context.
     """
     if max_input_tokens < 1:
         raise ConfigError(f"max_input_tokens: must be >= 1, got {max_input_tokens}")
     context = str(example.get("context") or "")
 
+    def user(ctx: str) -> str:
+        return format_prompt(task, {**example, "context": ctx})
+
     def render(ctx: str) -> tuple[str, list[int]]:
-        return render_prompt(tokenizer, format_prompt(task, {**example, "context": ctx}), answer_prefix, chat=chat)
+        return render_prompt(tokenizer, user(ctx), answer_prefix, chat=chat)
+
+    def prompt(ctx: str, text: str, ids: list[int], truncated: bool) -> LongPrompt:
+        split = question_split(tokenizer, text, ids, after_context(user, ctx), chat=chat)
+        return LongPrompt(task, text, ids, max_new_tokens, chat, truncated, n_original, split)
 
     text, ids = render(context)
     n_original = len(ids)
     if n_original <= max_input_tokens:
-        return LongPrompt(task, text, ids, max_new_tokens, chat, False, n_original)
+        return prompt(context, text, ids, False)
     overhead = len(render("")[1])
     budget = max_input_tokens - overhead
     for _ in range(16):
         if budget < 0:
             break
-        text, ids = render(truncate_middle(context, tokenizer, budget))
+        cut = truncate_middle(context, tokenizer, budget)
+        text, ids = render(cut)
         if len(ids) <= max_input_tokens:
-            return LongPrompt(task, text, ids, max_new_tokens, chat, True, n_original)
+            return prompt(cut, text, ids, True)
         budget -= len(ids) - max_input_tokens
     raise InputTooLongError(
         f"max_input_tokens {max_input_tokens}: the prompt without its context already takes {overhead} tokens "

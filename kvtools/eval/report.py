@@ -5,7 +5,9 @@ goes, the same record format for every suite and for ``kvtools niah`` (see
 :func:`kvtools.eval.run.run_eval`); :func:`read_results` reads it back. :func:`write_summary`
 turns NIAH results into ``summary.md`` (tables readable in a README) and ``summary.csv``
 (one row per method and length, plus an ``all`` row per method), with per-method means and
-the ratio to the ``full`` baseline when it is part of the run.
+the ratio to the ``full`` baseline when it is part of the run. A record's ``question`` says how its prompt
+was fed (:func:`question_of`; records written before that field are question-aware), and the summaries'
+titles say so for question-agnostic results (:func:`question_note`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from typing import Any
 
 __all__ = [
     "BASELINE",
+    "QUESTION_DEFAULT",
     "RESULTS_FILE",
     "cell_key",
     "format_length",
+    "question_note",
+    "question_of",
     "read_results",
     "record_key",
     "summarize",
@@ -37,6 +42,25 @@ BASELINE = "full"
 MIB = 1024 * 1024
 
 CellKey = tuple[str, int, float, int]
+#: how a record's prompt was fed when the record does not say (every record before the ``question`` field)
+QUESTION_DEFAULT = "aware"
+
+
+def question_of(record: dict[str, Any]) -> str:
+    """How the record's prompt was fed: ``aware`` (one call) or ``agnostic`` (its context first)."""
+    return str(record.get("question", QUESTION_DEFAULT))
+
+
+def question_note(records: Iterable[dict[str, Any]]) -> str:
+    """A title suffix naming the records' question mode, empty when they are all question-aware (the default).
+
+    >>> question_note([{"question": "agnostic", "score": 1.0}])
+    ' — question-agnostic (each context compressed before its question was fed)'
+    """
+    modes = sorted({question_of(r) for r in records if r.get("score") is not None})
+    if modes == ["agnostic"]:
+        return " — question-agnostic (each context compressed before its question was fed)"
+    return " — question-aware and question-agnostic records mixed" if len(modes) > 1 else ""
 
 
 def record_key(record: dict[str, Any]) -> tuple[str, str, str, int, float, int]:
@@ -210,7 +234,7 @@ def summary_markdown(records: Sequence[dict[str, Any]], title: str | None = None
     has_full = BASELINE in methods
     model = next((str(r["model"]) for r in records if r.get("model")), None)
 
-    out = [f"## {title or 'Needle in a haystack'}" + (f" — `{model}`" if model else ""), ""]
+    out = [f"## {title or 'Needle in a haystack'}" + (f" — `{model}`" if model else "") + question_note(records), ""]
 
     out += ["Accuracy (mean score, 1 = value found in the output):", ""]
     head = ["method", *labels, "all"] + (["vs full"] if has_full else [])

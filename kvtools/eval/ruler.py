@@ -61,7 +61,7 @@ from typing import Any, Literal
 from kvtools.errors import ConfigError
 
 from .haystack import LazyStream, iter_filler
-from .prompting import Rendered, check_length, fit_units, render_prompt
+from .prompting import Rendered, check_length, fit_units, has_chat_template, question_split, render_prompt
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -154,7 +154,9 @@ class RulerSample:
     ``text`` is the whole model input (chat template and pre-filled ``answer_prefix``
     included) and ``input_ids`` its tokens; ``n_tokens + max_new_tokens <= length``.
     ``references`` are the strings the output must contain (scored with ``metric``);
-    ``meta`` holds task details (keys asked, haystack size, word counts...).
+    ``meta`` holds task details (keys asked, haystack size, word counts...). ``context_tokens``:
+    how many tokens come before the question (the template's beginning, the task description and
+    the haystack; :func:`~kvtools.eval.prompting.question_split`), ``None`` if they cannot be split.
     """
 
     task: str
@@ -168,6 +170,7 @@ class RulerSample:
     n_tokens: int
     max_new_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
+    context_tokens: int | None = None
 
 
 def string_match_all(output: str, references: Sequence[str]) -> float:
@@ -289,21 +292,23 @@ class RulerTask:
         raise NotImplementedError
 
     def _sample(
-        self, length: int, seed: int | str, max_new_tokens: int, rendered: Rendered,
-        references: list[str], answer_prefix: str, meta: dict[str, Any],
+        self, tokenizer: Any, length: int, seed: int | str, max_new_tokens: int, rendered: Rendered,
+        references: list[str], answer_prefix: str, meta: dict[str, Any], question: str,
     ) -> RulerSample:
+        """The sample of the fitted ``rendered`` prompt, whose user message ends with ``question``."""
         text, ids = rendered
         return RulerSample(
             task=self.name, length=length, seed=seed, input_ids=ids, text=text, references=references,
             metric="string_match_all", answer_prefix=answer_prefix, n_tokens=len(ids),
             max_new_tokens=max_new_tokens, meta=meta,
+            context_tokens=question_split(tokenizer, text, ids, question, chat=has_chat_template(tokenizer)),
         )
 
 
+_NIAH_QUESTION = "What are all the special magic {kind} for {query} mentioned in the provided text?"
 _NIAH_TEMPLATE = (
     "Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the {kind} afterwards.\n{context}\n"
-    "What are all the special magic {kind} for {query} mentioned in the provided text?"
+    "I will quiz you about the {kind} afterwards.\n{context}\n" + _NIAH_QUESTION
 )
 _NIAH_NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 _NIAH_PREFIX = "The special magic {kind} for {query} mentioned in the provided text are"
@@ -372,12 +377,14 @@ class NiahTask(RulerTask):
         n, rendered = fit_units(render, length, max_new_tokens, what=self.name)
         meta = {"keys": keys, "values": values, "queries": queries, "needles": [t for _, t in needles],
                 "haystack_units": n}
-        return self._sample(length, seed, max_new_tokens, rendered, references, answer_prefix, meta)
+        return self._sample(tokenizer, length, seed, max_new_tokens, rendered, references, answer_prefix, meta,
+                            _NIAH_QUESTION.format(kind=kind, query=query))
 
 
+_VT_QUESTION = "Question: Find all variables that are assigned the value {query} in the text above."
 _VT_TEMPLATE = (
     "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
-    "Question: Find all variables that are assigned the value {query} in the text above."
+    + _VT_QUESTION
 )
 _VT_PREFIX = (
     "Answer: According to the chain(s) of variable assignment in the text above, "
@@ -438,13 +445,14 @@ class VariableTrackingTask(RulerTask):
 
         n, rendered = fit_units(render, length, max_new_tokens, what=self.name)
         meta = {"value": query, "chains": chains, "statements": ordered, "haystack_units": n}
-        return self._sample(length, seed, max_new_tokens, rendered, list(chains[0]), answer_prefix, meta)
+        return self._sample(tokenizer, length, seed, max_new_tokens, rendered, list(chains[0]), answer_prefix, meta,
+                            _VT_QUESTION.format(query=query))
 
 
+_CWE_QUESTION = "Question: What are the {num} most common words in the above list?"
 _CWE_TEMPLATE = (
     "Below is a numbered list of words. In these words, some appear more often than others. "
-    "Memorize the ones that appear most often.\n{context}\n"
-    "Question: What are the {num} most common words in the above list?"
+    "Memorize the ones that appear most often.\n{context}\n" + _CWE_QUESTION
 )
 _CWE_PREFIX = "Answer: The top {num} words that appear most often in the list are:"
 _CONSONANTS = "bdfgklmnprstvz"
@@ -537,14 +545,17 @@ class CommonWordsTask(RulerTask):
         n_rare, rendered = fit_units(render_with(plan), length, max_new_tokens, what=self.name, n_min=min_rare(plan))
         common, _ = words_for(plan, n_rare)
         meta = {"common_repeats": plan[0], "uncommon_repeats": plan[1], "num_uncommon": n_rare}
-        return self._sample(length, seed, max_new_tokens, rendered, common, answer_prefix, meta)
+        return self._sample(tokenizer, length, seed, max_new_tokens, rendered, common, answer_prefix, meta,
+                            _CWE_QUESTION.format(num=num))
 
 
-_FWE_TEMPLATE = (
-    "Read the following coded text and track the frequency of each coded word. "
-    "Find the {num} most frequently appeared coded words. {context}\n"
+_FWE_QUESTION = (
     "Question: Do not provide any explanation. Please ignore the dots '{noise}'. "
     "What are the {num} most frequently appeared words in the above coded text?"
+)
+_FWE_TEMPLATE = (
+    "Read the following coded text and track the frequency of each coded word. "
+    "Find the {num} most frequently appeared coded words. {context}\n" + _FWE_QUESTION
 )
 _FWE_PREFIX = "Answer: According to the coded text above, the {num} most frequently appeared words are:"
 _NUMBER_WORDS: Mapping[int, str] = MappingProxyType(
@@ -615,7 +626,8 @@ class FrequentWordsTask(RulerTask):
         total, rendered = fit_units(render, length, max_new_tokens, what=self.name, n_min=n_min)
         references = vocab[1 : 1 + self.num_answers]
         meta = {"num_words": total, "vocab_size": vocab_size, "noise": self.noise}
-        return self._sample(length, seed, max_new_tokens, rendered, references, answer_prefix, meta)
+        return self._sample(tokenizer, length, seed, max_new_tokens, rendered, references, answer_prefix, meta,
+                            _FWE_QUESTION.format(num=num, noise=self.noise))
 
 
 # ---------------------------------------------------------------- registry

@@ -8,6 +8,7 @@ A run file::
     methods: [full, snapkv-0.25, {name: sl, cache: {method: streamingllm, n_sink: 4, window: 256}}]
     seed: 0
     out: runs/ruler-smollm2
+    # question: agnostic                     # compress the context before the question is fed (default: aware)
     suites:
       - {suite: ruler, tasks: all, lengths: [1k, 2k, 4k], samples: 4}
       - {suite: niah, lengths: [1k, 2k], depths: [0, 50, 100]}
@@ -23,10 +24,22 @@ run (``run.json``), one JSON line per sample (``results.jsonl``, flushed as it g
 skipped, a truncated last line is dropped; a method added to finished items must see the
 prompts the other methods saw (else the run is refused).
 
+``question: aware`` (the default) feeds each prompt in one call, so a cache policy that compresses at the end
+of a call (SnapKV's observation window, ...) has seen the question. ``question: agnostic`` feeds it in two
+calls on the same cache, as a pipeline that compresses a document once and then asks it questions does: the
+context (up to where the question starts, the chat template's beginning included; each prompt builder knows
+that boundary: ``context_tokens``), compressed at the end of its call, then the question with the generation
+prompt, then generation (:func:`~kvtools.eval.generation.generate_greedy`'s ``split``). The question is never
+compressed: scored cache methods run with ``calls: first`` (:class:`~kvtools.methods.scored.ScoredParams`;
+the resolved run and the records' ``config`` show it). A stream suite (``ppl``) has no question and is refused
+in such a run. A folder holds one mode: its results of the other mode are refused (results written before
+the option existed are question-aware).
+
 One record per (method, item): ``model, suite, task, length, depth, sample, method, config``,
 then for a generated sample ``prompt_sha1`` (of the token ids), ``n_tokens, references,
 output, score, kv_bytes, new_tokens, prefill_s, decode_s, decode_ms`` (per token),
-``seconds`` and the suite's details (NIAH: ``key, value, depth_actual, seed``), or for a
+``seconds``, ``question`` (``aware`` or ``agnostic``; with ``agnostic`` also ``context_tokens``, the tokens of
+the first call) and the suite's details (NIAH: ``key, value, depth_actual, seed``), or for a
 stream ``score: null, ppl, ppl_segments, segment, seconds``.
 
 Under ``accelerate launch -m kvtools eval RUN.yaml`` every process takes every
@@ -41,20 +54,23 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field
 
 from ..config import KVConfig, StrictNumbers, check_out_dir, load_config, read_yaml, same_method, validate_fields
 from ..errors import ConfigError, InputTooLongError
 from .generation import GenerateFn, PatchFn
-from .report import RESULTS_FILE, read_results, record_key
+from .report import QUESTION_DEFAULT, RESULTS_FILE, question_of, read_results, record_key
 from .suites import Item, Prepared, SuiteSpec, suite_from_dict
 
-__all__ = ["EvalResult", "Run", "RunFile", "load_run", "resolve_items", "resolve_methods", "run_eval",
-           "split_models"]
+__all__ = ["QUESTION_MODES", "EvalResult", "Run", "RunFile", "check_question", "load_run", "question_config",
+           "resolve_items", "resolve_methods", "run_eval", "split_models"]
+
+#: how a prompt is fed: in one call (the policy sees the question) or the context first, then the question
+QUESTION_MODES = ("aware", "agnostic")
 
 
 class RunFile(StrictNumbers):
@@ -68,6 +84,9 @@ class RunFile(StrictNumbers):
     seed: int = 0
     out: str = "runs/eval"
     device: str | None = None
+    question: Literal["aware", "agnostic"] = Field(
+        default=QUESTION_DEFAULT, description="aware: each prompt in one call; agnostic: its context first, "
+                                              "compressed before the question is fed (the question kept whole)")
 
 
 @dataclass
@@ -88,7 +107,17 @@ class Run:
     #: the key of the resolved run that maps method names to their configs
     methods_key: ClassVar[str] = "methods"
     #: keys of the resolved run that must match the run a folder holds for it to be resumed
-    must_match: ClassVar[tuple[str, ...]] = ("model", "seed")
+    must_match: ClassVar[tuple[str, ...]] = ("model", "seed", "question")
+    #: keys added to the resolved run since folders were first written, and what a folder without one held
+    added_keys: ClassVar[dict[str, Any]] = {"question": QUESTION_DEFAULT}
+
+    def __post_init__(self) -> None:
+        self.configs = [question_config(c, self.question) for c in self.configs]
+
+    @property
+    def question(self) -> str:
+        """``aware`` or ``agnostic`` (see the module docstring)."""
+        return self.spec.question
 
     def items(self) -> list[Item]:
         return [item for suite in self.suites for item in suite.items()]
@@ -99,12 +128,14 @@ class Run:
             "seed": self.spec.seed,
             "methods": {c.name: c.to_dict() for c in self.configs},
             "suites": [s.model_dump() for s in self.suites],
+            "question": self.question,
         }
 
     def resumed(self, old: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         """The resolved run to write over ``old``, the one a folder with results holds: the methods of
         both; a :class:`ConfigError` when the two differ in a ``must_match`` key or a method's config."""
         new, key = self.to_dict(), self.methods_key
+        old = {**self.added_keys, **old}
         diffs = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in self.must_match if old.get(k) != new.get(k)]
         diffs += [f"{key[:-1]} '{name}': {old[key][name]} there, {cfg} now" for name, cfg in new[key].items()
                   if name in old.get(key, {}) and not same_method(old[key][name], cfg)]
@@ -116,8 +147,9 @@ class Run:
     def summary(self, records: Sequence[dict[str, Any]]) -> str:
         """The markdown summary of the records."""
         from .eval_report import eval_markdown
+        from .report import question_note
 
-        return eval_markdown(records, f"`{self.model_name}`")
+        return eval_markdown(records, f"`{self.model_name}`{question_note(records)}")
 
     def write_report(self, records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         """Write the summary tables and plots; returns the files written."""
@@ -131,6 +163,18 @@ class Run:
 
         return self.spec.model if self.spec.model and self.spec.model.startswith("random:") else canonical_name(
             self.spec.model)
+
+
+def question_config(config: KVConfig, question: str) -> KVConfig:
+    """The config a method runs with in a run of this ``question`` mode: in a question-agnostic run a scored
+    cache method compresses only the first call on a cache (``calls: first``), so the question, fed as the
+    second call, is kept whole; otherwise ``config`` itself."""
+    from ..methods.scored import ScoredParams
+
+    cache = config.cache
+    if question == "agnostic" and isinstance(cache, ScoredParams) and cache.calls != "first":
+        return replace(config, cache=cache.model_copy(update={"calls": "first"}))
+    return config
 
 
 def resolve_methods(specs: Sequence[Any], what: str = "methods", base_dir: Path | None = None) -> list[KVConfig]:
@@ -168,7 +212,18 @@ def load_run(source: str | Path | dict[str, Any]) -> Run:
         raise ConfigError("run.model / run.models: give one of them")
     configs = resolve_methods(spec.methods, base_dir=Path(where).parent if where else None)
     suites = [suite_from_dict(s, f"suites[{i}]") for i, s in enumerate(spec.suites)]
+    check_question(spec.question, suites)
     return Run(spec, configs, suites, where)
+
+
+def check_question(question: str, suites: Sequence[SuiteSpec]) -> None:
+    """A question-agnostic run has only suites of generated prompts (a :class:`ConfigError` names the others)."""
+    if question not in QUESTION_MODES:
+        raise ConfigError(f"question: unknown value {question!r}; allowed: {', '.join(QUESTION_MODES)}")
+    streams = [f"suites[{i}] ({s.suite})" for i, s in enumerate(suites) if s.kind != "generate"]
+    if question == "agnostic" and streams:
+        raise ConfigError(f"question: agnostic splits each prompt before its question; {', '.join(streams)} "
+                          "streams a text with no question: run it in a question-aware run")
 
 
 def _world() -> tuple[int, int, Any]:
@@ -303,6 +358,7 @@ def run_eval(
 
     done = folder.done()
     _check_model_of(done, run, folder.out)
+    _check_question_of(done, run, folder.out)
     done_keys = {record_key(r) for r in done}
     items = [pair for i, pair in enumerate(all_items) if i % folder.world == folder.rank]
     todo = [(suite, it, [c for c in run.configs if (c.name, *it.key()) not in done_keys]) for suite, it in items]
@@ -315,6 +371,8 @@ def run_eval(
         max_context = getattr(model.config, "max_position_embeddings", None)
         _check_lengths([it for _, it, _ in todo], max_context)
         first = _prepare_shortest(todo, tokenizer, run.spec.seed, max_context)
+        if run.question == "agnostic":
+            _check_splits(first)
     # everything checked: only now the folder and its run config are written
     if folder.rank == 0:
         folder.out.mkdir(parents=True, exist_ok=True)
@@ -363,6 +421,23 @@ def _check_model_of(records: list[dict[str, Any]], run: Run, out_dir: Path) -> N
     if others:
         raise ConfigError(f"{out_dir} holds results of model {', '.join(others)}, this run uses {run.model_name}; "
                           "use another output folder, or delete that folder to start over")
+
+
+def _check_question_of(records: list[dict[str, Any]], run: Run, out_dir: Path) -> None:
+    """The folder's results were fed the way the run feeds its prompts (question-aware or agnostic)."""
+    others = sorted({question_of(r) for r in records if r.get("score") is not None} - {run.question})
+    if others:
+        raise ConfigError(f"{out_dir} holds question-{others[0]} results, this run is question-{run.question}; "
+                          "use another output folder")
+
+
+def _check_splits(prepared: dict[Item, Prepared]) -> None:
+    """Each prompt of a question-agnostic run can be split before its question (checked on the shortest prompt
+    of each task, before anything is written; the others when they run)."""
+    for item, prep in prepared.items():
+        if prep.context_tokens is None:
+            raise ConfigError(f"question: agnostic: {item.suite} {item.task} length {item.length}: the prompt cannot "
+                              "be split into its context and its question with this tokenizer; run it question-aware")
 
 
 def _prepare_shortest(todo: list[tuple[SuiteSpec, Item, list[KVConfig]]], tokenizer: Any, seed: int,
@@ -447,14 +522,19 @@ class _Loop:
         generate = self.generate_fn
         if generate is None:
             from .generation import generate_greedy as generate
+        mode: dict[str, Any] = {"question": self.run.question}
+        split: dict[str, int] = {}
+        if self.run.question == "agnostic":
+            _check_splits({item: prep})
+            split["split"] = mode["context_tokens"] = prep.context_tokens
 
         def sample(handle: Any) -> dict[str, Any]:
-            gen = generate(self.model, self.tokenizer, handle, prep.prompt, prep.max_new_tokens)
+            gen = generate(self.model, self.tokenizer, handle, prep.prompt, prep.max_new_tokens, **split)
             return {"prompt_sha1": sha, "n_tokens": len(prep.input_ids), "references": prep.references,
                     "output": gen.text, "score": float(prep.score(gen.text)), "kv_bytes": gen.kv_bytes,
                     "new_tokens": gen.new_tokens, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,
                     "decode_ms": 1000 * gen.decode_s / max(gen.new_tokens - 1, 1),
-                    "seconds": gen.prefill_s + gen.decode_s, **prep.meta}
+                    "seconds": gen.prefill_s + gen.decode_s, **mode, **prep.meta}
 
         return sample
 

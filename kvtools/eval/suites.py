@@ -60,6 +60,11 @@ class Prepared:
     def input_ids(self) -> list[int]:
         return list(self.prompt.input_ids)
 
+    @property
+    def context_tokens(self) -> int | None:
+        """How many prompt tokens come before the question (``None``: the prompt cannot be split there)."""
+        return getattr(self.prompt, "context_tokens", None)
+
 
 def sample_seed(seed: int, item: Item) -> int:
     """The prompt seed of one item: from the run seed and the item alone, never the method nor the process
