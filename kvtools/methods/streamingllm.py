@@ -241,11 +241,11 @@ class StreamingLLMPolicy(CachePolicy):
         ns = min(ns_all, layer.size)
         if not ns_all:
             return
-        valid = layer.valid
-        b, hk, _, d = layer.keys.shape
+        valid, keys = layer.valid, layer.keys  # read once: a quantised table dequantises on every read
+        b, hk, _, d = keys.shape
         first = torch.where(valid, layer.idx, _LAST).argsort(dim=-1, stable=True)[..., :ns]  # [B, Hk, ns]
         ok = valid.gather(2, first)
-        sk = layer.keys.gather(2, first[..., None].expand(b, hk, ns, d)).to(torch.float32)
+        sk = keys.gather(2, first[..., None].expand(b, hk, ns, d)).to(torch.float32)
         sp = layer.pos.gather(2, first)
         if ns < ns_all:  # a short table: the missing sinks arrive later (decode records them)
             sk = torch.cat([sk, sk.new_zeros(b, hk, ns_all - ns, d)], 2)
