@@ -67,7 +67,15 @@ class SlotLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
+    #: a table whose heads keep different numbers of slots stores only the kept ones (:class:`PackedSlots`);
+    #: a subclass with its own storage (kvtools.quant) sets False and keeps the padded table
+    packable: ClassVar[bool] = True
+
     def __init__(self, **kwargs: Any) -> None:
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        #: the table's leading slots, packed per head (None: the whole table is ``_keys`` / ``_values``)
+        self._packed: PackedSlots | None = None
         super().__init__()
         self.valid: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
@@ -76,6 +84,53 @@ class SlotLayer(CacheLayerMixin):
         #: per-cache method state (re-entrant: never on modules): sub-tables, RowStates, stores
         self.state: dict[str, Any] = {}
         self._layout: tuple[tuple[Any, ...], TableLayout] | None = None  # (what it was read from, layout)
+
+    # --- keys / values: [B, Hk, S, D], read whole whether or not the table is packed
+    @property
+    def keys(self) -> torch.Tensor | None:
+        if self._packed is None or self._keys is None:
+            return self._keys
+        return torch.cat([self._packed.unpack(self._packed.keys), self._keys], 2)
+
+    @keys.setter
+    def keys(self, t: torch.Tensor | None) -> None:
+        self._unpack()
+        self._keys = t
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        if self._packed is None or self._values is None:
+            return self._values
+        return torch.cat([self._packed.unpack(self._packed.values), self._values], 2)
+
+    @values.setter
+    def values(self, t: torch.Tensor | None) -> None:
+        self._unpack()
+        self._values = t
+
+    @property
+    def packed(self) -> bool:
+        """Whether the table's leading slots are stored packed per head (see :class:`PackedSlots`)."""
+        return self._packed is not None
+
+    def _unpack(self) -> None:
+        """Store the whole table padded again (before a write into its slots)."""
+        if self._packed is not None:
+            k, v = self.keys, self.values
+            self._packed = None
+            self._keys, self._values = k, v
+
+    def _pack(self, counts: torch.Tensor) -> None:
+        """After :meth:`keep`: store only each head's first ``counts`` [B, Hk] slots (the kept ones), when
+        that holds fewer slots than the padded table (heads of a row keep different numbers of slots)."""
+        if not self.packable or self._keys is None or self._packed is not None:
+            return
+        b, hk, s = counts.shape[0], counts.shape[1], self.size
+        if s == 0 or int(counts.sum(-1).max()) >= hk * s:
+            return
+        self._packed = PackedSlots.pack(self._keys, self._values, counts)
+        self._keys = self._keys.new_zeros(b, hk, 0, self._keys.shape[-1])  # not a view: the padded table is freed
+        self._values = self._values.new_zeros(b, hk, 0, self._values.shape[-1])
 
     # --- transformers CacheLayerMixin API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -104,6 +159,7 @@ class SlotLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        self._packed = None
         self.keys = self.values = self.valid = self.pos = self.idx = None
         self.is_initialized = False
         self.seen = 0
@@ -152,7 +208,7 @@ class SlotLayer(CacheLayerMixin):
     @property
     def size(self) -> int:
         """Slots held per (row, KV head)."""
-        return 0 if self.keys is None else int(self.keys.shape[2])
+        return 0 if self.valid is None else int(self.valid.shape[2])
 
     def map_rows(self, fn) -> None:
         """Apply a batch-axis operation to every tensor of the table and of its sub-tables. Method state goes
@@ -207,6 +263,7 @@ class SlotLayer(CacheLayerMixin):
         key = torch.where(keep, order, order + s)
         sel = key.argsort(dim=-1)[..., :k_max]  # [B, Hk, K]
         self.gather(sel, fill_invalid=torch.arange(k_max, device=keep.device) >= counts[..., None])
+        self._pack(counts)
 
     def gather(self, sel: torch.Tensor, fill_invalid: torch.Tensor | None = None) -> None:
         """Replace the table by the slots ``sel`` [B, Hk, K] (indices into the slot axis)."""
@@ -258,17 +315,21 @@ class SlotLayer(CacheLayerMixin):
 
     # --- how keys / values are stored (a subclass may store them otherwise: kvtools.quant)
     def _append_kv(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
-        self.keys = torch.cat([self.keys, k], dim=2)
-        self.values = torch.cat([self.values, v], dim=2)
+        # appended slots go after the packed ones, padded (every head gets the same new tokens)
+        self._keys = torch.cat([self._keys, k], dim=2)
+        self._values = torch.cat([self._values, v], dim=2)
 
     def _gather_kv(self, sel: torch.Tensor) -> None:
-        self.keys = self.keys.gather(2, sel[..., None].expand(*sel.shape, self.keys.shape[-1]))
-        self.values = self.values.gather(2, sel[..., None].expand(*sel.shape, self.values.shape[-1]))
+        keys, values = self.keys, self.values
+        self._packed = None
+        self._keys = keys.gather(2, sel[..., None].expand(*sel.shape, keys.shape[-1]))
+        self._values = values.gather(2, sel[..., None].expand(*sel.shape, values.shape[-1]))
 
     def _write_kv(self, at: int | slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
         """Write ``k`` (and ``v`` unless None) at the slot ``at`` (int: k [B, Hk, 1, D]), the slots ``at``
         (slice) or the slots ``at`` [B, Hk, n] (index tensor)."""
-        for name, new in (("keys", k), ("values", v)):
+        self._unpack()
+        for name, new in (("_keys", k), ("_values", v)):
             if new is None:
                 continue
             t = getattr(self, name)
@@ -280,16 +341,19 @@ class SlotLayer(CacheLayerMixin):
                 t.scatter_(2, at[..., None].expand(*at.shape, t.shape[-1]), new.to(t.dtype))
 
     def _map_storage(self, fn) -> None:
-        self.keys, self.values = fn(self.keys), fn(self.values)
+        self._keys, self._values = fn(self._keys), fn(self._values)
+        if self._packed is not None:
+            self._packed.map_rows(fn)
 
     def _storage_tensors(self) -> list[torch.Tensor]:
         """The tensors keys and values are stored in (what :meth:`nbytes` counts for them)."""
-        return [t for t in (self.keys, self.values) if t is not None]
+        packed = [] if self._packed is None else self._packed.tensors()
+        return [t for t in (self._keys, self._values) if t is not None] + packed
 
     def _grow_kv(self, n: int) -> None:
         b, hk = self.valid.shape[:2]
-        self.keys = torch.cat([self.keys, self.keys.new_zeros(b, hk, n, self.keys.shape[-1])], 2)
-        self.values = torch.cat([self.values, self.values.new_zeros(b, hk, n, self.values.shape[-1])], 2)
+        self._keys = torch.cat([self._keys, self._keys.new_zeros(b, hk, n, self._keys.shape[-1])], 2)
+        self._values = torch.cat([self._values, self._values.new_zeros(b, hk, n, self._values.shape[-1])], 2)
 
     def nbytes(self, device: str | torch.device | None = None, offloaded: bool | None = None) -> int:
         """Bytes of this table plus what a method keeps in ``state`` (duo's streaming heads, the retrieval
@@ -303,6 +367,50 @@ class SlotLayer(CacheLayerMixin):
             return total
         table = [*self._storage_tensors(), self.valid, self.pos, self.idx]
         return total + tensor_bytes([t for t in table if t is not None], device)
+
+
+class PackedSlots:
+    """A slot table's leading slots when its heads keep different numbers of them (per-head budgets: a head
+    keeping 3x another's no longer pads every head to its count).
+
+    ``keys`` / ``values`` [B, T, D] hold each row's kept slots head after head, ``T`` the most any row keeps
+    over all its heads; ``loc`` [B, Hk, S] (int32) is where slot s of head h is in them (-1: an unkept
+    filler, read as zeros). Reads unpack to the padded [B, Hk, S, D] (a transient of one layer); the table's
+    metadata (``valid`` / ``pos`` / ``idx``) stays padded."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, loc: torch.Tensor) -> None:
+        self.keys, self.values, self.loc = keys, values, loc
+
+    @classmethod
+    def pack(cls, keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor) -> PackedSlots:
+        """Pack each head's first ``counts`` [B, Hk] slots of ``keys`` / ``values`` [B, Hk, S, D]."""
+        b, hk, s = keys.shape[:3]
+        held = torch.arange(s, device=keys.device) < counts[..., None].to(keys.device)  # [B, Hk, S]
+        flat = held.view(b, hk * s)
+        at = flat.long().cumsum(-1) - 1  # [B, Hk*S]: place among the row's kept slots
+        t = int(flat.sum(-1).max())
+        target = torch.where(flat, at, t)  # unkept slots go to a scratch place past the end
+        out = []
+        for x in (keys, values):
+            packed = x.new_zeros(b, t + 1, x.shape[-1])
+            packed.scatter_(1, target[..., None].expand(b, hk * s, x.shape[-1]), x.reshape(b, hk * s, -1))
+            out.append(packed[:, :t].clone())
+        return cls(out[0], out[1], torch.where(flat, at, -1).view(b, hk, s).to(torch.int32))
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (``keys`` or ``values``) as the padded [B, Hk, S, D]."""
+        b, hk, s = self.loc.shape
+        if x.shape[1] == 0:
+            return x.new_zeros(b, hk, s, x.shape[-1])
+        loc = self.loc.view(b, hk * s).long()
+        out = x.gather(1, loc.clamp(min=0)[..., None].expand(b, hk * s, x.shape[-1]))
+        return out.masked_fill(loc[..., None] < 0, 0).view(b, hk, s, -1)
+
+    def map_rows(self, fn) -> None:
+        self.keys, self.values, self.loc = fn(self.keys), fn(self.values), fn(self.loc)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.keys, self.values, self.loc]
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -73,6 +73,12 @@ CASES: dict[tuple[str, str], Case] = {
                     "retrieval": {"method": "knorm", "budget": 1000, "window": 4, "layers": "pyramid"}}}],
         {"cache": {"method": "duo", "retrieval_heads": {1: [0]}, "n_sink": 3, "window": 6}},
     ),
+    ("cache", "snapkv+heads"): Case(  # per-head budgets (AdaKV): the tables pack the heads' ragged slots
+        [{"cache": {"method": "snapkv", "budget": 1000, "window": 4, "kernel": 3, "heads": "adaptive"}},
+         {"cache": {"method": "snapkv", "budget": 1.0, "window": 4, "kernel": 3, "heads": "adaptive",
+                    "layers": "adaptive", "span": 2}}],
+        {"cache": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3, "heads": "adaptive", "floor": 0.0}},
+    ),
     ("cache", "duo+snapkv"): Case(  # duo composed with scored methods: the sparse case (covering: duo's)
         [],
         {"cache": {"method": "duo", "retrieval_heads": {1: [0]},

@@ -180,3 +180,22 @@ def test_adaptive_covering_budget_equals_unpatched_across_calls():
 def test_adaptive_needs_attention_mass_scores():
     with pytest.raises(kvtools.ConfigError, match="cache.layers: adaptive.*knorm"):
         kvtools.load_config({"cache": {"method": "knorm", "budget": 0.25, "layers": "adaptive"}})
+
+
+def test_adaptive_leaves_sliding_window_layers_their_uniform_budget():
+    """qwen2 here: layer 0 attends globally, layer 1 slides; the sliding layer frees what its window no longer
+    sees right after each call, so it keeps its uniform budget (then its window) instead of joining the split."""
+    from .conftest import tiny_model
+
+    model = tiny_model("qwen2")
+    ids = random_ids(1, 80)
+    base = {"method": "snapkv", "budget": 24, "window": 4, "kernel": 3}
+    with torch.no_grad():
+        with kvtools.patch(model, {"cache": {**base, "layers": "adaptive"}}) as p:
+            ada = p.make_cache()
+            model(input_ids=ids, past_key_values=ada, use_cache=True)
+        with kvtools.patch(model, {"cache": base}) as p:
+            uni = p.make_cache()
+            model(input_ids=ids, past_key_values=uni, use_cache=True)
+    assert torch.equal(ada.layers[1].idx, uni.layers[1].idx) and torch.equal(ada.layers[1].valid, uni.layers[1].valid)
+    assert ada.layers[0].valid.sum() == uni.layers[0].valid.sum()  # the one global layer: its whole share

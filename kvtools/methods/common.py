@@ -41,9 +41,11 @@ def top_n_mask(scores: torch.Tensor, n: torch.Tensor, eligible: torch.Tensor | N
 def keep_top(scores: torch.Tensor, candidates: torch.Tensor, budget: torch.Tensor,
              protect: torch.Tensor) -> torch.Tensor:
     """Keep mask [B, Hk, S] over ``candidates``: the ``protect``-ed ones plus the top-scored others, ``budget``
-    [B] slots in all per (row, KV head); ties keep the earlier slot; rows whose candidates fit keep them all."""
+    slots in all per (row, KV head) ([B]: the same for every head of a row, or [B, Hk]); ties keep the earlier
+    slot; heads whose candidates fit keep them all."""
     n = candidates.sum(-1, keepdim=True)
     fixed = candidates & protect
-    room = (budget.view(-1, 1, 1) - fixed.sum(-1, keepdim=True)).clamp(min=0)[..., 0]  # [B, Hk]
+    budget = budget.view(-1, 1, 1) if budget.dim() == 1 else budget[..., None]
+    room = (budget - fixed.sum(-1, keepdim=True)).clamp(min=0)[..., 0]  # [B, Hk]
     keep = fixed | top_n_mask(scores, room, candidates & ~protect)
-    return torch.where(n <= budget.view(-1, 1, 1), candidates, keep)
+    return torch.where(n <= budget, candidates, keep)

@@ -40,9 +40,15 @@ class ScoredParams(StageParams):
                                        "every layer; PyramidKV's, decreasing linearly with depth; or adaptive: "
                                        "after the call's last layer ran, the slots beyond the windows go to the "
                                        "layers' highest-scored tokens over all layers at once (attention-mass "
+                                       "scores only: snapkv; sliding-window layers keep the uniform budget)")
+    heads: Literal["uniform", "adaptive"] = Field(
+        default="uniform", description="how a layer's budget is spread over its KV heads, the layer's total "
+                                       "unchanged: the same for every head, or adaptive (AdaKV): the slots beyond "
+                                       "the windows go to the layer's highest-scored tokens over all its heads "
+                                       "at once, so heads whose attention is spread keep more (attention-mass "
                                        "scores only: snapkv)")
-    floor: float = Field(default=0.2, ge=0, le=1, description="adaptive: each layer keeps at least this fraction "
-                                                              "of its uniform share beyond the window")
+    floor: float = Field(default=0.2, ge=0, le=1, description="adaptive: each layer (head) keeps at least this "
+                                                              "fraction of its uniform share beyond the window")
     beta: float = Field(default=20.0, gt=1, description="pyramid: the first layer keeps 2 - 1/beta times the mean "
                                                         "of what is kept beyond the window, the last 1/beta times")
     span: int = Field(default=1, ge=1, description="keep whole spans of this many consecutive tokens, ranked by "
@@ -62,6 +68,9 @@ class ScoredParams(StageParams):
         if self.layers == "adaptive" and not self.mass_scores:
             raise ConfigError(f"{stage}.layers: adaptive compares scores across layers, which needs attention-mass "
                               f"scores ({self.method} ranks by something else); use uniform or pyramid")
+        if self.heads == "adaptive" and not self.mass_scores:
+            raise ConfigError(f"{stage}.heads: adaptive compares scores across heads, which needs attention-mass "
+                              f"scores ({self.method} ranks by something else); use uniform")
         if isinstance(self.budget, int) and self.budget < self.window:
             raise ConfigError(f"{stage}.budget: must be >= {stage}.window ({self.window}) so the window fits, "
                               f"got {self.budget}")
@@ -120,7 +129,9 @@ class ScoredEvictionPolicy(CachePolicy):
         n_real = call[:, 0].sum(-1)  # [B]
         budget = resolve_tokens(self.cfg.budget, step.prompt_real.to(n_real.device))
         budget = self.layer_budget(torch.maximum(budget, torch.clamp(n_real, max=w)), n_real, info.layer_idx)
-        adaptive = self.cfg.layers == "adaptive"
+        # a sliding-window layer frees what its window no longer sees right after this hook, so it keeps its
+        # uniform budget now rather than joining the split made once every layer ran
+        adaptive = self.cfg.layers == "adaptive" and info.sliding_window is None
         if bool((n_real <= budget).all()) and not adaptive:
             return
         scores = self.score(layer, call, q_obs, None if i_obs is None else i_obs.to(layer.idx.device), info)
@@ -137,7 +148,24 @@ class ScoredEvictionPolicy(CachePolicy):
               budget: torch.Tensor) -> None:
         if self.cfg.span > 1:
             scores = span_scores(scores, call & ~protect, self.cfg.span)
+        if self.cfg.heads == "adaptive":
+            budget = head_budgets(scores, call, protect, budget, self.cfg.floor)
         layer.keep(keep_top(scores, call, budget, protect) | (layer.valid & ~call))
+
+
+def head_budgets(scores: torch.Tensor, call: torch.Tensor, protect: torch.Tensor, budget: torch.Tensor,
+                 floor: float) -> torch.Tensor:
+    """``heads: adaptive`` (AdaKV): slots [B, Hk] each KV head keeps of the call, ``Hk * budget`` [B] per row in
+    all (or every slot of the call). Every head keeps its protected slots; the rest of the row's budget goes by
+    :func:`adaptive_counts` with each head as its own group: first ``floor`` of a head's uniform share beyond its
+    protected slots, then the highest remaining scores over all the layer's heads."""
+    hk = scores.shape[1]
+    fixed = (call & protect).sum(-1)  # [B, Hk]
+    rest = (budget[:, None] - fixed).clamp(min=0)  # [B, Hk]: each head's uniform share beyond its protected slots
+    cand = call & ~protect
+    n = adaptive_counts([scores[:, h:h + 1] for h in range(hk)], [cand[:, h:h + 1] for h in range(hk)], rest.T,
+                        floor)  # [Hk, B]
+    return fixed + n.T
 
 
 class LayerAllocation:
