@@ -68,7 +68,7 @@ class SlotLayer(CacheLayerMixin):
     is_croppable = False
 
     #: a table whose heads keep different numbers of slots stores only the kept ones (:class:`PackedSlots`);
-    #: a subclass with its own storage (kvtools.quant) sets False and keeps the padded table
+    #: False keeps the padded table (a subclass whose storage cannot pack)
     packable: ClassVar[bool] = True
 
     def __init__(self, **kwargs: Any) -> None:
@@ -90,7 +90,7 @@ class SlotLayer(CacheLayerMixin):
     def keys(self) -> torch.Tensor | None:
         if self._packed is None or self._keys is None:
             return self._keys
-        return torch.cat([self._packed.unpack(self._packed.keys), self._keys], 2)
+        return torch.cat([self._packed.unpack(0), self._keys], 2)
 
     @keys.setter
     def keys(self, t: torch.Tensor | None) -> None:
@@ -101,7 +101,7 @@ class SlotLayer(CacheLayerMixin):
     def values(self) -> torch.Tensor | None:
         if self._packed is None or self._values is None:
             return self._values
-        return torch.cat([self._packed.unpack(self._packed.values), self._values], 2)
+        return torch.cat([self._packed.unpack(1), self._values], 2)
 
     @values.setter
     def values(self, t: torch.Tensor | None) -> None:
@@ -123,14 +123,15 @@ class SlotLayer(CacheLayerMixin):
     def _pack(self, counts: torch.Tensor) -> None:
         """After :meth:`keep`: store only each head's first ``counts`` [B, Hk] slots (the kept ones), when
         that holds fewer slots than the padded table (heads of a row keep different numbers of slots)."""
-        if not self.packable or self._keys is None or self._packed is not None:
+        if self._packed is not None or not self._worth_packing(counts):
             return
-        b, hk, s = counts.shape[0], counts.shape[1], self.size
-        if s == 0 or int(counts.sum(-1).max()) >= hk * s:
-            return
-        self._packed = PackedSlots.pack(self._keys, self._values, counts)
-        self._keys = self._keys.new_zeros(b, hk, 0, self._keys.shape[-1])  # not a view: the padded table is freed
-        self._values = self._values.new_zeros(b, hk, 0, self._values.shape[-1])
+        self._packed = PackedSlots.pack([self._keys, self._values], counts)
+        self._keys, self._values = _emptied(self._keys), _emptied(self._values)
+
+    def _worth_packing(self, counts: torch.Tensor) -> bool:
+        """Packing ``counts`` [B, Hk] holds fewer slots than the padded table (some row's heads differ)."""
+        hk, s = counts.shape[1], self.size
+        return self.packable and self.is_initialized and s > 0 and int(counts.sum(-1).max()) < hk * s
 
     # --- transformers CacheLayerMixin API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -373,32 +374,33 @@ class PackedSlots:
     """A slot table's leading slots when its heads keep different numbers of them (per-head budgets: a head
     keeping 3x another's no longer pads every head to its count).
 
-    ``keys`` / ``values`` [B, T, D] hold each row's kept slots head after head, ``T`` the most any row keeps
-    over all its heads; ``loc`` [B, Hk, S] (int32) is where slot s of head h is in them (-1: an unkept
-    filler, read as zeros). Reads unpack to the padded [B, Hk, S, D] (a transient of one layer); the table's
-    metadata (``valid`` / ``pos`` / ``idx``) stays padded."""
+    ``parts`` (keys and values, or their codes and scales) [B, T, X] hold each row's kept slots head after
+    head, ``T`` the most any row keeps over all its heads; ``loc`` [B, Hk, S] (int32) is where slot s of head h
+    is in them (-1: an unkept filler, read as zeros). Reads unpack to the padded [B, Hk, S, X] (a transient of
+    one layer); the table's metadata (``valid`` / ``pos`` / ``idx``) stays padded."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, loc: torch.Tensor) -> None:
-        self.keys, self.values, self.loc = keys, values, loc
+    def __init__(self, parts: list[torch.Tensor], loc: torch.Tensor) -> None:
+        self.parts, self.loc = parts, loc
 
     @classmethod
-    def pack(cls, keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor) -> PackedSlots:
-        """Pack each head's first ``counts`` [B, Hk] slots of ``keys`` / ``values`` [B, Hk, S, D]."""
-        b, hk, s = keys.shape[:3]
-        held = torch.arange(s, device=keys.device) < counts[..., None].to(keys.device)  # [B, Hk, S]
+    def pack(cls, parts: list[torch.Tensor], counts: torch.Tensor) -> PackedSlots:
+        """Pack each head's first ``counts`` [B, Hk] slots of every tensor of ``parts`` [B, Hk, S, X]."""
+        b, hk, s = parts[0].shape[:3]
+        held = torch.arange(s, device=parts[0].device) < counts[..., None].to(parts[0].device)  # [B, Hk, S]
         flat = held.view(b, hk * s)
         at = flat.long().cumsum(-1) - 1  # [B, Hk*S]: place among the row's kept slots
         t = int(flat.sum(-1).max())
         target = torch.where(flat, at, t)  # unkept slots go to a scratch place past the end
         out = []
-        for x in (keys, values):
+        for x in parts:
             packed = x.new_zeros(b, t + 1, x.shape[-1])
             packed.scatter_(1, target[..., None].expand(b, hk * s, x.shape[-1]), x.reshape(b, hk * s, -1))
-            out.append(packed[:, :t].clone())
-        return cls(out[0], out[1], torch.where(flat, at, -1).view(b, hk, s).to(torch.int32))
+            out.append(packed[:, :t].clone())  # a copy: the scratch place is freed
+        return cls(out, torch.where(flat, at, -1).view(b, hk, s).to(torch.int32))
 
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (``keys`` or ``values``) as the padded [B, Hk, S, D]."""
+    def unpack(self, i: int) -> torch.Tensor:
+        """``parts[i]`` as the padded [B, Hk, S, X]."""
+        x = self.parts[i]
         b, hk, s = self.loc.shape
         if x.shape[1] == 0:
             return x.new_zeros(b, hk, s, x.shape[-1])
@@ -407,10 +409,15 @@ class PackedSlots:
         return out.masked_fill(loc[..., None] < 0, 0).view(b, hk, s, -1)
 
     def map_rows(self, fn) -> None:
-        self.keys, self.values, self.loc = fn(self.keys), fn(self.values), fn(self.loc)
+        self.parts, self.loc = [fn(x) for x in self.parts], fn(self.loc)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.keys, self.values, self.loc]
+        return [*self.parts, self.loc]
+
+
+def _emptied(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [B, Hk, S, X] with no slots (a new tensor, not a view: ``t``'s memory is freed)."""
+    return t.new_zeros(*t.shape[:2], 0, *t.shape[3:])
 
 
 def _version(t: torch.Tensor) -> int | None:

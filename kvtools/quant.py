@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from pydantic import ConfigDict, Field
 
-from .cache import SlotLayer, Step, tensor_bytes
+from .cache import PackedSlots, SlotLayer, Step, _emptied, tensor_bytes
 from .errors import ConfigError, KVToolsError
 from .params import StrictNumbers
 
@@ -164,13 +164,14 @@ class QuantizedSlotLayer(SlotLayer):
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
         if self._k is None:
             return None
-        k = self._k.decode()
+        k = self._codes()[0].decode()
         if self.kscale is not None:
             k = (k.float() * self.kscale).to(k.dtype)
         return self._overlay(k, self.ring_k)
 
     @keys.setter
     def keys(self, t: torch.Tensor | None) -> None:
+        self._packed = None
         if t is None:
             self._k = None
             return
@@ -179,15 +180,35 @@ class QuantizedSlotLayer(SlotLayer):
 
     @property
     def values(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._v is None else self._overlay(self._v.decode(), self.ring_v)
+        return None if self._v is None else self._overlay(self._codes()[1].decode(), self.ring_v)
 
     @values.setter
     def values(self, t: torch.Tensor | None) -> None:
+        self._packed = None
         self._v = None if t is None else Codes.encode(self.cfg, t)
 
-    @property
-    def size(self) -> int:
-        return 0 if self._k is None else int(self._k.codes.shape[2])
+    def _codes(self) -> tuple[Codes, Codes] | None:
+        """Keys' and values' codes for the whole table (the packed slots unpacked before the rest)."""
+        if self._k is None or self._packed is None:
+            return None if self._k is None else (self._k, self._v)
+        p, k, v = self._packed, self._k, self._v
+        return (Codes(self.cfg, torch.cat([p.unpack(0), k.codes], 2), torch.cat([p.unpack(1), k.absmax], 2),
+                      k.dtype),
+                Codes(self.cfg, torch.cat([p.unpack(2), v.codes], 2), torch.cat([p.unpack(3), v.absmax], 2),
+                      v.dtype))
+
+    def _unpack(self) -> None:
+        if self._packed is not None:
+            codes = self._codes()
+            self._packed = None
+            self._k, self._v = codes
+
+    def _pack(self, counts: torch.Tensor) -> None:
+        if self._packed is not None or self._k is None or not self._worth_packing(counts):
+            return
+        self._packed = PackedSlots.pack([*self._k.tensors(), *self._v.tensors()], counts)
+        for c in (self._k, self._v):
+            c.map(_emptied)
 
     def _encode_keys(self, k: torch.Tensor) -> Codes:
         if self.kscale is not None:
@@ -217,10 +238,12 @@ class QuantizedSlotLayer(SlotLayer):
         self._ring_put(step.idx.to(k.device), k, v)
 
     def _gather_kv(self, sel: torch.Tensor) -> None:
+        self._unpack()
         self._k.map(lambda t: t.gather(2, sel[..., None].expand(*sel.shape, t.shape[-1])))
         self._v.map(lambda t: t.gather(2, sel[..., None].expand(*sel.shape, t.shape[-1])))
 
     def _write_kv(self, at: int | slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
+        self._unpack()
         self._k.write(at, self._encode_keys(k.to(self._dtype)))
         if v is not None:  # a new token (decode): write() puts it in the ring
             self._v.write(at, Codes.encode(self.cfg, v.to(self._dtype)))
@@ -229,6 +252,7 @@ class QuantizedSlotLayer(SlotLayer):
             self._ring_rewrite(idx, k.to(self._dtype))
 
     def _grow_kv(self, n: int) -> None:
+        self._unpack()
         b, hk = self.valid.shape[:2]
         for codes in (self._k, self._v):
             codes.map(lambda t: torch.cat([t, t.new_zeros(b, hk, n, t.shape[-1])], 2))
@@ -272,6 +296,8 @@ class QuantizedSlotLayer(SlotLayer):
         for name in ("kscale", "ring_k", "ring_v"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
+        if self._packed is not None:
+            self._packed.map_rows(fn)
 
     def reset(self) -> None:
         super().reset()
@@ -279,4 +305,5 @@ class QuantizedSlotLayer(SlotLayer):
 
     def _storage_tensors(self) -> list[torch.Tensor]:
         out = [t for c in (self._k, self._v) if c is not None for t in c.tensors()]
+        out += [] if self._packed is None else self._packed.tensors()
         return out + [t for t in (self.kscale, self.ring_k, self.ring_v, self.ring_idx) if t is not None]

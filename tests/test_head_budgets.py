@@ -86,9 +86,6 @@ def test_packed_keys_and_values_read_as_the_padded_table():
     cfg = {"method": "snapkv", "budget": 20, "window": 4, "kernel": 3, "heads": "adaptive"}
     ada = run(model, ids, cfg, am)
 
-    class Padded(SlotLayer):
-        packable = False
-
     import kvtools.cache as kc
 
     orig = kc.KVCache._new_layer
@@ -111,13 +108,23 @@ def random_step(b, n, first, valid=None):
                 prompt_real=torch.full((b,), n), end_of_prompt=True)
 
 
-def test_slot_operations_on_a_packed_table_equal_them_on_the_padded_one():
-    class Padded(SlotLayer):
-        packable = False
+class Padded(SlotLayer):
+    packable = False
 
+
+def quantised(packable: bool):
+    from kvtools.quant import QuantizedSlotLayer, QuantParams
+
+    layer = QuantizedSlotLayer(QuantParams(bits=4, group=32, residual=4))
+    layer.packable = packable
+    return layer
+
+
+@pytest.mark.parametrize("make", [lambda p: SlotLayer() if p else Padded(), quantised], ids=["plain", "int4"])
+def test_slot_operations_on_a_packed_table_equal_them_on_the_padded_one(make):
     g = torch.Generator().manual_seed(1)
-    b, hk, n, d = 2, 3, 12, 4
-    tables = (SlotLayer(), Padded())
+    b, hk, n, d = 2, 3, 12, 32
+    tables = (make(True), make(False))
     k, v = torch.randn(b, hk, n, d, generator=g), torch.randn(b, hk, n, d, generator=g)
     keep = torch.rand(b, hk, n, generator=g) < torch.tensor([0.9, 0.3, 0.6]).view(1, hk, 1)
     ops = [
@@ -141,6 +148,28 @@ def test_slot_operations_on_a_packed_table_equal_them_on_the_padded_one():
         m = a.valid[..., None]
         assert torch.equal(a.keys * m, p.keys * m) and torch.equal(a.values * m, p.values * m)
     assert packed_after[1:5] == [True] * 4  # packed from the uneven keep until a write into the slots
+    assert not tables[1].packed
+
+
+def test_a_packed_table_holds_fewer_bytes_than_the_padded_one():
+    """Packed, a table holds its kept slots' keys and values (or codes and scales) and an int32 location per
+    slot of the padded metadata: fewer bytes than the padded table when its heads keep different counts."""
+    g = torch.Generator().manual_seed(2)
+    b, hk, n, d = 1, 4, 40, 32
+    k, v = torch.randn(b, hk, n, d, generator=g), torch.randn(b, hk, n, d, generator=g)
+    counts = torch.tensor([[40, 4, 4, 4]])  # one head keeps everything, the others a tenth
+    keep = torch.arange(n) < counts[..., None]
+    # bytes per (slot, head) of keys + values: fp32, or 4-bit codes + a float16 absmax per 32 channels
+    for make, per_slot in ((lambda p: SlotLayer() if p else Padded(), 2 * d * 4), (quantised, 2 * (d // 2 + 2))):
+        a, p = make(True), make(False)
+        for t in (a, p):
+            t.append(k, v, random_step(b, n, 0))
+            t.keep(keep)
+        meta = p.valid.numel() * (1 + 8 + 8)
+        fixed = sum(x.numel() * x.element_size() for x in (getattr(p, name, None) for name in
+                    ("kscale", "ring_k", "ring_v", "ring_idx")) if x is not None)  # quantised: the fp ring
+        assert p.nbytes() == meta + fixed + 160 * per_slot  # padded: 4 heads x 40 slots
+        assert a.packed and a.nbytes() == meta + fixed + 52 * per_slot + 160 * 4  # 52 held + int32 locations
 
 
 def test_adaptive_heads_need_attention_mass_scores():
