@@ -67,6 +67,7 @@ def _cmd_niah(args: argparse.Namespace) -> int:
     run = niah_grid(  # configs, grid and haystack validated; nothing loaded
         args.model, _split_configs(args.config), args.lengths, args.depths, args.samples, args.haystack,
         args.max_new_tokens, args.seed, args.out, question="agnostic" if args.question_agnostic else "aware",
+        dtype=args.dtype,
     )
     check_out_dir(args.out)
     _check_model(args.model, run.suites[0].lengths)
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--haystack", default=None, metavar="DIR",
                       help="folder of .txt files for the haystack (default: built-in varied filler)")
     niah.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per sample (default: 16)")
+    niah.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                      help="the model's dtype, and so its KV cache's (default float32)")
     niah.add_argument("--question-agnostic", action="store_true",
                       help="feed the haystack first, compressed before the question is seen, then the question "
                            "(kept whole); default: the whole prompt in one call (question-aware)")

@@ -231,3 +231,46 @@ def test_several_models_get_one_subfolder_each(tmp_path):
     raw["model"] = "x"
     with pytest.raises(ConfigError, match="give one of them"):
         load_run(raw)
+
+
+def test_run_dtype_loads_the_model_in_it_and_a_folder_holds_one_dtype(tmp_path, tiny, monkeypatch):
+    """``dtype:`` in a run file (``kvtools niah --dtype``): the model is loaded in it, the run file says it, and a
+    folder of float32 results (also one written before the option) refuses a bfloat16 run."""
+    import kvtools.models
+
+    model, tok = tiny
+    loaded: list = []
+
+    def fake_load(name=None, dtype=torch.float32, device=None, **kw):
+        loaded.append(dtype)
+        return model.to(dtype), tok
+
+    monkeypatch.setattr(kvtools.models, "load_model", fake_load)
+    monkeypatch.setattr(kvtools.models, "model_context_length", lambda name: 4096)
+    raw = {**run_dict(tmp_path / "bf16"), "dtype": "bfloat16"}
+    raw["suites"] = raw["suites"][:1]
+    try:
+        res = run_eval(raw, quiet=True, report=False)
+    finally:
+        model.float()
+    assert loaded == [torch.bfloat16] and len(res.records) == 4
+    assert json.loads((tmp_path / "bf16" / "run.json").read_text())["dtype"] == "bfloat16"
+    raw32 = {**raw, "dtype": "float32", "out": str(tmp_path / "fp32")}
+    run_eval(raw32, quiet=True, model=model, tokenizer=tok, report=False)
+    run_json = json.loads((tmp_path / "fp32" / "run.json").read_text())
+    del run_json["dtype"]  # as kvtools wrote it before the option: float32
+    (tmp_path / "fp32" / "run.json").write_text(json.dumps(run_json))
+    with pytest.raises(ConfigError, match="different run.*dtype: 'float32' there, 'bfloat16' now"):
+        run_eval({**raw32, "dtype": "bfloat16"}, quiet=True, model=model, tokenizer=tok)
+    with pytest.raises(ConfigError, match="dtype"):
+        load_run({**raw32, "dtype": "int8"})
+
+
+def test_niah_command_takes_a_dtype(tmp_path):
+    from kvtools.cli import build_parser
+    from kvtools.eval.niah import niah_grid
+
+    args = build_parser().parse_args(["niah", "--dtype", "bfloat16", "--out", str(tmp_path / "n")])
+    assert args.dtype == "bfloat16"
+    grid = niah_grid(None, ["full"], [600], [0], 1, out_dir=tmp_path / "n", dtype=args.dtype)
+    assert grid.to_dict()["dtype"] == "bfloat16" and "dtype" in grid.must_match

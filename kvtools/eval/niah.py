@@ -49,7 +49,8 @@ class NiahGrid(Run):
 
     config_file: ClassVar[str] = "config.json"
     methods_key: ClassVar[str] = "configs"
-    must_match: ClassVar[tuple[str, ...]] = ("suite", "model", "seed", "max_new_tokens", "haystack", "question")
+    must_match: ClassVar[tuple[str, ...]] = ("suite", "model", "seed", "max_new_tokens", "haystack", "question",
+                                             "dtype")
 
     def to_dict(self) -> dict[str, Any]:
         (suite,) = self.suites
@@ -64,6 +65,7 @@ class NiahGrid(Run):
             "seed": self.spec.seed,
             "haystack": suite.haystack,
             "question": self.question,
+            "dtype": self.spec.dtype,
         }
 
     def resumed(self, old: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -94,6 +96,7 @@ def niah_grid(
     out_dir: str | Path = "runs/niah",
     *,
     question: str = "aware",
+    dtype: str = "float32",
 ) -> NiahGrid:
     """The run of a NIAH grid, validated (configs, grid, haystack folder, question mode); nothing is loaded.
 
@@ -108,7 +111,7 @@ def niah_grid(
                              "samples": samples, "max_new_tokens": max_new_tokens, "haystack": haystack}, "niah")
     check_question(question, [suite])
     spec = RunFile(model=model_name, methods=[c.to_dict() for c in resolved], suites=[suite.model_dump()],
-                   seed=seed, out=str(out_dir), question=question)
+                   seed=seed, out=str(out_dir), question=question, dtype=dtype)
     return NiahGrid(spec, resolved, [suite])
 
 
@@ -129,6 +132,7 @@ def run_niah(
     patch_fn: PatchFn | None = None,
     report: bool = True,
     question: str = "aware",
+    dtype: str = "float32",
 ) -> EvalResult | None:
     """Run (or resume) a needle-in-a-haystack grid and write its results (what ``kvtools niah`` does);
     returns the records and summary (``None`` on the other processes of an ``accelerate launch``).
@@ -152,6 +156,8 @@ def run_niah(
         report: write the summary and heatmaps at the end.
         question: ``aware`` (each prompt in one call) or ``agnostic`` (the haystack first, compressed before the
             question is fed; the question kept whole: scored cache methods run with ``calls: first``).
+        dtype: the model's dtype when this run loads it (``float32``, ``bfloat16``, ``float16``): the KV cache's
+            too; a folder holds one dtype's results.
 
     Everything is validated (configs, grid, haystack folder, resume compatibility)
     before the model is loaded; a length beyond the model's context raises
@@ -161,6 +167,6 @@ def run_niah(
     >>> print(run.summary)  # doctest: +SKIP
     """
     run = niah_grid(model_name, configs, lengths, depths, samples, haystack_dir, max_new_tokens, seed, out_dir,
-                    question=question)
+                    question=question, dtype=dtype)
     return run_eval(run, out_dir, quiet, model=model, tokenizer=tokenizer, generate_fn=generate_fn,
                     patch_fn=patch_fn, report=report)

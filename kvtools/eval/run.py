@@ -87,6 +87,9 @@ class RunFile(StrictNumbers):
     question: Literal["aware", "agnostic"] = Field(
         default=QUESTION_DEFAULT, description="aware: each prompt in one call; agnostic: its context first, "
                                               "compressed before the question is fed (the question kept whole)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="the model's weights and activations, and so its KV cache's (full's bytes "
+                                       "in the reports are in it)")
 
 
 @dataclass
@@ -107,9 +110,9 @@ class Run:
     #: the key of the resolved run that maps method names to their configs
     methods_key: ClassVar[str] = "methods"
     #: keys of the resolved run that must match the run a folder holds for it to be resumed
-    must_match: ClassVar[tuple[str, ...]] = ("model", "seed", "question")
+    must_match: ClassVar[tuple[str, ...]] = ("model", "seed", "question", "dtype")
     #: keys added to the resolved run since folders were first written, and what a folder without one held
-    added_keys: ClassVar[dict[str, Any]] = {"question": QUESTION_DEFAULT}
+    added_keys: ClassVar[dict[str, Any]] = {"question": QUESTION_DEFAULT, "dtype": "float32"}
 
     def __post_init__(self) -> None:
         self.configs = [question_config(c, self.question) for c in self.configs]
@@ -129,6 +132,7 @@ class Run:
             "methods": {c.name: c.to_dict() for c in self.configs},
             "suites": [s.model_dump() for s in self.suites],
             "question": self.question,
+            "dtype": self.spec.dtype,
         }
 
     def resumed(self, old: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -468,7 +472,10 @@ def _load(run: Run):
     from ..models import load_model
 
     kw = {"device_map": "auto"} if run.spec.device == "auto" else {}
-    return load_model(run.spec.model, device=None if run.spec.device in (None, "auto") else run.spec.device, **kw)
+    import torch
+
+    return load_model(run.spec.model, dtype=getattr(torch, run.spec.dtype),
+                      device=None if run.spec.device in (None, "auto") else run.spec.device, **kw)
 
 
 @dataclass
