@@ -108,3 +108,15 @@ needs_datasets = pytest.mark.skipif(
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@torch.no_grad()
+def compressed(model, ids: torch.Tensor, cache_cfg: dict, attention_mask=None):
+    """The cache a prompt leaves, fed in one call to ``model`` patched with ``{"cache": cache_cfg}``."""
+    import kvtools
+
+    with kvtools.patch(model, {"cache": cache_cfg}) as p:
+        cache = p.make_cache()
+        model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+    return cache
+

@@ -10,6 +10,7 @@ from kvtools.methods.common import keep_first_last
 from kvtools.methods.scored import head_budgets
 
 from .conftest import random_ids, tiny_model
+from .helpers import compressed
 from .test_layer_budgets import adaptive_reference
 
 pytestmark = pytest.mark.mechanics
@@ -41,13 +42,6 @@ def test_a_call_that_fits_keeps_every_slot():
     assert got.tolist() == [[10, 10]]
 
 
-def run(model, ids, cache_cfg, am=None):
-    with torch.no_grad(), kvtools.patch(model, {"cache": cache_cfg}) as p:
-        cache = p.make_cache()
-        model(input_ids=ids, attention_mask=am, past_key_values=cache, use_cache=True)
-    return cache
-
-
 def kept(layer, r, h):
     return sorted(layer.idx[r, h][layer.valid[r, h]].tolist())
 
@@ -57,8 +51,8 @@ def test_adaptive_heads_keep_the_layer_total_in_the_uniform_bytes(family):
     model = tiny_model(family)
     ids = random_ids(1, 80)
     base = {"method": "snapkv", "budget": 24, "window": 4, "kernel": 3}
-    ada = run(model, ids, {**base, "heads": "adaptive"})
-    uni = run(model, ids, base)
+    ada = compressed(model, ids, {**base, "heads": "adaptive"})
+    uni = compressed(model, ids, base)
     counts = [layer.valid.sum(-1)[0].tolist() for layer in ada.layers]
     assert all(sum(c) == 24 * len(c) for c in counts)  # each layer: Hk x budget slots
     assert any(len(set(c)) > 1 for c in counts)  # ... spread unevenly over its heads
@@ -74,7 +68,7 @@ def test_adaptive_heads_keep_the_layer_total_in_the_uniform_bytes(family):
     # prefill attention is dense, so they do not depend on what is kept)
     for li, layer in enumerate(ada.layers):
         for h, c in enumerate(counts[li]):
-            alone = run(model, ids, {**base, "budget": c})
+            alone = compressed(model, ids, {**base, "budget": c})
             assert kept(layer, 0, h) == kept(alone.layers[li], 0, h), (li, h)
 
 
@@ -84,14 +78,14 @@ def test_packed_keys_and_values_read_as_the_padded_table():
     am[1, :12] = 0
     model = tiny_model("llama")
     cfg = {"method": "snapkv", "budget": 20, "window": 4, "kernel": 3, "heads": "adaptive"}
-    ada = run(model, ids, cfg, am)
+    ada = compressed(model, ids, cfg, am)
 
     import kvtools.cache as kc
 
     orig = kc.KVCache._new_layer
     kc.KVCache._new_layer = lambda self: Padded()
     try:
-        pad = run(model, ids, cfg, am)
+        pad = compressed(model, ids, cfg, am)
     finally:
         kc.KVCache._new_layer = orig
     assert any(layer.packed for layer in ada.layers) and not any(layer.packed for layer in pad.layers)

@@ -11,6 +11,7 @@ import kvtools
 from kvtools.methods.scored import layer_weights
 
 from .conftest import random_ids, tiny_config
+from .helpers import compressed
 
 pytestmark = pytest.mark.mechanics
 
@@ -35,6 +36,14 @@ def pyramid_budgets(budget: int, window: int, layers: int, beta: float) -> list[
     return [window + f - (floors[i - 1] if i else 0) for i, f in enumerate(floors)]
 
 
+def assert_layers_keep_alone(model, ids, base: dict, cache) -> None:
+    """Each layer of ``cache`` keeps what the uniform ``base`` method keeps with that layer's slot count as its
+    budget (prefill attention is dense, so a layer's queries and keys do not depend on what other layers keep)."""
+    for layer_idx, b in enumerate(cache.slots()):
+        alone = compressed(model, ids, {**base, "budget": b})
+        assert torch.equal(cache.layers[layer_idx].idx, alone.layers[layer_idx].idx), layer_idx
+
+
 def test_weights_are_linear_with_mean_one():
     w = layer_weights(5, 4.0)
     assert torch.allclose(w.mean(), torch.tensor(1.0, dtype=torch.float64))
@@ -50,22 +59,12 @@ def test_pyramid_keeps_each_layer_its_share_and_the_uniform_total(method, extra)
     want = pyramid_budgets(budget, window, LAYERS, beta)
     assert sum(want) == budget * LAYERS and want == sorted(want, reverse=True) and want[0] > want[-1]
     base = {"method": method, "budget": budget, "window": window, **extra}
-    with torch.no_grad():
-        with kvtools.patch(model, {"cache": {**base, "layers": "pyramid", "beta": beta}}) as p:
-            pyr = p.make_cache()
-            model(input_ids=ids, past_key_values=pyr, use_cache=True)
-        with kvtools.patch(model, {"cache": base}) as p:
-            uni = p.make_cache()
-            model(input_ids=ids, past_key_values=uni, use_cache=True)
+    pyr, uni = compressed(model, ids, {**base, "layers": "pyramid", "beta": beta}), compressed(model, ids, base)
     assert pyr.slots() == want
     assert sum(pyr.slots()) == sum(uni.slots()) and pyr.nbytes() == uni.nbytes()
     # each layer keeps what the uniform method keeps with that layer's budget (prefill attention is dense, so a
     # layer's queries and keys do not depend on what other layers keep)
-    for layer_idx, b in enumerate(want):
-        with torch.no_grad(), kvtools.patch(model, {"cache": {**base, "budget": b}}) as p:
-            alone = p.make_cache()
-            model(input_ids=ids, past_key_values=alone, use_cache=True)
-        assert torch.equal(pyr.layers[layer_idx].idx, alone.layers[layer_idx].idx), layer_idx
+    assert_layers_keep_alone(model, ids, base, pyr)
 
 
 def test_fractional_budget_splits_per_row():
@@ -149,21 +148,10 @@ def test_adaptive_keeps_the_uniform_total_and_each_layer_its_top_scores():
     model = deep_llama()
     ids = random_ids(1, 80)
     base = {"method": "snapkv", "budget": 24, "window": 4, "kernel": 3}
-    with torch.no_grad():
-        with kvtools.patch(model, {"cache": {**base, "layers": "adaptive"}}) as p:
-            ada = p.make_cache()
-            model(input_ids=ids, past_key_values=ada, use_cache=True)
-        with kvtools.patch(model, {"cache": base}) as p:
-            uni = p.make_cache()
-            model(input_ids=ids, past_key_values=uni, use_cache=True)
+    ada, uni = compressed(model, ids, {**base, "layers": "adaptive"}), compressed(model, ids, base)
     assert sum(ada.slots()) == sum(uni.slots()) and ada.nbytes() == uni.nbytes()
     assert ada.slots() != uni.slots() and min(ada.slots()) >= 4 + int(20 * 0.2)
-    # each layer keeps what snapkv keeps with that layer's count as its budget
-    for layer_idx, b in enumerate(ada.slots()):
-        with torch.no_grad(), kvtools.patch(model, {"cache": {**base, "budget": b}}) as p:
-            alone = p.make_cache()
-            model(input_ids=ids, past_key_values=alone, use_cache=True)
-        assert torch.equal(ada.layers[layer_idx].idx, alone.layers[layer_idx].idx), layer_idx
+    assert_layers_keep_alone(model, ids, base, ada)
 
 
 def test_adaptive_covering_budget_equals_unpatched_across_calls():
@@ -190,12 +178,6 @@ def test_adaptive_leaves_sliding_window_layers_their_uniform_budget():
     model = tiny_model("qwen2")
     ids = random_ids(1, 80)
     base = {"method": "snapkv", "budget": 24, "window": 4, "kernel": 3}
-    with torch.no_grad():
-        with kvtools.patch(model, {"cache": {**base, "layers": "adaptive"}}) as p:
-            ada = p.make_cache()
-            model(input_ids=ids, past_key_values=ada, use_cache=True)
-        with kvtools.patch(model, {"cache": base}) as p:
-            uni = p.make_cache()
-            model(input_ids=ids, past_key_values=uni, use_cache=True)
+    ada, uni = compressed(model, ids, {**base, "layers": "adaptive"}), compressed(model, ids, base)
     assert torch.equal(ada.layers[1].idx, uni.layers[1].idx) and torch.equal(ada.layers[1].valid, uni.layers[1].valid)
     assert ada.layers[0].valid.sum() == uni.layers[0].valid.sum()  # the one global layer: its whole share
