@@ -67,8 +67,8 @@ class SlotLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    #: a table whose heads keep different numbers of slots stores only the kept ones (:class:`PackedSlots`);
-    #: False keeps the padded table (a subclass whose storage cannot pack)
+    #: a table whose heads keep different numbers of slots may store only the kept ones (``keep(..., pack=True)``,
+    #: :class:`PackedSlots`); False keeps the padded table (a subclass whose storage cannot pack)
     packable: ClassVar[bool] = True
 
     def __init__(self, **kwargs: Any) -> None:
@@ -121,7 +121,7 @@ class SlotLayer(CacheLayerMixin):
             self._keys, self._values = k, v
 
     def _pack(self, counts: torch.Tensor) -> None:
-        """After :meth:`keep`: store only each head's first ``counts`` [B, Hk] slots (the kept ones), when
+        """After ``keep(..., pack=True)``: store only each head's first ``counts`` [B, Hk] slots (the kept ones), when
         that holds fewer slots than the padded table (heads of a row keep different numbers of slots)."""
         if self._packed is not None or not self._worth_packing(counts):
             return
@@ -247,11 +247,14 @@ class SlotLayer(CacheLayerMixin):
             self._set_layout(TableLayout(ordered=before.ordered and step.first == size,
                                          all_valid=before.all_valid and step.all_real))
 
-    def keep(self, keep: torch.Tensor) -> None:
+    def keep(self, keep: torch.Tensor, pack: bool = False) -> None:
         """Keep only the slots flagged in ``keep`` [B, Hk, S] (bool), in stream order.
 
         Rows/heads may keep different counts: the table shrinks to the largest
-        count and shorter ones are filled with invalid slots.
+        count and shorter ones are filled with invalid slots. ``pack``: when heads keep
+        different counts, store only the kept slots (:class:`PackedSlots`; a method
+        whose budgets differ per head by design asks for it: packing and the padded
+        reads cost time, worth it only for large differences that last).
         """
         keep = keep & self.valid
         counts = keep.sum(-1)
@@ -264,7 +267,8 @@ class SlotLayer(CacheLayerMixin):
         key = torch.where(keep, order, order + s)
         sel = key.argsort(dim=-1)[..., :k_max]  # [B, Hk, K]
         self.gather(sel, fill_invalid=torch.arange(k_max, device=keep.device) >= counts[..., None])
-        self._pack(counts)
+        if pack:
+            self._pack(counts)
 
     def gather(self, sel: torch.Tensor, fill_invalid: torch.Tensor | None = None) -> None:
         """Replace the table by the slots ``sel`` [B, Hk, K] (indices into the slot axis)."""

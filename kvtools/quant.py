@@ -164,14 +164,14 @@ class QuantizedSlotLayer(SlotLayer):
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
         if self._k is None:
             return None
-        k = self._codes()[0].decode()
+        k = self._codes(0).decode()
         if self.kscale is not None:
             k = (k.float() * self.kscale).to(k.dtype)
         return self._overlay(k, self.ring_k)
 
     @keys.setter
     def keys(self, t: torch.Tensor | None) -> None:
-        self._packed = None
+        self._unpack()
         if t is None:
             self._k = None
             return
@@ -180,28 +180,27 @@ class QuantizedSlotLayer(SlotLayer):
 
     @property
     def values(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._v is None else self._overlay(self._codes()[1].decode(), self.ring_v)
+        return None if self._v is None else self._overlay(self._codes(1).decode(), self.ring_v)
 
     @values.setter
     def values(self, t: torch.Tensor | None) -> None:
-        self._packed = None
+        self._unpack()
         self._v = None if t is None else Codes.encode(self.cfg, t)
 
-    def _codes(self) -> tuple[Codes, Codes] | None:
-        """Keys' and values' codes for the whole table (the packed slots unpacked before the rest)."""
-        if self._k is None or self._packed is None:
-            return None if self._k is None else (self._k, self._v)
-        p, k, v = self._packed, self._k, self._v
-        return (Codes(self.cfg, torch.cat([p.unpack(0), k.codes], 2), torch.cat([p.unpack(1), k.absmax], 2),
-                      k.dtype),
-                Codes(self.cfg, torch.cat([p.unpack(2), v.codes], 2), torch.cat([p.unpack(3), v.absmax], 2),
-                      v.dtype))
+    def _codes(self, which: int) -> Codes:
+        """Keys' (0) or values' (1) codes for the whole table (the packed slots unpacked before the rest)."""
+        c = (self._k, self._v)[which]
+        if self._packed is None:
+            return c
+        p = self._packed
+        return Codes(self.cfg, torch.cat([p.unpack(2 * which), c.codes], 2),
+                     torch.cat([p.unpack(2 * which + 1), c.absmax], 2), c.dtype)
 
     def _unpack(self) -> None:
         if self._packed is not None:
-            codes = self._codes()
+            k, v = self._codes(0), self._codes(1)
             self._packed = None
-            self._k, self._v = codes
+            self._k, self._v = k, v
 
     def _pack(self, counts: torch.Tensor) -> None:
         if self._packed is not None or self._k is None or not self._worth_packing(counts):

@@ -111,11 +111,12 @@ def write_jsonl(path, rows):
 
 
 @torch.no_grad()
-def compressed(model, ids: torch.Tensor, cache_cfg: dict, attention_mask=None):
-    """The cache a prompt leaves, fed in one call to ``model`` patched with ``{"cache": cache_cfg}``."""
+def compressed(model, ids: torch.Tensor, cache_cfg: dict, attention_mask=None, quant: dict | None = None):
+    """The cache a prompt leaves, fed in one call to ``model`` patched with ``{"cache": cache_cfg}`` (and
+    ``quant``)."""
     import kvtools
 
-    with kvtools.patch(model, {"cache": cache_cfg}) as p:
+    with kvtools.patch(model, {"cache": cache_cfg, **({"quant": quant} if quant else {})}) as p:
         cache = p.make_cache()
         model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
     return cache

@@ -266,11 +266,27 @@ def test_run_dtype_loads_the_model_in_it_and_a_folder_holds_one_dtype(tmp_path, 
         load_run({**raw32, "dtype": "int8"})
 
 
-def test_niah_command_takes_a_dtype(tmp_path):
-    from kvtools.cli import build_parser
-    from kvtools.eval.niah import niah_grid
+def test_niah_command_takes_a_dtype(tmp_path, tiny, monkeypatch):
+    import kvtools.models
+    from kvtools.cli import main
 
-    args = build_parser().parse_args(["niah", "--dtype", "bfloat16", "--out", str(tmp_path / "n")])
-    assert args.dtype == "bfloat16"
-    grid = niah_grid(None, ["full"], [600], [0], 1, out_dir=tmp_path / "n", dtype=args.dtype)
-    assert grid.to_dict()["dtype"] == "bfloat16" and "dtype" in grid.must_match
+    model, tok = tiny
+    loaded: list = []
+    monkeypatch.setattr(kvtools.models, "load_model", lambda name=None, dtype=torch.float32, device=None, **kw: (
+        loaded.append(dtype) or model.to(dtype), tok))
+    monkeypatch.setattr(kvtools.models, "model_context_length", lambda name: 4096)
+    out = tmp_path / "niah"
+    try:
+        assert main(["niah", "--config", "full", "--lengths", "600", "--depths", "0", "--max-new-tokens", "4",
+                     "--out", str(out), "--quiet", "--dtype", "bfloat16"]) == 0
+    finally:
+        model.float()
+    assert loaded == [torch.bfloat16] and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_model_passed_in_another_dtype_is_refused(tmp_path, tiny):
+    model, tok = tiny
+    raw = {**run_dict(tmp_path / "x"), "dtype": "bfloat16"}
+    with pytest.raises(ConfigError, match="dtype: the run is bfloat16, the model passed to it is float32"):
+        run_eval(raw, quiet=True, model=model, tokenizer=tok)
+    assert not (tmp_path / "x").exists()

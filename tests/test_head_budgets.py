@@ -46,30 +46,78 @@ def kept(layer, r, h):
     return sorted(layer.idx[r, h][layer.valid[r, h]].tolist())
 
 
+def kv_bytes(cache) -> int:
+    """Bytes of keys and values (or their codes and scales): the storage tensors but the int32 locations."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer._storage_tensors()
+               if t.dtype != torch.int32)
+
+
+def left_padded(b: int, n: int, pad: int):
+    ids = random_ids(b, n)
+    am = torch.ones_like(ids)
+    am[1:, :pad] = 0
+    return ids, am
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_adaptive_heads_keep_the_layer_total_in_the_uniform_bytes(family):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_adaptive_heads_keep_the_layer_total_in_the_uniform_bytes(family, batch):
     model = tiny_model(family)
-    ids = random_ids(1, 80)
+    ids, am = left_padded(batch, 80, 10)  # row 1 (batch 2): 70 real tokens
     base = {"method": "snapkv", "budget": 24, "window": 4, "kernel": 3}
-    ada = compressed(model, ids, {**base, "heads": "adaptive"})
-    uni = compressed(model, ids, base)
-    counts = [layer.valid.sum(-1)[0].tolist() for layer in ada.layers]
-    assert all(sum(c) == 24 * len(c) for c in counts)  # each layer: Hk x budget slots
-    assert any(len(set(c)) > 1 for c in counts)  # ... spread unevenly over its heads
-    assert all(layer.packed for layer, c in zip(ada.layers, counts) if len(set(c)) > 1)
+    ada = compressed(model, ids, {**base, "heads": "adaptive"}, am)
+    uni = compressed(model, ids, base, am)
+    counts = [layer.valid.sum(-1).tolist() for layer in ada.layers]  # [layer][row][head]
+    assert all(sum(c) == 24 * len(c) for rows in counts for c in rows)  # each layer and row: Hk x budget slots
+    assert any(len(set(c)) > 1 for rows in counts for c in rows)  # ... spread unevenly over its heads
+    assert all(layer.packed for layer, rows in zip(ada.layers, counts) if any(len(set(c)) > 1 for c in rows))
     # keys + values take exactly the uniform budget's bytes; the slot metadata stays padded (counted too)
-    kv = [sum(t.numel() * t.element_size() for t in layer._storage_tensors() if t.dtype.is_floating_point)
-          for layer in (*ada.layers, *uni.layers)]
-    assert sum(kv[:len(ada.layers)]) == sum(kv[len(ada.layers):])
-    meta = sum(layer.valid.numel() * (1 + 8 + 8) + layer._packed.loc.numel() * 4 for layer in ada.layers
-               if layer.packed) + sum(layer.valid.numel() * 17 for layer in ada.layers if not layer.packed)
-    assert ada.nbytes() == sum(kv[:len(ada.layers)]) + meta
+    assert kv_bytes(ada) == kv_bytes(uni)
+    meta = sum(layer.valid.numel() * (1 + 8 + 8) + (layer._packed.loc.numel() * 4 if layer.packed else 0)
+               for layer in ada.layers)
+    assert ada.nbytes() == kv_bytes(ada) + meta
     # each head keeps what snapkv keeps with that head's count as a uniform budget (scores are per head, and
     # prefill attention is dense, so they do not depend on what is kept)
     for li, layer in enumerate(ada.layers):
+        for r in range(batch):
+            for h, c in enumerate(counts[li][r]):
+                alone = compressed(model, ids, {**base, "budget": c}, am)
+                assert kept(layer, r, h) == kept(alone.layers[li], r, h), (li, r, h)
+
+
+def test_adaptive_heads_and_layers_compose():
+    """``heads: adaptive`` with ``layers: adaptive``: the layers split the total, then each layer's share goes
+    to its heads; every head keeps what uniform snapkv keeps with that head's count."""
+    from .test_layer_budgets import LAYERS, deep_llama
+
+    model = deep_llama()
+    ids = random_ids(1, 80)
+    base = {"method": "snapkv", "budget": 24, "window": 4, "kernel": 3}
+    both = compressed(model, ids, {**base, "heads": "adaptive", "layers": "adaptive"})
+    counts = [layer.valid.sum(-1)[0].tolist() for layer in both.layers]
+    hk = len(counts[0])
+    assert sum(map(sum, counts)) == 24 * hk * LAYERS
+    assert len({sum(c) for c in counts}) > 1 and any(len(set(c)) > 1 for c in counts)  # uneven layers and heads
+    for li, layer in enumerate(both.layers):
         for h, c in enumerate(counts[li]):
             alone = compressed(model, ids, {**base, "budget": c})
             assert kept(layer, 0, h) == kept(alone.layers[li], 0, h), (li, h)
+
+
+def test_quantised_adaptive_heads_pack_codes_on_a_model():
+    model = tiny_model("llama", head_dim=32)
+    ids = random_ids(1, 80)
+    base = {"method": "snapkv", "budget": 24, "window": 4, "kernel": 3}
+    quant = {"bits": 4, "group": 32, "residual": 8}
+    ada = compressed(model, ids, {**base, "heads": "adaptive"}, quant=quant)
+    uni = compressed(model, ids, base, quant=quant)
+    assert any(layer.packed for layer in ada.layers) and kv_bytes(ada) == kv_bytes(uni)
+    for la, lu in zip(ada.layers, uni.layers):  # the heads' kept tokens read back as the uniform run's codes do
+        for h in range(la.valid.shape[1]):
+            same = sorted(set(kept(la, 0, h)) & set(kept(lu, 0, h)))
+            ka = la.keys[0, h][la.valid[0, h]][[kept(la, 0, h).index(i) for i in same]]
+            ku = lu.keys[0, h][lu.valid[0, h]][[kept(lu, 0, h).index(i) for i in same]]
+            assert len(same) > 4 and torch.equal(ka, ku)
 
 
 def test_packed_keys_and_values_read_as_the_padded_table():
@@ -123,10 +171,10 @@ def test_slot_operations_on_a_packed_table_equal_them_on_the_padded_one(make):
     keep = torch.rand(b, hk, n, generator=g) < torch.tensor([0.9, 0.3, 0.6]).view(1, hk, 1)
     ops = [
         lambda t: t.append(k, v, random_step(b, n, 0)),
-        lambda t: t.keep(keep),
+        lambda t: t.keep(keep, pack=True),
         lambda t: t.append(k[:, :, :1] + 1, v[:, :, :1] + 1, random_step(b, 1, n)),  # a decode step
         lambda t: t.map_rows(lambda x: x.index_select(0, torch.tensor([1, 0]))),  # beam reordering
-        lambda t: t.keep(t.valid & (t.idx % 2 == 0)),  # a second compression
+        lambda t: t.keep(t.valid & (t.idx % 2 == 0), pack=True),  # a second compression
         lambda t: t.rewrite_keys(torch.zeros(b, hk, 1, dtype=torch.long), torch.ones(b, hk, 1, d),
                                  torch.zeros(b, hk, 1, dtype=torch.long)),
         lambda t: t.grow(2),
@@ -145,6 +193,32 @@ def test_slot_operations_on_a_packed_table_equal_them_on_the_padded_one(make):
     assert not tables[1].packed
 
 
+def test_only_a_keep_that_asks_packs():
+    """Uneven counts also arise without per-head budgets (a sliding window trimming a SnapKV selection each
+    decode step): such a keep stays padded, and a keep of a packed table without ``pack`` unpacks it."""
+    k = torch.randn(1, 2, 8, 4)
+    layer = SlotLayer()
+    layer.append(k, k, random_step(1, 8, 0))
+    uneven = torch.arange(8) < torch.tensor([[8, 2]])[..., None]
+    layer.keep(uneven)
+    assert not layer.packed
+    layer.keep(uneven & (torch.arange(8) < 6), pack=True)
+    assert layer.packed
+    layer.keep(layer.valid & (layer.idx > 0))
+    assert not layer.packed and layer.keys.shape == (1, 2, 5, 4)
+
+
+def test_setting_keys_of_a_packed_quantised_table_keeps_its_values():
+    layer = quantised(True)
+    k, v = torch.randn(2, 3, 12, 32), torch.randn(2, 3, 12, 32)
+    layer.append(k, v, random_step(2, 12, 0))
+    layer.keep(torch.arange(12) < torch.tensor([[12, 3, 3], [2, 2, 2]])[..., None], pack=True)
+    assert layer.packed
+    values = layer.values
+    layer.keys = layer.keys  # what HF's CacheLayerMixin.offload / prefetch do
+    assert not layer.packed and torch.equal(layer.values, values)
+
+
 def test_a_packed_table_holds_fewer_bytes_than_the_padded_one():
     """Packed, a table holds its kept slots' keys and values (or codes and scales) and an int32 location per
     slot of the padded metadata: fewer bytes than the padded table when its heads keep different counts."""
@@ -158,7 +232,7 @@ def test_a_packed_table_holds_fewer_bytes_than_the_padded_one():
         a, p = make(True), make(False)
         for t in (a, p):
             t.append(k, v, random_step(b, n, 0))
-            t.keep(keep)
+            t.keep(keep, pack=True)
         meta = p.valid.numel() * (1 + 8 + 8)
         fixed = sum(x.numel() * x.element_size() for x in (getattr(p, name, None) for name in
                     ("kscale", "ring_k", "ring_v", "ring_idx")) if x is not None)  # quantised: the fp ring

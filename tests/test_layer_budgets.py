@@ -171,13 +171,18 @@ def test_adaptive_needs_attention_mass_scores():
 
 
 def test_adaptive_leaves_sliding_window_layers_their_uniform_budget():
-    """qwen2 here: layer 0 attends globally, layer 1 slides; the sliding layer frees what its window no longer
-    sees right after each call, so it keeps its uniform budget (then its window) instead of joining the split."""
-    from .conftest import tiny_model
+    """qwen2 here: layer 0 attends globally, layer 1 slides (window 100, longer than the prompt, so nothing is
+    trimmed): the sliding layer keeps its uniform budget instead of joining the split, the global layer the
+    rest of the total (a sliding layer frees what its window no longer sees right after each call)."""
+    from .conftest import tiny_config
 
-    model = tiny_model("qwen2")
+    cfg = tiny_config("qwen2")
+    cfg.sliding_window = 100
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
     ids = random_ids(1, 80)
     base = {"method": "snapkv", "budget": 24, "window": 4, "kernel": 3}
     ada, uni = compressed(model, ids, {**base, "layers": "adaptive"}), compressed(model, ids, base)
+    assert ada.layers[1].valid.sum(-1).tolist() == [[24, 24]]
     assert torch.equal(ada.layers[1].idx, uni.layers[1].idx) and torch.equal(ada.layers[1].valid, uni.layers[1].valid)
-    assert ada.layers[0].valid.sum() == uni.layers[0].valid.sum()  # the one global layer: its whole share
+    assert ada.layers[0].valid.sum(-1).tolist() == [[24, 24]]

@@ -357,6 +357,9 @@ def run_eval(
         from ..models import model_context_length
 
         max_context = model_context_length(run.spec.model)  # the model exists; no weights loaded
+    elif (given := _dtype_of(model)) not in (None, run.spec.dtype):
+        raise ConfigError(f"dtype: the run is {run.spec.dtype}, the model passed to it is {given}; load it in "
+                          f"{run.spec.dtype} or give the run `dtype: {given}`")
     all_items = resolve_items(run)  # public-data suites load their examples here, before any write
     _check_lengths([it for _, it in all_items], max_context)
 
@@ -395,6 +398,14 @@ def run_eval(
     records = folder.merge(run)
     files = run.write_report(records, folder.out) if report else []
     return EvalResult(folder.out, records, run.summary(records), [config_path, folder.out / RESULTS_FILE, *files])
+
+
+def _dtype_of(model: Any) -> str | None:
+    """The dtype name of a model's first parameter (None: a model without parameters)."""
+    try:
+        return str(next(model.parameters()).dtype).removeprefix("torch.")
+    except (AttributeError, StopIteration, TypeError):
+        return None
 
 
 def resolve_items(run: Run) -> list[tuple[SuiteSpec, Item]]:

@@ -150,7 +150,7 @@ class ScoredEvictionPolicy(CachePolicy):
             scores = span_scores(scores, call & ~protect, self.cfg.span)
         if self.cfg.heads == "adaptive":
             budget = head_budgets(scores, call, protect, budget, self.cfg.floor)
-        layer.keep(keep_top(scores, call, budget, protect) | (layer.valid & ~call))
+        layer.keep(keep_top(scores, call, budget, protect) | (layer.valid & ~call), pack=self.cfg.heads == "adaptive")
 
 
 def head_budgets(scores: torch.Tensor, call: torch.Tensor, protect: torch.Tensor, budget: torch.Tensor,
