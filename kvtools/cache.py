@@ -86,11 +86,16 @@ class SlotLayer(CacheLayerMixin):
         self._layout: tuple[tuple[Any, ...], TableLayout] | None = None  # (what it was read from, layout)
 
     # --- keys / values: [B, Hk, S, D], read whole whether or not the table is packed
+    def _whole(self, part: int, rest: torch.Tensor | None) -> torch.Tensor | None:
+        """The whole table of one stored part (0: keys, 1: values) from its padded ``rest``: the packed slots
+        unpacked before it, when the table is packed."""
+        if self._packed is None or rest is None:
+            return rest
+        return torch.cat([self._packed.unpack(part), rest], 2)
+
     @property
     def keys(self) -> torch.Tensor | None:
-        if self._packed is None or self._keys is None:
-            return self._keys
-        return torch.cat([self._packed.unpack(0), self._keys], 2)
+        return self._whole(0, self._keys)
 
     @keys.setter
     def keys(self, t: torch.Tensor | None) -> None:
@@ -99,9 +104,7 @@ class SlotLayer(CacheLayerMixin):
 
     @property
     def values(self) -> torch.Tensor | None:
-        if self._packed is None or self._values is None:
-            return self._values
-        return torch.cat([self._packed.unpack(1), self._values], 2)
+        return self._whole(1, self._values)
 
     @values.setter
     def values(self, t: torch.Tensor | None) -> None:

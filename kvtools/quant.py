@@ -192,9 +192,7 @@ class QuantizedSlotLayer(SlotLayer):
         c = (self._k, self._v)[which]
         if self._packed is None:
             return c
-        p = self._packed
-        return Codes(self.cfg, torch.cat([p.unpack(2 * which), c.codes], 2),
-                     torch.cat([p.unpack(2 * which + 1), c.absmax], 2), c.dtype)
+        return Codes(self.cfg, self._whole(2 * which, c.codes), self._whole(2 * which + 1, c.absmax), c.dtype)
 
     def _unpack(self) -> None:
         if self._packed is not None:
@@ -250,8 +248,7 @@ class QuantizedSlotLayer(SlotLayer):
             idx = self.idx[:, :, at] if isinstance(at, slice) else self.idx.gather(2, at)
             self._ring_rewrite(idx, k.to(self._dtype))
 
-    def _grow_kv(self, n: int) -> None:
-        self._unpack()
+    def _grow_kv(self, n: int) -> None:  # free slots go after the packed ones, as appended ones do
         b, hk = self.valid.shape[:2]
         for codes in (self._k, self._v):
             codes.map(lambda t: torch.cat([t, t.new_zeros(b, hk, n, t.shape[-1])], 2))

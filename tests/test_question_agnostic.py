@@ -29,6 +29,7 @@ from kvtools.eval.run import load_run, question_config, run_eval
 
 from .conftest import random_ids, tiny_config
 from .helpers import byte_tokenizer
+from .test_eval_run import run_dict as eval_run_dict
 from .test_longbench import v1_example
 
 # where each builder's question starts, with the whitespace before it (the templates' wording)
@@ -268,16 +269,11 @@ def test_calls_is_validated_and_question_config_sets_it():
 
 # ---------------------------------------------------------------- the runner
 def run_dict(out: Path, question: str | None) -> dict:
-    raw = {
-        "model": "tiny-test",
-        "methods": ["full", {"name": "snap", "cache": {"method": "snapkv", "budget": 0.5, "window": 8}}],
-        "seed": 1,
-        "out": str(out),
-        "suites": [
-            {"suite": "niah", "lengths": [600], "depths": [0, 100], "max_new_tokens": 4},
-            {"suite": "ruler", "tasks": ["vt"], "lengths": [900], "max_new_tokens": 4},
-        ],
-    }
+    """test_eval_run's run (model, methods, seed) on suites that have a question, short."""
+    raw = {**eval_run_dict(out), "suites": [
+        {"suite": "niah", "lengths": [600], "depths": [0, 100], "max_new_tokens": 4},
+        {"suite": "ruler", "tasks": ["vt"], "lengths": [900], "max_new_tokens": 4},
+    ]}
     if question is not None:
         raw["question"] = question
     return raw
