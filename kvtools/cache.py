@@ -4,8 +4,8 @@ Each layer keeps, per batch row and KV head, a table of slots::
 
     keys, values  [B, Hk, S, D]   rotated keys / values (never expanded to H query heads)
     valid         [B, Hk, S]      bool: the slot holds a real token (False: padding, evicted filler)
-    pos           [B, Hk, S]      the RoPE position the key is currently rotated at
-    idx           [B, Hk, S]      the token's index in the stream (order, causality, sliding windows)
+    pos           [B, Hk, S]      int32: the RoPE position the key is currently rotated at
+    idx           [B, Hk, S]      int32: the token's index in the stream (order, causality, sliding windows)
 
 Policies (``kvtools.methods``) keep or drop slots with :meth:`SlotLayer.keep`, a
 per-(row, head) gather: memory is really freed, selections may differ per head.
@@ -23,6 +23,10 @@ from typing import Any, ClassVar
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+#: the dtype of a table's ``pos`` / ``idx`` metadata: 4 bytes a slot each (positions and stream indices stay far
+#: below 2**31), against 8 for int64, which matters next to int8 / int4 keys and values
+SLOT_INT = torch.int32
 
 
 @dataclass
@@ -143,8 +147,8 @@ class SlotLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros(b, hk, 0, d)
         self.values = value_states.new_zeros(b, hk, 0, value_states.shape[-1])
         self.valid = torch.zeros(b, hk, 0, dtype=torch.bool, device=dev)
-        self.pos = torch.zeros(b, hk, 0, dtype=torch.long, device=dev)
-        self.idx = torch.zeros(b, hk, 0, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(b, hk, 0, dtype=SLOT_INT, device=dev)
+        self.idx = torch.zeros(b, hk, 0, dtype=SLOT_INT, device=dev)
         self.is_initialized = True
         self._set_layout(TableLayout(ordered=True, all_valid=True))
 
@@ -202,6 +206,8 @@ class SlotLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.map_rows(lambda t: t[indices.to(t.device)])
+        if self._packed is not None:  # rows dropped: the packed width may shrink (beams keep every row's width)
+            self._packed.trim()
 
     # --- slot table operations
     def new_table(self) -> SlotLayer:
@@ -243,8 +249,8 @@ class SlotLayer(CacheLayerMixin):
         b, hk, lq, _ = k.shape
         self._append_kv(k, v, step)
         self.valid = torch.cat([self.valid, step.valid[:, None, :].expand(b, hk, lq)], dim=2)
-        self.pos = torch.cat([self.pos, step.pos[:, None, :].expand(b, hk, lq).to(self.pos.device)], dim=2)
-        self.idx = torch.cat([self.idx, step.idx.view(1, 1, lq).expand(b, hk, lq).to(self.idx.device)], dim=2)
+        self.pos = torch.cat([self.pos, step.pos[:, None, :].expand(b, hk, lq).to(self.pos)], dim=2)
+        self.idx = torch.cat([self.idx, step.idx.view(1, 1, lq).expand(b, hk, lq).to(self.idx)], dim=2)
         self.seen += lq
         if before is not None:
             self._set_layout(TableLayout(ordered=before.ordered and step.first == size,
@@ -287,8 +293,8 @@ class SlotLayer(CacheLayerMixin):
         every row and head (int), or a slot per (row, head) ([B, Hk] tensor); the slot's metadata becomes the
         token's. The table's layout is then unknown (:meth:`forget_layout`)."""
         b, hk = k.shape[:2]
-        pos = step.pos[:, None, :1].to(self.pos.device).expand(b, hk, 1)
-        idx = step.idx.view(1, 1, 1).to(self.idx.device).expand(b, hk, 1)
+        pos = step.pos[:, None, :1].to(self.pos).expand(b, hk, 1)
+        idx = step.idx.view(1, 1, 1).to(self.idx).expand(b, hk, 1)
         if isinstance(at, int):
             self._write_kv(at, k, v)
             self.valid[:, :, at] = True
@@ -311,7 +317,7 @@ class SlotLayer(CacheLayerMixin):
             self.pos[:, :, :at] = pos
         else:
             self._write_kv(at, k, None)
-            self.pos.scatter_(2, at, pos)
+            self.pos.scatter_(2, at, pos.to(self.pos))
 
     def grow(self, n: int = 1) -> None:
         """Append ``n`` free (invalid) slots to every row and head."""
@@ -417,6 +423,13 @@ class PackedSlots:
 
     def map_rows(self, fn) -> None:
         self.parts, self.loc = [fn(x) for x in self.parts], fn(self.loc)
+
+    def trim(self) -> None:
+        """Drop the packed places no row uses any more (after rows were dropped: the rows left may hold
+        fewer slots than the widest row did). A row's places are ``0 .. its count - 1``."""
+        t = int((self.loc >= 0).flatten(1).sum(-1).max()) if self.loc.numel() else 0
+        if t < self.parts[0].shape[1]:
+            self.parts = [x[:, :t].clone() for x in self.parts]
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.parts, self.loc]

@@ -53,7 +53,7 @@ def test_memory_is_freed_and_matches_the_formula(llama):
         cache = p.make_cache()
         llama(ids, past_key_values=cache)
     b, d, itemsize = 2, 16, 4
-    per_slot = 2 * d * itemsize + 1 + 8 + 8  # keys + values + valid + pos + idx
+    per_slot = 2 * d * itemsize + 1 + 4 + 4  # keys + values + valid (bool) + pos, idx (int32)
     slots = 50 * 1 + (n_sink + recent) * 1 + (n_sink + recent) * 2  # retrieval + streaming heads
     ring = 2 * b * 8  # the streaming tables' ring bookkeeping: each row's capacity (a long), per layer
     assert cache.nbytes() == b * slots * per_slot + ring

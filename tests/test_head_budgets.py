@@ -73,7 +73,7 @@ def test_adaptive_heads_keep_the_layer_total_in_the_uniform_bytes(family, batch)
     assert all(layer.packed for layer, rows in zip(ada.layers, counts) if any(len(set(c)) > 1 for c in rows))
     # keys + values take exactly the uniform budget's bytes; the slot metadata stays padded (counted too)
     assert kv_bytes(ada) == kv_bytes(uni)
-    meta = sum(layer.valid.numel() * (1 + 8 + 8) + (layer._packed.loc.numel() * 4 if layer.packed else 0)
+    meta = sum(layer.valid.numel() * (1 + 4 + 4) + (layer._packed.loc.numel() * 4 if layer.packed else 0)
                for layer in ada.layers)
     assert ada.nbytes() == kv_bytes(ada) + meta
     # each head keeps what snapkv keeps with that head's count as a uniform budget (scores are per head, and
@@ -187,6 +187,26 @@ def test_slot_operations_on_a_packed_table_equal_them_on_the_padded_one(make):
     assert not tables[1].packed
 
 
+@pytest.mark.parametrize("make", [lambda p: SlotLayer() if p else Padded(), quantised], ids=["plain", "int4"])
+def test_dropping_rows_shrinks_a_packed_table_to_the_rows_left(make):
+    g = torch.Generator().manual_seed(2)
+    b, hk, n, d = 2, 3, 16, 32
+    tables = (make(True), make(False))
+    k, v = torch.randn(b, hk, n, d, generator=g), torch.randn(b, hk, n, d, generator=g)
+    counts = torch.tensor([[12, 2, 8], [3, 1, 2]])  # row 0 keeps 22 slots, row 1 keeps 6
+    keep = torch.arange(n) < counts[..., None]
+    for t in tables:
+        t.append(k, v, random_step(b, n, 0))
+        t.keep(keep, pack=True)
+    a, p = tables
+    assert a.packed and a._packed.parts[0].shape[1] == 22
+    for t in tables:
+        t.batch_select_indices(torch.tensor([1]))
+    assert a._packed.parts[0].shape[1] == 6 and a._packed.loc.shape[0] == 1
+    m = a.valid[..., None]
+    assert torch.equal(a.valid, p.valid) and torch.equal(a.keys * m, p.keys * m) and torch.equal(a.values * m, p.values * m)
+
+
 def test_only_a_keep_that_asks_packs():
     """Uneven counts also arise without per-head budgets (a sliding window trimming a SnapKV selection each
     decode step): such a keep stays padded, and a keep of a packed table without ``pack`` unpacks it."""
@@ -227,7 +247,7 @@ def test_a_packed_table_holds_fewer_bytes_than_the_padded_one():
         for t in (a, p):
             t.append(k, v, random_step(b, n, 0))
             t.keep(keep, pack=True)
-        meta = p.valid.numel() * (1 + 8 + 8)
+        meta = p.valid.numel() * (1 + 4 + 4)
         fixed = sum(x.numel() * x.element_size() for x in (getattr(p, name, None) for name in
                     ("kscale", "ring_k", "ring_v", "ring_idx")) if x is not None)  # quantised: the fp ring
         assert p.nbytes() == meta + fixed + 160 * per_slot  # padded: 4 heads x 40 slots

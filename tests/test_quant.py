@@ -122,7 +122,7 @@ def test_nbytes_is_what_the_codes_scales_and_ring_take(q):
     with kvtools.patch(model, {"quant": q}) as p:
         _, cache = run_calls(model, random_ids(b, n), [n], cache=p.make_cache())
     per_token = cfg.bytes_per_token(HD)  # codes + float16 absmax of a key and a value
-    meta = 1 + 8 + 8  # valid, pos, idx
+    meta = 1 + 4 + 4  # valid (bool), pos and idx (int32)
     ring = 2 * cfg.residual * HD * 4 + 0  # fp32 model: a key and a value per ring entry
     want = n_layers * (b * hk * (n * (per_token + meta) + ring) + cfg.residual * 8
                        + (b * hk * HD * 4 if cfg.keys == "channel" else 0))

@@ -44,7 +44,7 @@ from pydantic import Field
 
 from ..attention.dense import attend_slots, sdpa_grouped
 from ..attention.rope import rotate_f32, rotate_half
-from ..cache import RowState, SlotLayer, Step
+from ..cache import SLOT_INT, RowState, SlotLayer, Step
 from ..params import StageParams
 from .base import CachePolicy, LayerInfo
 from .common import resolve_tokens
@@ -64,7 +64,7 @@ class StreamingLLMParams(StageParams):
     )
 
 
-_LAST = torch.iinfo(torch.long).max  # sort key of invalid slots: after every real token
+_LAST = torch.iinfo(SLOT_INT).max  # sort key of invalid slots: after every real token
 
 
 @dataclass(eq=False)
