@@ -16,6 +16,7 @@ load, and writes nothing when a check fails.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -309,7 +310,12 @@ def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], int], hel
     """The subparser (``sub``: the parser's subparsers) of command ``name``, which runs ``func(args)``."""
     parser = sub.add_parser(name, help=help, description=description)
     parser.set_defaults(func=func)
+    parser.add_argument("--no-cache", action="store_true", default=argparse.SUPPRESS, help=_NO_CACHE_HELP)
     return parser
+
+
+_NO_CACHE_HELP = ("de-quantise a GGUF model on every load instead of reading (and writing) its cached weights "
+                  "(kvtools.models.model_cache_dir(); sets KVTOOLS_MODEL_CACHE=0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvtools", description="Training-free KV-cache policies for HuggingFace LLMs, and their evaluation."
     )
+    parser.add_argument("--no-cache", action="store_true", help=_NO_CACHE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     niah = _command(sub, "niah", _cmd_niah, "needle-in-a-haystack grid: accuracy heatmaps per method",
@@ -426,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     full               Keep every K/V entry (the baseline).
     """
     args = build_parser().parse_args(argv)
+    if args.no_cache:  # read by every load_model() of this process
+        os.environ["KVTOOLS_MODEL_CACHE"] = "0"
     try:
         return int(args.func(args))
     except KVToolsError as exc:

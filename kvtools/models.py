@@ -12,7 +12,10 @@ import functools
 import importlib.util
 import os
 import re
+import shutil
 import struct
+import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -81,7 +84,8 @@ def resolve_model(name: str | None) -> tuple[str, str | None]:
     return name, None  # a local directory or a hub id (transformers reports missing ones)
 
 
-def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None, **kw: Any):
+def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None,
+               cache: bool | None = None, **kw: Any):
     """Load ``(model, tokenizer)``, in eval mode.
 
     ``name``: None / ``"smollm2-135m"`` (the embedded default), ``"gemma3-270m"``, a hub id,
@@ -89,12 +93,21 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     A model that cannot be found (no such folder, hub id unknown, or not cached while the hub
     is unreachable) raises :class:`~kvtools.errors.ModelNotAvailableError`.
 
+    ``cache``: keep a GGUF model's de-quantised weights (fp32 safetensors) in :func:`model_cache_dir`, so
+    the next load reads them instead of de-quantising again (seconds instead of 20-50); the entry is keyed by
+    the file's content hash and the transformers version, so a changed file or transformers never reads a
+    stale one. ``None``: on unless ``KVTOOLS_MODEL_CACHE=0`` (what ``kvtools --no-cache`` sets).
+
     >>> model, tok = kvtools.load_model()          # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, gguf = resolve_model(name)
     if gguf is not None:
+        if cache is None:
+            cache = os.environ.get("KVTOOLS_MODEL_CACHE", "1").strip().lower() not in ("0", "off", "false", "no")
+        if cache and not kw:
+            return _finish(*_load_gguf_cached(Path(where) / gguf, dtype), device)
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype, **kw)
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
         return _finish(model, tok, device)
@@ -107,6 +120,107 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     except OSError as exc:
         raise ModelNotAvailableError(_not_found(str(name), offline, exc)) from None
     return _finish(model, tok, device)
+
+
+def model_cache_dir() -> Path:
+    """Where :func:`load_model` keeps de-quantised GGUF weights: ``$KVTOOLS_CACHE``, else
+    ``$XDG_CACHE_HOME/kvtools``, else ``~/.cache/kvtools`` (a ``models`` folder inside)."""
+    root = os.environ.get("KVTOOLS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kvtools")
+    return Path(root).expanduser() / "models"
+
+
+@functools.lru_cache(maxsize=8)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    import hashlib
+
+    h = hashlib.blake2b()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()[:20]
+
+
+def gguf_cache_entry(path: Path) -> Path:
+    """The cache folder of one GGUF file's de-quantised weights (see :func:`load_model`). Entries of other
+    files or transformers versions are left in place (two environments may share the cache); delete the
+    folder to reclaim them."""
+    import transformers
+
+    st = path.stat()
+    key = f"{path.stem}-{_file_hash(str(path.resolve()), st.st_size, st.st_mtime_ns)}-tf{transformers.__version__}"
+    return model_cache_dir() / key
+
+
+_COMPLETE = "kvtools-complete"  # written last: an entry without it is partial (a write that was interrupted)
+
+
+def _load_gguf_cached(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entry = gguf_cache_entry(path)
+    hit = read_cache_entry(entry, dtype)
+    if hit is not None:
+        return hit
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    store_cache_entry(entry, model, tok)
+    return model.to(dtype), tok
+
+
+def read_cache_entry(entry: Path, dtype: torch.dtype):
+    """``(model, tokenizer)`` from a cache entry, or ``None`` when there is no whole one (an unreadable entry
+    also warns: it is rebuilt)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (entry / _COMPLETE).is_file():
+        return None
+    try:
+        return AutoModelForCausalLM.from_pretrained(entry, dtype=dtype), AutoTokenizer.from_pretrained(entry)
+    except Exception as exc:  # noqa: BLE001 - any unreadable entry is rebuilt from the GGUF
+        warnings.warn(f"kvtools: the model cache entry {entry} cannot be read ({type(exc).__name__}: {exc}); "
+                      "rebuilding it from the GGUF file", stacklevel=3)
+        return None
+
+
+def store_cache_entry(entry: Path, model: Any, tok: Any) -> bool:
+    """Write ``model`` (fp32) and ``tok`` as the cache entry; a cache that cannot be written warns (the load
+    goes on). Whether it was written."""
+    try:
+        _write_entry(entry, model, tok)
+        return True
+    except OSError as exc:
+        warnings.warn(f"kvtools: cannot write the model cache at {entry.parent} ({exc}); the model is de-quantised "
+                      "again on every load. Set KVTOOLS_CACHE to a writable folder, or pass --no-cache "
+                      "(KVTOOLS_MODEL_CACHE=0) to silence this.", stacklevel=3)
+        return False
+
+
+def _write_entry(entry: Path, model: Any, tok: Any) -> None:
+    """Write the entry in a temporary sibling folder, then rename it into place: readers never see a partial
+    one, and two processes filling it at once both end with a whole entry."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".", dir=entry.parent))
+    try:
+        # the weights alone (save_pretrained refuses a model loaded from GGUF: it counts as quantised), tied
+        # tensors once; from_pretrained ties them again from the config
+        from safetensors.torch import save_model
+
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        type(model.config).from_dict(config).save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text("de-quantised by kvtools.load_model\n")
+        if entry.exists():  # a partial or unreadable entry
+            shutil.rmtree(entry, ignore_errors=True)
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            if not (entry / _COMPLETE).is_file():  # not another process's whole entry
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _finish(model, tok, device):
