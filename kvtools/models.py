@@ -106,8 +106,8 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     if gguf is not None:
         if cache is None:
             cache = os.environ.get("KVTOOLS_MODEL_CACHE", "1").strip().lower() not in ("0", "off", "false", "no")
-        if cache and not kw:
-            return _finish(*_load_gguf_cached(Path(where) / gguf, dtype), device)
+        if cache:
+            return _finish(*_load_gguf_cached(Path(where) / gguf, dtype, **kw), device)
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype, **kw)
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
         return _finish(model, tok, device)
@@ -155,20 +155,26 @@ def gguf_cache_entry(path: Path) -> Path:
 _COMPLETE = "kvtools-complete"  # written last: an entry without it is partial (a write that was interrupted)
 
 
-def _load_gguf_cached(path: Path, dtype: torch.dtype):
+def _load_gguf_cached(path: Path, dtype: torch.dtype, **kw: Any):
+    """``kw``: for ``from_pretrained`` (``device_map``, ...), given to the read of the cached weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     entry = gguf_cache_entry(path)
-    hit = read_cache_entry(entry, dtype)
+    hit = read_cache_entry(entry, dtype, **kw)
     if hit is not None:
         return hit
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    store_cache_entry(entry, model, tok)
+    if store_cache_entry(entry, model, tok) and kw:  # placed by from_pretrained's options: read the entry
+        hit = read_cache_entry(entry, dtype, **kw)
+        if hit is not None:
+            return hit
+    if kw:
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **kw), tok
     return model.to(dtype), tok
 
 
-def read_cache_entry(entry: Path, dtype: torch.dtype):
+def read_cache_entry(entry: Path, dtype: torch.dtype, **kw: Any):
     """``(model, tokenizer)`` from a cache entry, or ``None`` when there is no whole one (an unreadable entry
     also warns: it is rebuilt)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -176,7 +182,7 @@ def read_cache_entry(entry: Path, dtype: torch.dtype):
     if not (entry / _COMPLETE).is_file():
         return None
     try:
-        return AutoModelForCausalLM.from_pretrained(entry, dtype=dtype), AutoTokenizer.from_pretrained(entry)
+        return AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, **kw), AutoTokenizer.from_pretrained(entry)
     except Exception as exc:  # noqa: BLE001 - any unreadable entry is rebuilt from the GGUF
         warnings.warn(f"kvtools: the model cache entry {entry} cannot be read ({type(exc).__name__}: {exc}); "
                       "rebuilding it from the GGUF file", stacklevel=3)

@@ -3,6 +3,7 @@ file and transformers, partial / unreadable / unwritable caches never fail a loa
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -36,7 +37,9 @@ def test_an_entry_reads_back_as_the_model_it_stored(tmp_path):
     chat = [{"role": "user", "content": text}]
     assert back_tok.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
     half, _ = models.read_cache_entry(entry, torch.bfloat16)  # another dtype: the stored fp32, cast
-    assert half.dtype == torch.bfloat16 and _same_weights(half, model.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and _same_weights(half, copy.deepcopy(model).to(torch.bfloat16))
+    placed, _ = models.read_cache_entry(entry, torch.float32, device_map="cpu")  # from_pretrained's options pass
+    assert _same_weights(placed, model)
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary folder left behind
 
 
