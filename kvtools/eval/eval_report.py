@@ -217,6 +217,14 @@ def _plots(records, rows, out_dir: Path) -> list[Path]:
     return files
 
 
+def _colors(n: int) -> list:
+    """``n`` distinct colours: matplotlib's default cycle, tab20 beyond its 10."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def _plot_frontier(shares: dict[str, dict[str, tuple[float, float]]], path: Path) -> Path:
     """Per suite: every method at (mean KV share of full, mean score), the budgets of one method joined
     (:func:`method_family`), the Pareto frontier dashed."""
@@ -230,9 +238,10 @@ def _plot_frontier(shares: dict[str, dict[str, tuple[float, float]]], path: Path
         families: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
         for m, (x, y) in points.items():
             families[method_family(m)].append((100 * x, y, m))
-        for fam, pts in families.items():
+        colors = _colors(len(families))
+        for (fam, pts), color in zip(families.items(), colors):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam, color=color)
             for x, y, m in pts:
                 ax.annotate(m, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         front = pareto_front(points)
