@@ -128,7 +128,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     rows = run_bench(
         args.model, configs, lengths, args.out, decode_tokens=args.decode_tokens, warmup=args.warmup,
-        repeats=args.repeats, seed=args.seed, quiet=args.quiet, device=args.device,
+        repeats=args.repeats, seed=args.seed, quiet=args.quiet, device=args.device, baseline=args.baseline,
     )
     print(report_markdown(rows))
     print(f"wrote bench.jsonl, bench.md, bench.csv, bench.png to {args.out}")
@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
     bench.add_argument("--repeats", type=int, default=1, help="prefills timed per cell; median (default: 1)")
     bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
+    bench.add_argument("--baseline", choices=["hf"], default=None,
+                       help="hf: also measure the unpatched model with transformers' DynamicCache (row 'hf'), "
+                            "and give prefill/decode as a ratio to it")
     _add_out_seed_quiet(bench, "runs/bench")
 
     ba = _command(sub, "bench-attention", _cmd_bench_attention,

@@ -39,6 +39,24 @@ def test_bench_writes_reports_and_budgets_show_in_kv_bytes(tmp_path):
     assert "random weights" in md and "1.00x" in md
 
 
+def test_hf_baseline_row_is_the_unpatched_model(tmp_path):
+    rows = run_bench(TINY, ["full"], [128], tmp_path, decode_tokens=2, warmup=1, quiet=True, baseline="hf")
+    assert [r.method for r in rows] == ["hf", "full"]
+    hf, full = rows
+    # transformers' DynamicCache holds keys + values only: 2 layers x 3 KV heads x 128 tokens x 64 dims x fp32,
+    # twice; kvtools' slot table holds the same plus 9 bytes of metadata per slot (valid, int32 pos and idx)
+    assert hf.kv_bytes == 2 * 2 * 3 * 128 * 64 * 4 == hf.kv_resident_bytes
+    assert full.kv_bytes == hf.kv_bytes + 2 * 3 * 128 * 9
+    md = report_markdown(rows)
+    assert "| vs hf |" in md and md.index("| hf | 128 |") < md.index("| full | 128 |")
+    assert "| full | 128 |" in report_markdown([full]) and "vs hf" not in report_markdown([full])
+
+
+def test_bench_rejects_an_unknown_baseline(tmp_path):
+    with pytest.raises(ConfigError, match="baseline"):
+        run_bench(TINY, ["full"], [128], tmp_path, quiet=True, baseline="vllm")
+
+
 def test_bench_rejects_lengths_beyond_context(tmp_path):
     with pytest.raises(InputTooLongError):
         run_bench(TINY + ",context=256", ["full"], [512], tmp_path, quiet=True)

@@ -9,7 +9,8 @@ For each length, every method runs on the same random prompt, interleaved
 * decode ms/token: median over ``decode_tokens`` single-token steps after ``warmup`` steps;
 * KV bytes: what the cache holds after prefill + decode (``KVCache.nbytes``);
 * memory: CUDA max allocated during the method's run, or on CPU the process RSS after it;
-* ratios to ``full`` when it is among the methods.
+* ratios to ``full`` when it is among the methods, and to plain transformers (the unpatched model with its
+  ``DynamicCache``: ``baseline="hf"``, ``kvtools bench --baseline hf``), a row named ``hf``.
 
 ``--model random:llama-3-8b:layers=4`` builds a random-weight model with a real
 architecture's shape (honest for speed and memory, never for accuracy); the
@@ -18,6 +19,8 @@ report says so.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import statistics
 import time
@@ -54,21 +57,48 @@ class BenchRow:
 _WARM_PREFILL = 1024
 
 
+#: the name of the plain-transformers row (``baseline="hf"``)
+HF = "hf"
+
+
+class _Plain:
+    """The unpatched model's side of :func:`measure`: transformers' own ``DynamicCache``."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def make_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def cache_kwargs(self, cache: Any) -> dict[str, Any]:
+        return {self.cache_kw: cache}
+
+
+def dynamic_cache_bytes(cache: Any) -> int:
+    """Bytes of the keys and values a transformers cache holds (every layer's)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if torch.is_tensor(t))
+
+
 @torch.inference_mode()
 def measure(
     model: Any,
-    config: KVConfig,
+    config: KVConfig | None,
     ids: torch.Tensor,
     decode_tokens: int = 16,
     warmup: int = 2,
     repeats: int = 1,
-) -> tuple[float, float, int, int, str]:
-    """(prefill s, decode ms/token, KV bytes, memory bytes, memory kind) for one method on ``ids`` [1, L]."""
+) -> tuple[float, float, int, int, str, int]:
+    """(prefill s, decode ms/token, KV bytes, memory bytes, memory kind, resident KV bytes) for one method on
+    ``ids`` [1, L]; ``config`` None: the unpatched model (plain transformers)."""
     dev = ids.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
-    with patch(model, config) as p:
+    with patch(model, config) if config is not None else contextlib.nullcontext(_Plain(model)) as p:
         # one untimed short prefill first: compiled kernels (FlexAttention) are built outside the timing
         model(input_ids=ids[:, :_WARM_PREFILL], logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
         for _ in range(repeats):
@@ -88,8 +118,11 @@ def measure(
             if i >= warmup:
                 steps.append(time.perf_counter() - t0)
             nxt = out.logits[:, -1:].argmax(-1)
-        kv = cache.nbytes()
-        resident = cache.nbytes(offloaded=False)
+        if config is None:
+            kv = resident = dynamic_cache_bytes(cache)
+        else:
+            kv = cache.nbytes()
+            resident = cache.nbytes(offloaded=False)
     if dev.type == "cuda":
         mem, kind = int(torch.cuda.max_memory_allocated(dev)), "cuda_max_allocated"
     else:
@@ -108,9 +141,15 @@ def run_bench(
     seed: int = 0,
     quiet: bool = False,
     device: str | None = None,
+    baseline: str | None = None,
 ) -> list[BenchRow]:
-    """Measure every config at every length, interleaved; write ``bench.jsonl``, ``bench.md``, ``bench.csv``, ``bench.png``."""
-    kv_configs = [load_config(c) for c in configs]  # validate before loading anything
+    """Measure every config at every length, interleaved; write ``bench.jsonl``, ``bench.md``, ``bench.csv``,
+    ``bench.png``. ``baseline="hf"``: first a row ``hf`` per length, the unpatched model (plain transformers)."""
+    if baseline not in (None, HF):
+        raise ConfigError(f"baseline: {baseline!r} is not one of: {HF} (the unpatched model)")
+    kv_configs: list[KVConfig | None] = [load_config(c) for c in configs]  # validate before loading anything
+    if baseline == HF:
+        kv_configs.insert(0, None)
     if decode_tokens < 1 or repeats < 1 or warmup < 0:
         raise ConfigError("decode_tokens and repeats must be >= 1, warmup >= 0")
     random_weights = bool(model_name and model_name.startswith("random:"))
@@ -143,9 +182,10 @@ def run_bench(
         for length in lengths:
             ids = torch.randint(100, model.config.vocab_size, (1, length - gen), generator=g).to(dev)
             for cfg in kv_configs:
-                bar.set_postfix(method=cfg.name, length=length)
+                method = HF if cfg is None else cfg.name
+                bar.set_postfix(method=method, length=length)
                 prefill, decode, kv, mem, kind, resident = measure(model, cfg, ids, decode_tokens, warmup, repeats)
-                row = BenchRow(name, random_weights, cfg.name, length, prefill, decode, kv, mem, kind, resident)
+                row = BenchRow(name, random_weights, method, length, prefill, decode, kv, mem, kind, resident)
                 rows.append(row)
                 f.write(json.dumps(row.as_dict()) + "\n")
                 f.flush()
@@ -154,8 +194,8 @@ def run_bench(
     return rows
 
 
-def _ratio(rows: list[BenchRow], row: BenchRow, field: str) -> float | None:
-    base = [r for r in rows if r.method == "full" and r.length == row.length]
+def _ratio(rows: list[BenchRow], row: BenchRow, field: str, to: str = "full") -> float | None:
+    base = [r for r in rows if r.method == to and r.length == row.length]
     if not base or not getattr(base[0], field):
         return None
     return getattr(row, field) / getattr(base[0], field)
@@ -168,22 +208,26 @@ def report_markdown(rows: list[BenchRow]) -> str:
     weights = "random weights (speed/memory only, never accuracy)" if r0.random_weights else "real weights"
     mem_name = "CUDA max allocated" if r0.memory_kind == "cuda_max_allocated" else "process RSS"
     offload = any(0 <= r.kv_resident_bytes != r.kv_bytes for r in rows)
+    hf = any(r.method == HF for r in rows)  # then prefill and decode also as a ratio to plain transformers
     lines = [
         f"## Benchmark — `{r0.model}` ({weights})",
         "",
-        f"| method | length | prefill s | vs full | decode ms/token | vs full | KV MiB | vs full | {mem_name} MiB |"
+        "| method | length | prefill s | vs full |" + (" vs hf |" if hf else "") + " decode ms/token | vs full |"
+        + (" vs hf |" if hf else "") + f" KV MiB | vs full | {mem_name} MiB |"
         + (" resident KV MiB | vs full |" if offload else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if offload else ""),
+        "|---|---:|---:|---:|" + ("---:|" if hf else "") + "---:|---:|" + ("---:|" if hf else "") + "---:|---:|---:|"
+        + ("---:|---:|" if offload else ""),
     ]
 
     def fmt(x: float | None) -> str:
         return "—" if x is None else f"{x:.2f}x"
 
-    for r in sorted(rows, key=lambda r: (r.length, r.method != "full", r.method)):
+    for r in sorted(rows, key=lambda r: (r.length, r.method != HF, r.method != "full", r.method)):
+        vs_hf = (lambda field: f" {fmt(_ratio(rows, r, field, HF))} |") if hf else (lambda field: "")
         lines.append(
-            f"| {r.method} | {r.length} | {r.prefill_s:.3f} | {fmt(_ratio(rows, r, 'prefill_s'))} | "
-            f"{r.decode_ms:.1f} | {fmt(_ratio(rows, r, 'decode_ms'))} | {r.kv_bytes / 2**20:.1f} | "
-            f"{fmt(_ratio(rows, r, 'kv_bytes'))} | {r.memory_bytes / 2**20:.0f} |"
+            f"| {r.method} | {r.length} | {r.prefill_s:.3f} | {fmt(_ratio(rows, r, 'prefill_s'))} |"
+            + vs_hf("prefill_s") + f" {r.decode_ms:.1f} | {fmt(_ratio(rows, r, 'decode_ms'))} |" + vs_hf("decode_ms")
+            + f" {r.kv_bytes / 2**20:.1f} | {fmt(_ratio(rows, r, 'kv_bytes'))} | {r.memory_bytes / 2**20:.0f} |"
             + (f" {r.kv_resident_bytes / 2**20:.1f} | {fmt(_ratio(rows, r, 'kv_resident_bytes'))} |" if offload else "")
         )
     return "\n".join(lines) + "\n"
