@@ -129,6 +129,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rows = run_bench(
         args.model, configs, lengths, args.out, decode_tokens=args.decode_tokens, warmup=args.warmup,
         repeats=args.repeats, seed=args.seed, quiet=args.quiet, device=args.device, baseline=args.baseline,
+        isolate=args.isolate,
     )
     print(report_markdown(rows))
     print(f"wrote bench.jsonl, bench.md, bench.csv, bench.png to {args.out}")
@@ -370,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline", choices=["hf"], default=None,
                        help="hf: also measure the unpatched model with transformers' DynamicCache (row 'hf'), "
                             "and give prefill/decode as a ratio to it")
+    bench.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                       help="run each (method, length) cell in a fresh process, so its memory peak is its own "
+                            "(default: on; --no-isolate: one process, faster)")
     _add_out_seed_quiet(bench, "runs/bench")
 
     ba = _command(sub, "bench-attention", _cmd_bench_attention,

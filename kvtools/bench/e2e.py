@@ -1,4 +1,4 @@
-"""Speed and memory, measured side by side in one process.
+"""Speed and memory, measured side by side.
 
 For each length, every method runs on the same random prompt, interleaved
 (method A, B, C at 2k, then at 4k, ...), so machine noise hits all of them alike:
@@ -8,7 +8,10 @@ For each length, every method runs on the same random prompt, interleaved
 * prefill: after one untimed 1k-token prefill per method (kernel compilation is not timed);
 * decode ms/token: median over ``decode_tokens`` single-token steps after ``warmup`` steps;
 * KV bytes: what the cache holds after prefill + decode (``KVCache.nbytes``);
-* memory: CUDA max allocated during the method's run, or on CPU the process RSS after it;
+* memory, per phase: the peak during the timed prefills and during the decode steps (CUDA max allocated, or
+  on CPU the process's peak RSS, its high-water mark reset before each phase), reported above the memory in use
+  before the prefill; ``isolate`` (the CLI's default) runs each cell in a fresh process, so no cell's peak
+  inherits another's allocations;
 * ratios to ``full`` when it is among the methods, and to plain transformers (the unpatched model with its
   ``DynamicCache``: ``baseline="hf"``, ``kvtools bench --baseline hf``), a row named ``hf``.
 
@@ -34,7 +37,22 @@ from ..config import KVConfig, load_config
 from ..errors import ConfigError, InputTooLongError
 from ..models import random_model
 from ..patching import patch
-from .timing import rss, sync
+from .timing import PeakMemory, sync
+
+
+@dataclass
+class Measured:
+    """One method's figures on one prompt (:func:`measure`)."""
+
+    prefill_s: float
+    decode_ms: float
+    kv_bytes: int
+    kv_resident_bytes: int
+    memory_kind: str  # "cuda_max_allocated" | "cpu_peak_rss"
+    base_bytes: int  # memory in use before the timed prefills (weights, runtime)
+    prefill_peak_bytes: int  # peak during the timed prefills
+    decode_peak_bytes: int  # peak during the decode steps (the prefilled cache included)
+
 
 @dataclass
 class BenchRow:
@@ -45,9 +63,22 @@ class BenchRow:
     prefill_s: float
     decode_ms: float
     kv_bytes: int
-    memory_bytes: int
-    memory_kind: str  # "cuda_max_allocated" | "cpu_rss"
+    memory_bytes: int  # the run's peak: max(prefill_peak_bytes, decode_peak_bytes)
+    memory_kind: str  # "cuda_max_allocated" | "cpu_peak_rss"
     kv_resident_bytes: int = -1  # KV bytes not offloaded by the method (retrieval keeps the rest on CPU)
+    base_bytes: int = -1
+    prefill_peak_bytes: int = -1
+    decode_peak_bytes: int = -1
+    isolated: bool = False  # measured in a process of its own
+
+    @property
+    def prefill_extra_bytes(self) -> int:
+        """Peak memory of the prefill above what was in use before it (the method's own working memory)."""
+        return self.prefill_peak_bytes - self.base_bytes
+
+    @property
+    def decode_extra_bytes(self) -> int:
+        return self.decode_peak_bytes - self.base_bytes
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -91,24 +122,30 @@ def measure(
     decode_tokens: int = 16,
     warmup: int = 2,
     repeats: int = 1,
-) -> tuple[float, float, int, int, str, int]:
-    """(prefill s, decode ms/token, KV bytes, memory bytes, memory kind, resident KV bytes) for one method on
-    ``ids`` [1, L]; ``config`` None: the unpatched model (plain transformers)."""
+) -> Measured:
+    """Time and memory of one method on ``ids`` [1, L]; ``config`` None: the unpatched model (plain
+    transformers). Memory peaks are per phase: the high-water mark is reset before the timed prefills and
+    again before the decode steps."""
     dev = ids.device
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    mem = PeakMemory(dev)
     times = []
     with patch(model, config) if config is not None else contextlib.nullcontext(_Plain(model)) as p:
         # one untimed short prefill first: compiled kernels (FlexAttention) are built outside the timing
         model(input_ids=ids[:, :_WARM_PREFILL], logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
+        base = mem.start()
+        cache = None
         for _ in range(repeats):
+            cache = None  # the previous repeat's cache is freed before the next prefill
             cache = p.make_cache()
             sync(dev)
             t0 = time.perf_counter()
             out = model(input_ids=ids, logits_to_keep=1, **p.cache_kwargs(cache))
             sync(dev)
             times.append(time.perf_counter() - t0)
+        prefill_peak = mem.peak()
         nxt = out.logits[:, -1:].argmax(-1)
+        del out
+        mem.start()
         steps = []
         for i in range(warmup + decode_tokens):
             sync(dev)
@@ -118,16 +155,14 @@ def measure(
             if i >= warmup:
                 steps.append(time.perf_counter() - t0)
             nxt = out.logits[:, -1:].argmax(-1)
+        decode_peak = mem.peak()
         if config is None:
             kv = resident = dynamic_cache_bytes(cache)
         else:
             kv = cache.nbytes()
             resident = cache.nbytes(offloaded=False)
-    if dev.type == "cuda":
-        mem, kind = int(torch.cuda.max_memory_allocated(dev)), "cuda_max_allocated"
-    else:
-        mem, kind = rss(), "cpu_rss"
-    return statistics.median(times), 1000 * statistics.median(steps), kv, mem, kind, resident
+    return Measured(statistics.median(times), 1000 * statistics.median(steps), kv, resident, mem.kind, base,
+                    prefill_peak, decode_peak)
 
 
 def run_bench(
@@ -142,14 +177,19 @@ def run_bench(
     quiet: bool = False,
     device: str | None = None,
     baseline: str | None = None,
+    isolate: bool = False,
 ) -> list[BenchRow]:
     """Measure every config at every length, interleaved; write ``bench.jsonl``, ``bench.md``, ``bench.csv``,
-    ``bench.png``. ``baseline="hf"``: first a row ``hf`` per length, the unpatched model (plain transformers)."""
+    ``bench.png``. ``baseline="hf"``: first a row ``hf`` per length, the unpatched model (plain transformers).
+    ``isolate``: every (method, length) cell runs in a fresh process that loads the model itself, so no cell's
+    memory peak inherits another's allocations (what the CLI does by default)."""
     if baseline not in (None, HF):
         raise ConfigError(f"baseline: {baseline!r} is not one of: {HF} (the unpatched model)")
     kv_configs: list[KVConfig | None] = [load_config(c) for c in configs]  # validate before loading anything
+    specs: list[Any] = list(configs)
     if baseline == HF:
         kv_configs.insert(0, None)
+        specs.insert(0, None)
     if decode_tokens < 1 or repeats < 1 or warmup < 0:
         raise ConfigError("decode_tokens and repeats must be >= 1, warmup >= 0")
     random_weights = bool(model_name and model_name.startswith("random:"))
@@ -157,11 +197,11 @@ def run_bench(
         model = random_model(model_name)
         name = model_name
     else:
-        from .models import canonical_name, load_model
+        from ..models import canonical_name, load_model
 
         model, _ = load_model(model_name)
         name = canonical_name(model_name)
-    if device:
+    if device and not isolate:
         model = model.to(device)
     ctx = getattr(model.config, "max_position_embeddings", None)
     gen = warmup + decode_tokens  # a length counts the prompt and the generated tokens (as in niah)
@@ -171,6 +211,9 @@ def run_bench(
     if min(lengths) <= gen:
         raise ConfigError(f"lengths: {min(lengths)} leaves no prompt with {gen} warm-up + decode tokens")
     dev = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    if isolate:
+        del model  # each cell loads its own
     g = torch.Generator().manual_seed(seed)
     from tqdm.auto import tqdm
 
@@ -180,18 +223,47 @@ def run_bench(
     with tqdm(total=len(lengths) * len(kv_configs), disable=quiet, desc="bench") as bar, \
             (out / "bench.jsonl").open("w") as f:
         for length in lengths:
-            ids = torch.randint(100, model.config.vocab_size, (1, length - gen), generator=g).to(dev)
-            for cfg in kv_configs:
+            ids = torch.randint(100, vocab, (1, length - gen), generator=g)
+            for cfg, spec in zip(kv_configs, specs):
                 method = HF if cfg is None else cfg.name
                 bar.set_postfix(method=method, length=length)
-                prefill, decode, kv, mem, kind, resident = measure(model, cfg, ids, decode_tokens, warmup, repeats)
-                row = BenchRow(name, random_weights, method, length, prefill, decode, kv, mem, kind, resident)
+                if isolate:
+                    m = measure_isolated(model_name, spec, ids, device, decode_tokens, warmup, repeats)
+                else:
+                    m = measure(model, cfg, ids.to(dev), decode_tokens, warmup, repeats)
+                row = BenchRow(name, random_weights, method, length, m.prefill_s, m.decode_ms, m.kv_bytes,
+                               max(m.prefill_peak_bytes, m.decode_peak_bytes), m.memory_kind, m.kv_resident_bytes,
+                               m.base_bytes, m.prefill_peak_bytes, m.decode_peak_bytes, isolate)
                 rows.append(row)
                 f.write(json.dumps(row.as_dict()) + "\n")
                 f.flush()
                 bar.update()
     write_report(rows, out)
     return rows
+
+
+def measure_isolated(model_name: str | None, config: Any, ids: torch.Tensor, device: str | None = None,
+                     decode_tokens: int = 16, warmup: int = 2, repeats: int = 1) -> Measured:
+    """:func:`measure` in a fresh process (spawned: nothing inherited) that loads the model and ``config`` (a
+    preset name, YAML path or dict; None: the unpatched model) itself; errors are raised here."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure_cell, (model_name, config, ids, device, decode_tokens, warmup, repeats))
+
+
+def _measure_cell(model_name, config, ids, device, decode_tokens, warmup, repeats) -> Measured:
+    if model_name and model_name.startswith("random:"):
+        model = random_model(model_name)
+    else:
+        from ..models import load_model
+
+        model, _ = load_model(model_name)
+    if device:
+        model = model.to(device)
+    dev = next(model.parameters()).device
+    cfg = None if config is None else load_config(config)
+    return measure(model, cfg, ids.to(dev), decode_tokens, warmup, repeats)
 
 
 def _ratio(rows: list[BenchRow], row: BenchRow, field: str, to: str = "full") -> float | None:
@@ -202,33 +274,45 @@ def _ratio(rows: list[BenchRow], row: BenchRow, field: str, to: str = "full") ->
 
 
 def report_markdown(rows: list[BenchRow]) -> str:
+    """The bench table. Memory is per phase: the peak during the prefill and during the decode steps, above what
+    was in use before the prefill (weights, runtime): CUDA max allocated, or the process's peak RSS on CPU."""
     if not rows:
         return "(no rows)\n"
     r0 = rows[0]
     weights = "random weights (speed/memory only, never accuracy)" if r0.random_weights else "real weights"
-    mem_name = "CUDA max allocated" if r0.memory_kind == "cuda_max_allocated" else "process RSS"
+    mem_name = "CUDA max allocated" if r0.memory_kind == "cuda_max_allocated" else "peak RSS"
     offload = any(0 <= r.kv_resident_bytes != r.kv_bytes for r in rows)
     hf = any(r.method == HF for r in rows)  # then prefill and decode also as a ratio to plain transformers
+    vs = " vs full |" + (" vs hf |" if hf else "")
+    col = "---:|" * (2 if hf else 1)
+    isolated = "each cell in its own process" if all(r.isolated for r in rows) else "all cells in one process"
     lines = [
         f"## Benchmark — `{r0.model}` ({weights})",
         "",
-        "| method | length | prefill s | vs full |" + (" vs hf |" if hf else "") + " decode ms/token | vs full |"
-        + (" vs hf |" if hf else "") + f" KV MiB | vs full | {mem_name} MiB |"
-        + (" resident KV MiB | vs full |" if offload else ""),
-        "|---|---:|---:|---:|" + ("---:|" if hf else "") + "---:|---:|" + ("---:|" if hf else "") + "---:|---:|---:|"
+        f"Memory: {mem_name} above the memory in use before the prefill, per phase; {isolated}.",
+        "",
+        "| method | length | prefill s |" + vs + " decode ms/token |" + vs + " KV MiB | vs full |"
+        + f" prefill peak +MiB |{vs} decode peak +MiB |{vs}" + (" resident KV MiB | vs full |" if offload else ""),
+        "|---|---:|---:|" + col + "---:|" + col + "---:|---:|" + "---:|" + col + "---:|" + col
         + ("---:|---:|" if offload else ""),
     ]
 
     def fmt(x: float | None) -> str:
         return "—" if x is None else f"{x:.2f}x"
 
+    def ratios(r: BenchRow, field: str) -> str:
+        return f" {fmt(_ratio(rows, r, field))} |" + (f" {fmt(_ratio(rows, r, field, HF))} |" if hf else "")
+
+    def mib(x: int) -> str:
+        return f"{x / 2**20:.1f}"
+
     for r in sorted(rows, key=lambda r: (r.length, r.method != HF, r.method != "full", r.method)):
-        vs_hf = (lambda field: f" {fmt(_ratio(rows, r, field, HF))} |") if hf else (lambda field: "")
         lines.append(
-            f"| {r.method} | {r.length} | {r.prefill_s:.3f} | {fmt(_ratio(rows, r, 'prefill_s'))} |"
-            + vs_hf("prefill_s") + f" {r.decode_ms:.1f} | {fmt(_ratio(rows, r, 'decode_ms'))} |" + vs_hf("decode_ms")
-            + f" {r.kv_bytes / 2**20:.1f} | {fmt(_ratio(rows, r, 'kv_bytes'))} | {r.memory_bytes / 2**20:.0f} |"
-            + (f" {r.kv_resident_bytes / 2**20:.1f} | {fmt(_ratio(rows, r, 'kv_resident_bytes'))} |" if offload else "")
+            f"| {r.method} | {r.length} | {r.prefill_s:.3f} |" + ratios(r, "prefill_s") + f" {r.decode_ms:.1f} |"
+            + ratios(r, "decode_ms") + f" {mib(r.kv_bytes)} | {fmt(_ratio(rows, r, 'kv_bytes'))} |"
+            + f" {mib(r.prefill_extra_bytes)} |" + ratios(r, "prefill_extra_bytes")
+            + f" {mib(r.decode_extra_bytes)} |" + ratios(r, "decode_extra_bytes")
+            + (f" {mib(r.kv_resident_bytes)} | {fmt(_ratio(rows, r, 'kv_resident_bytes'))} |" if offload else "")
         )
     return "\n".join(lines) + "\n"
 
