@@ -74,6 +74,15 @@ def test_isolated_cells_run_in_their_own_process(tmp_path):
     assert "each cell in its own process" in report_markdown(rows)
 
 
+def test_bench_runs_the_embedded_model(tmp_path, smollm2):
+    """The real-model branch (it once imported a module that does not exist): the default model, by name."""
+    rows = run_bench(None, ["full"], [256], tmp_path, decode_tokens=1, warmup=0, quiet=True)
+    assert [(r.model, r.random_weights) for r in rows] == [("smollm2-135m", False)]
+    cfg = smollm2[0].config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert rows[0].kv_bytes == cfg.num_hidden_layers * cfg.num_key_value_heads * 256 * (2 * head_dim * 4 + 9)
+
+
 def test_bench_rejects_an_unknown_baseline(tmp_path):
     with pytest.raises(ConfigError, match="baseline"):
         run_bench(TINY, ["full"], [128], tmp_path, quiet=True, baseline="vllm")
