@@ -67,8 +67,7 @@ class Patch:
                 sliding_window=self.adapter.sliding_window(self.model, getattr(module, "layer_idx", i)),
             )
             self._replace(module, types.MethodType(_attention_forward(self, info), module))
-        params = inspect.signature(self.model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_arg(inspect.signature(self.model.forward))
         self._replace(self.model, _model_forward(self, self.model.forward))
         if callable(getattr(self.model, "generate", None)):
             self._replace(self.model, _generate(self, self.model.generate), "generate")
@@ -133,6 +132,12 @@ class Patch:
 _MISSING = object()
 
 
+def cache_arg(sig: inspect.Signature) -> str:
+    """The name a model forward with signature ``sig`` takes its cache under: ``cache`` from transformers 5.24,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in sig.parameters else "past_key_values"
+
+
 def _check_backends(config: KVConfig, model: nn.Module) -> None:
     """``backend: triton`` needs the model on a CUDA device with Triton installed: say so at patch()."""
     for stage in ("prefill", "decode"):
@@ -192,7 +197,7 @@ def _attention_forward(patch: Patch, info: LayerInfo):
 # ---------------------------------------------------------------- the top-level model forward
 def _model_forward(patch: Patch, orig: Any):
     sig = inspect.signature(orig)
-    cache_kw = "cache" if "cache" in sig.parameters else "past_key_values"
+    cache_kw = cache_arg(sig)
 
     @functools.wraps(orig)
     def forward(*args: Any, **kwargs: Any):

@@ -156,12 +156,28 @@ def quantised(packable: bool):
     return layer
 
 
-@pytest.mark.parametrize("make", [lambda p: SlotLayer() if p else Padded(), quantised], ids=["plain", "int4"])
-def test_slot_operations_on_a_packed_table_equal_them_on_the_padded_one(make):
-    g = torch.Generator().manual_seed(1)
-    b, hk, n, d = 2, 3, 12, 32
-    tables = (make(True), make(False))
+def packable_pair(make, seed: int, b: int, hk: int, n: int, d: int):
+    """A table that may pack and one that stays padded (``make(packable)``), a generator, and keys / values
+    [B, Hk, n, D] to fill them."""
+    g = torch.Generator().manual_seed(seed)
     k, v = torch.randn(b, hk, n, d, generator=g), torch.randn(b, hk, n, d, generator=g)
+    return (make(True), make(False)), g, k, v
+
+
+def assert_same_table(a, p) -> None:
+    """The packed table ``a`` reads as the padded ``p``: metadata, and keys / values in every valid slot."""
+    assert torch.equal(a.valid, p.valid) and torch.equal(a.idx, p.idx) and torch.equal(a.pos, p.pos)
+    m = a.valid[..., None]
+    assert torch.equal(a.keys * m, p.keys * m) and torch.equal(a.values * m, p.values * m)
+
+
+PAIRS = pytest.mark.parametrize("make", [lambda p: SlotLayer() if p else Padded(), quantised], ids=["plain", "int4"])
+
+
+@PAIRS
+def test_slot_operations_on_a_packed_table_equal_them_on_the_padded_one(make):
+    b, hk, n, d = 2, 3, 12, 32
+    tables, g, k, v = packable_pair(make, 1, b, hk, n, d)
     keep = torch.rand(b, hk, n, generator=g) < torch.tensor([0.9, 0.3, 0.6]).view(1, hk, 1)
     ops = [
         lambda t: t.append(k, v, random_step(b, n, 0)),
@@ -178,21 +194,16 @@ def test_slot_operations_on_a_packed_table_equal_them_on_the_padded_one(make):
     for op in ops:
         for t in tables:
             op(t)
-        a, p = tables
-        packed_after.append(a.packed)
-        assert torch.equal(a.valid, p.valid) and torch.equal(a.idx, p.idx) and torch.equal(a.pos, p.pos)
-        m = a.valid[..., None]
-        assert torch.equal(a.keys * m, p.keys * m) and torch.equal(a.values * m, p.values * m)
+        packed_after.append(tables[0].packed)
+        assert_same_table(*tables)
     assert packed_after[1:6] == [True] * 5 and not any(packed_after[6:])  # packed until a write into the slots
     assert not tables[1].packed
 
 
-@pytest.mark.parametrize("make", [lambda p: SlotLayer() if p else Padded(), quantised], ids=["plain", "int4"])
+@PAIRS
 def test_dropping_rows_shrinks_a_packed_table_to_the_rows_left(make):
-    g = torch.Generator().manual_seed(2)
     b, hk, n, d = 2, 3, 16, 32
-    tables = (make(True), make(False))
-    k, v = torch.randn(b, hk, n, d, generator=g), torch.randn(b, hk, n, d, generator=g)
+    tables, _, k, v = packable_pair(make, 2, b, hk, n, d)
     counts = torch.tensor([[12, 2, 8], [3, 1, 2]])  # row 0 keeps 22 slots, row 1 keeps 6
     keep = torch.arange(n) < counts[..., None]
     for t in tables:
@@ -203,8 +214,7 @@ def test_dropping_rows_shrinks_a_packed_table_to_the_rows_left(make):
     for t in tables:
         t.batch_select_indices(torch.tensor([1]))
     assert a._packed.parts[0].shape[1] == 6 and a._packed.loc.shape[0] == 1
-    m = a.valid[..., None]
-    assert torch.equal(a.valid, p.valid) and torch.equal(a.keys * m, p.keys * m) and torch.equal(a.values * m, p.values * m)
+    assert_same_table(a, p)
 
 
 def test_only_a_keep_that_asks_packs():

@@ -36,7 +36,7 @@ import torch
 from ..config import KVConfig, load_config
 from ..errors import ConfigError, InputTooLongError
 from ..models import random_model
-from ..patching import patch
+from ..patching import cache_arg, patch
 from .timing import PeakMemory, sync
 
 
@@ -97,7 +97,7 @@ class _Plain:
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_kw = cache_arg(inspect.signature(model.forward))
 
     def make_cache(self) -> Any:
         from transformers import DynamicCache
@@ -133,7 +133,6 @@ def measure(
         # one untimed short prefill first: compiled kernels (FlexAttention) are built outside the timing
         model(input_ids=ids[:, :_WARM_PREFILL], logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
         base = mem.start()
-        cache = None
         for _ in range(repeats):
             cache = None  # the previous repeat's cache is freed before the next prefill
             cache = p.make_cache()
@@ -192,15 +191,7 @@ def run_bench(
         specs.insert(0, None)
     if decode_tokens < 1 or repeats < 1 or warmup < 0:
         raise ConfigError("decode_tokens and repeats must be >= 1, warmup >= 0")
-    random_weights = bool(model_name and model_name.startswith("random:"))
-    if random_weights:
-        model = random_model(model_name)
-        name = model_name
-    else:
-        from ..models import canonical_name, load_model
-
-        model, _ = load_model(model_name)
-        name = canonical_name(model_name)
+    model, name, random_weights = _load_bench_model(model_name)
     if device and not isolate:
         model = model.to(device)
     ctx = getattr(model.config, "max_position_embeddings", None)
@@ -252,13 +243,18 @@ def measure_isolated(model_name: str | None, config: Any, ids: torch.Tensor, dev
         return pool.apply(_measure_cell, (model_name, config, ids, device, decode_tokens, warmup, repeats))
 
 
-def _measure_cell(model_name, config, ids, device, decode_tokens, warmup, repeats) -> Measured:
+def _load_bench_model(model_name: str | None) -> tuple[Any, str, bool]:
+    """(model, its name in the report, whether its weights are random) for ``model_name``: ``random:SHAPE...``
+    or what :func:`kvtools.load_model` takes."""
     if model_name and model_name.startswith("random:"):
-        model = random_model(model_name)
-    else:
-        from ..models import load_model
+        return random_model(model_name), model_name, True
+    from ..models import canonical_name, load_model
 
-        model, _ = load_model(model_name)
+    return load_model(model_name)[0], canonical_name(model_name), False
+
+
+def _measure_cell(model_name, config, ids, device, decode_tokens, warmup, repeats) -> Measured:
+    model = _load_bench_model(model_name)[0]
     if device:
         model = model.to(device)
     dev = next(model.parameters()).device
