@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from typing import Any
@@ -45,6 +46,18 @@ def _proc_status_kib(field: str) -> int | None:
     return None
 
 
+def release_freed_memory() -> None:
+    """Hand memory the C allocator keeps after ``free`` back to the system (glibc ``malloc_trim``; elsewhere a
+    no-op), so the RSS is what is live: otherwise a phase's peak starts from what an earlier phase freed."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's resident-memory high-water mark to its current RSS (Linux: ``/proc/self/clear_refs``);
     False where that is not possible (then :func:`peak_rss` is the peak since the process started)."""
@@ -81,6 +94,7 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             return int(torch.cuda.memory_allocated(self.device))
+        release_freed_memory()
         reset_peak_rss()
         return rss()
 
