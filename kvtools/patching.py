@@ -228,7 +228,7 @@ def _model_forward(patch: Patch, orig: Any):
             pos = pos[0]
         pos = pos.expand(b, n)
         chunk = getattr(patch.config.prefill, "chunk", None)
-        bounds = [(0, n)] if not chunk or n <= chunk else [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+        bounds = chunk_bounds(n, chunk)
         real = valid.sum(-1)
         am = kw.get("attention_mask")
         # read once per call (never without a padding mask); layers plan from it without reading the device
@@ -287,6 +287,19 @@ def _generate(patch: Patch, orig: Any):
         return orig(*args, **kwargs)
 
     return generate
+
+
+def chunk_bounds(n: int, chunk: int | None) -> list[tuple[int, int]]:
+    """The [s, e) chunks a call of ``n`` tokens runs in with ``prefill.chunk``: aligned to the call's end (the
+    short remainder first), so every chunk ends where it would for the same prompt without left padding, and a
+    padded row is split as it is alone. A first chunk of one token joins the next: a one-token call would look
+    like a decode step to every layer."""
+    if not chunk or n <= chunk:
+        return [(0, n)]
+    edges = [0, *range(n % chunk, n, chunk), n]
+    if edges[1] <= 1:  # no remainder (0) or a one-token one: the first whole chunk starts the call
+        del edges[1]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _new_token_mask(attention_mask: Any, b: int, n: int, dev: torch.device) -> torch.Tensor:

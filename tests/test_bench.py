@@ -149,3 +149,27 @@ def test_bench_attention_on_captured_model_layers(tmp_path, monkeypatch):
     assert any(r.density < 1 for r in rows if r.method == "fp")
     with pytest.raises(ConfigError, match="sliding-window layers"):
         run_attention_bench([some], [256], backends=["torch"], quiet=True, model="tiny-gemma3", layers=[0])
+
+
+def test_pinned_mmap_threshold_returns_freed_tensors_to_the_system():
+    """Once glibc has freed an 8 MiB block its dynamic threshold serves later such blocks from the heap, where
+    freed ones may stay resident; pinned, a freed tensor leaves the RSS (what the CPU peaks rely on)."""
+    import ctypes.util
+    import sys
+
+    import torch
+
+    from kvtools.bench.timing import pin_mmap_threshold, rss
+
+    if not sys.platform.startswith("linux") or "libc.so" not in str(ctypes.util.find_library("c")):
+        pytest.skip("glibc only")
+    first = torch.ones(2 * 1024 * 1024)
+    del first  # a freed 8 MiB block: unpinned, glibc would now serve such blocks from the heap
+    assert pin_mmap_threshold()
+    base = rss()
+    xs = [torch.ones(2 * 1024 * 1024) for _ in range(8)]  # 8 x 8 MiB, every page touched
+    last = torch.ones(2 * 1024 * 1024)  # still held: in the heap it would keep the freed blocks below it
+    assert rss() - base > 64 * 2**20
+    del xs
+    assert rss() - base < 24 * 2**20
+    del last

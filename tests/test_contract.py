@@ -79,6 +79,12 @@ CASES: dict[tuple[str, str], Case] = {
                     "layers": "adaptive", "span": 2}}],
         {"cache": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3, "heads": "adaptive", "floor": 0.0}},
     ),
+    ("cache", "snapkv+per_chunk"): Case(  # a chunked prompt compressed after every chunk (chunks end-aligned)
+        [{"prefill": {"method": "dense", "chunk": 16},
+          "cache": {"method": "snapkv", "budget": 1.0, "window": 4, "kernel": 3, "per_chunk": True}}],
+        {"prefill": {"method": "dense", "chunk": 16},
+         "cache": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3, "per_chunk": True, "span": 2}},
+    ),
     ("cache", "duo+snapkv"): Case(  # duo composed with scored methods: the sparse case (covering: duo's)
         [],
         {"cache": {"method": "duo", "retrieval_heads": {1: [0]},

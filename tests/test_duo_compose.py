@@ -14,6 +14,7 @@ from kvtools.errors import ConfigError
 from kvtools.methods import CACHE_POLICIES
 from kvtools.methods.base import LayerInfo
 from kvtools.methods.duo import DuoParams, DuoPolicy
+from kvtools.patching import chunk_bounds
 
 from .conftest import random_ids
 from .test_contract import CALLS, padded_batch, reference, run_calls
@@ -45,7 +46,7 @@ def _steps(valid: torch.Tensor):
     s = 0
     for size in PLAN:
         e = s + size
-        bounds = [(a, min(a + CHUNK, e)) for a in range(s, e, CHUNK)] if s == 0 else [(s, e)]
+        bounds = [(s + a, s + z) for a, z in chunk_bounds(size, CHUNK)] if s == 0 else [(s, e)]
         for c, (a, z) in enumerate(bounds):
             yield a, z, Step(valid=valid[:, a:z], pos=pos[:, a:z], idx=torch.arange(a, z),
                              prompt_real=valid[:, s:e].sum(-1), end_of_prompt=z == e, chunk=c, start=s)

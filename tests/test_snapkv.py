@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import kvtools
+from kvtools.cache import SlotLayer
 from kvtools.methods.snapkv import snapkv_keep, snapkv_scores
+from kvtools.patching import capture_qkv, chunk_bounds
 
 from .conftest import random_ids
 from .helpers import prefill_then_decode
@@ -14,9 +16,10 @@ from .helpers import prefill_then_decode
 pytestmark = pytest.mark.mechanics
 
 
-def snap(budget, window=4, kernel=3, pool="max", **extra):
-    cfg = {"cache": {"method": "snapkv", "budget": budget, "window": window, "kernel": kernel, "pool": pool}}
-    cfg.update(extra)
+def snap(budget, window=4, kernel=3, pool="max", prefill=None, **cache):
+    cfg = {"cache": {"method": "snapkv", "budget": budget, "window": window, "kernel": kernel, "pool": pool, **cache}}
+    if prefill is not None:
+        cfg["prefill"] = prefill
     return cfg
 
 
@@ -50,9 +53,11 @@ def test_cache_holds_exactly_budget_slots_per_layer_and_kv_head(llama):
         assert cache.slots() == [13, 13]
 
 
-def reference_selection(q_win, keys, budget, window, kernel, pool, scale):
-    """Plain loops: per query head, window attention (causal inside the window), summed, pooled over the prefix;
-    averaged over the query heads of each KV head; top (budget - window) prefix tokens + the window."""
+def reference_selection(q_win, keys, budget, window, kernel, pool, scale, stream=None):
+    """Plain loops: per query head, window attention (causal inside the window), summed, pooled over the prefix
+    along the stream (``stream``: each slot's stream index, default its slot number: a slot pools the prefix
+    slots at most ``kernel // 2`` tokens away); averaged over the query heads of each KV head; top
+    (budget - window) prefix tokens + the window."""
     b_, h, w, d = q_win.shape
     hk, s = keys.shape[1], keys.shape[2]
     g = h // hk
@@ -75,14 +80,13 @@ def reference_selection(q_win, keys, budget, window, kernel, pool, scale):
                     for j in range(s):
                         votes[j] += ex[j] / z
                 pooled = []
-                for j in range(s - w):
-                    prefix_len = s - w  # pooling runs over the prefix only
-                    span = [votes[t] if 0 <= t < prefix_len else None
-                            for t in range(j - kernel // 2, j + kernel // 2 + 1)]
+                at = list(range(s)) if stream is None else stream
+                for j in range(s - w):  # pooling runs over the prefix only
+                    span = [votes[t] for t in range(s - w) if abs(at[t] - at[j]) <= kernel // 2]
                     if pool == "max":
-                        pooled.append(max(v for v in span if v is not None))
+                        pooled.append(max(span))
                     else:
-                        pooled.append(sum(v for v in span if v is not None) / kernel)
+                        pooled.append(sum(span) / kernel)
                 pooled_heads.append(pooled)
             score = [sum(ph[j] for ph in pooled_heads) / g for j in range(s - w)]
             prefix = sorted(range(s - w), key=lambda j: (-score[j], j))[: budget - w]
@@ -120,8 +124,9 @@ def test_heads_select_different_tokens():
     assert not torch.equal(keep[0, 0], keep[0, 1])
 
 
-def test_chunked_prefill_compresses_once_at_the_end(llama):
-    ids = random_ids(1, 48)
+@pytest.mark.parametrize("n", [48, 41])  # 41: a last chunk of one token joins the chunk before it
+def test_chunked_prefill_compresses_once_at_the_end(llama, n):
+    ids = random_ids(1, n)
     with kvtools.patch(llama, snap(12)) as p:
         one = p.make_cache()
         llama(ids, past_key_values=one)
@@ -148,3 +153,63 @@ def test_follow_up_call_compresses_only_its_own_tokens(llama):
             kept = layer.idx[0, 0].tolist()
             assert kept[: len(old)] == old  # the first call's slots are untouched
             assert all(i >= 60 for i in kept[len(old):])
+
+
+def test_per_chunk_selection_equals_plain_reference(llama):
+    """``per_chunk``: after each chunk, layer 0 keeps the window + the top of (what it kept so far + the chunk),
+    scored by the last ``window`` queries so far; recomputed here with :func:`reference_selection` on the
+    layer's captured queries and keys (layer 0's do not depend on what the cache kept)."""
+    n, chunk, budget, w, kernel = 47, 10, 12, 4, 3
+    ids = random_ids(1, n, seed=3)
+    cap = capture_qkv(llama, ids)[0]
+    q, k = cap.q[0], cap.k[0]  # [H, L, D], [Hk, L, D]
+    hk, g, scale = k.shape[0], q.shape[0] // k.shape[0], q.shape[-1] ** -0.5
+    kept = [[] for _ in range(hk)]
+    for s, e in chunk_bounds(n, chunk):
+        for h in range(hk):
+            cand = kept[h] + list(range(s, e))
+            if len(cand) > budget:
+                sel = reference_selection(q[None, h * g:(h + 1) * g, e - w:e], k[None, h:h + 1, cand], budget, w,
+                                          kernel, "max", scale, stream=cand)[0][0]
+                cand = [cand[j] for j in sel]
+            kept[h] = cand
+    with kvtools.patch(llama, snap(budget, window=w, kernel=kernel, per_chunk=True,
+                                   prefill={"method": "dense", "chunk": chunk})) as p:
+        cache = p.make_cache()
+        llama(ids, past_key_values=cache)
+    got = [sorted(cache.layers[0].idx[0, h].tolist()) for h in range(hk)]
+    assert got == kept
+    assert got != [sorted(x) for x in _one_shot_layer0(llama, ids, budget, w, kernel)]  # the option changes something
+
+
+def _one_shot_layer0(model, ids, budget, w, kernel):
+    with kvtools.patch(model, snap(budget, window=w, kernel=kernel)) as p:
+        cache = p.make_cache()
+        model(ids, past_key_values=cache)
+    return [cache.layers[0].idx[0, h].tolist() for h in range(cache.layers[0].idx.shape[1])]
+
+
+@pytest.mark.parametrize("heads", ["uniform", "adaptive"])
+def test_per_chunk_bounds_the_table_by_budget_plus_chunk(llama, monkeypatch, heads):
+    """Without ``per_chunk`` a chunked prompt holds every token until its end; with it, never more than
+    budget + chunk slots per KV head (adaptive heads: per row, Hk x that over its heads), and the prompt ends at
+    the budget."""
+    held = []  # the most valid slots any row holds over its KV heads, after each append
+    append = SlotLayer.append
+
+    def spy(self, k, v, step):
+        append(self, k, v, step)
+        held.append(int(self.valid.sum((1, 2)).max()))
+
+    monkeypatch.setattr(SlotLayer, "append", spy)
+    ids = random_ids(2, 90)
+    hk = 2
+    for per_chunk, most in ((False, 90), (True, 12 + 16)):
+        held.clear()
+        with kvtools.patch(llama, snap(12, per_chunk=per_chunk, heads=heads,
+                                       prefill={"method": "dense", "chunk": 16})) as p:
+            cache = p.make_cache()
+            llama(ids, past_key_values=cache)
+        assert max(held) == hk * most
+        for layer in cache.layers:
+            assert layer.valid.sum((1, 2)).tolist() == [hk * 12] * 2

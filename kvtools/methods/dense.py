@@ -13,7 +13,8 @@ class DensePrefillParams(StageParams):
 
     method: Literal["dense"] = "dense"
     chunk: int | None = Field(
-        default=None, ge=1, description="split long prompts into chunks of this many tokens"
+        default=None, ge=2, description="split long prompts into chunks of this many tokens (a last chunk of one "
+                                        "token joins the one before: every chunk is a multi-token call)"
     )
 
 

@@ -7,7 +7,8 @@ call's real tokens): the call's last ``window`` tokens are always kept, the othe
 never touched, and decode steps append without evicting. With ``calls: first`` only the call that starts the
 cache is compressed (a document compressed once, then questions kept whole). A scorer that reads the call's
 last queries (SnapKV's observation window) sets :attr:`observe`; they are carried across the chunks of a
-chunked call.
+chunked call. With ``per_chunk`` a chunked call is compressed after each chunk instead (what the call kept so
+far plus the chunk, scored by the last queries so far), so its peak is ``budget + chunk`` slots.
 A new method is its parameters (a :class:`ScoredParams`) plus its ``score`` (see ``knorm.py``).
 """
 
@@ -59,6 +60,11 @@ class ScoredParams(StageParams):
                                    "a fractional budget keeps only max(budget, window) of its tokens) or first "
                                    "(only the call that starts the cache, chunked or not: a document compressed "
                                    "once, the questions and chat turns after it kept whole)")
+    per_chunk: bool = Field(
+        default=False, description="with prefill.chunk: compress the call's slots to the budget after every chunk, "
+                                   "not only after its last, so a long prompt never holds more than budget + chunk "
+                                   "slots per KV head (each selection sees the queries up to its chunk, not the "
+                                   "question at the prompt's end); no effect on an unchunked call")
 
     #: the method's scores are attention mass, comparable across layers (``layers: adaptive`` needs that)
     mass_scores: ClassVar[bool] = False
@@ -122,8 +128,10 @@ class ScoredEvictionPolicy(CachePolicy):
         if not step.end_of_prompt:
             if self.observe:
                 layer.state["q_tail"] = ObservedQueries(q_obs, i_obs)
-            return
-        layer.state.pop("q_tail", None)
+            if not self.cfg.per_chunk:
+                return
+        else:
+            layer.state.pop("q_tail", None)
         w = self.cfg.window
         call = layer.valid & (layer.idx >= step.start)  # [B, Hk, S]: this call's slots
         n_real = call[:, 0].sum(-1)  # [B]

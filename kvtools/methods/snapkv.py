@@ -7,7 +7,10 @@ averaged over the g query heads of each KV head (the cache keeps Hk heads, so
 GQA's saving survives). Each KV head keeps its top ``budget - window`` prefix
 tokens plus the window. Prefill attention itself stays dense. A chunked prompt
 is compressed after its last chunk, with the window's queries carried across
-chunks. A later multi-token call on the same cache (a follow-up question) compresses its own tokens
+chunks (``per_chunk``: after every chunk, so it never holds more than budget +
+chunk slots; each selection then sees only the queries up to its chunk). Pooling
+runs along the stream: a slot pools only tokens within ``kernel // 2`` of it,
+never table neighbours whose tokens between were evicted. A later multi-token call on the same cache (a follow-up question) compresses its own tokens
 the same way, with the budget resolved from its own length; what earlier calls kept stays.
 """
 
@@ -56,7 +59,9 @@ def snapkv_scores(
 
     The window is the last ``w`` valid slots of each row; its own scores are zero (it is always kept).
     ``candidates`` [B, Hk, S] (default: every valid slot): the slots being compressed (a later call's own
-    tokens); the others still take part in each query's softmax but get score zero.
+    tokens); the others still take part in each query's softmax but get score zero. Pooling runs along the
+    stream, not the table: a slot pools the votes of the slots whose stream index is within ``kernel // 2`` of
+    its own (a table compressed before, ``per_chunk``, holds tokens whose neighbours are gone).
     """
     b, h, w, d = q_win.shape
     hk, s = keys.shape[1], keys.shape[2]
@@ -70,12 +75,15 @@ def snapkv_scores(
     prefix = valid & (rank < valid.sum(-1, keepdim=True) - w)  # [B, Hk, S]
     if candidates is not None:
         prefix &= candidates
-    votes = (probs.sum(-2) * prefix[:, :, None, :]).reshape(-1, 1, s)  # [B*Hk*g, 1, S]
+    votes = (probs.sum(-2) * prefix[:, :, None, :]).reshape(-1, s)  # [B*Hk*g, S]
+    # onto the stream axis (non-prefix slots add zero votes, so fillers sharing an index change nothing)
+    at = idx.clamp(min=0).long()[:, :, None, :].expand(b, hk, h // hk, s).reshape(-1, s)
+    stream = votes.new_zeros(votes.shape[0], max(int(idx.max()) + 1, 1)).scatter_add_(1, at, votes)[:, None]  # [B*Hk*g, 1, T]
     if pool == "max":
-        pooled = F.max_pool1d(votes, kernel, stride=1, padding=kernel // 2)
+        pooled = F.max_pool1d(stream, kernel, stride=1, padding=kernel // 2)
     else:
-        pooled = F.avg_pool1d(votes, kernel, stride=1, padding=kernel // 2)
-    return pooled.view(b, hk, h // hk, s).mean(2)  # [B, Hk, S]
+        pooled = F.avg_pool1d(stream, kernel, stride=1, padding=kernel // 2)
+    return pooled[:, 0].gather(1, at).view(b, hk, h // hk, s).mean(2)  # [B, Hk, S]
 
 
 def snapkv_keep(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor, window: int) -> torch.Tensor:
