@@ -74,12 +74,34 @@ def recycle_set(probs: torch.Tensor, ok: torch.Tensor, k: int | torch.Tensor, po
     return top.gather(-1, order), in_set.gather(-1, order)
 
 
+def _two_part_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                        scale: float) -> torch.Tensor:
+    """q [B, H, 1, D] over the keys of several parts (k, v [B, Hk, M_i, D], ok [B, Hk, M_i]) at once: one softmax
+    over all of them, without concatenating the parts' keys and values."""
+    b, h, _, d = q.shape
+    hk = parts[0][0].shape[1]
+    qg = q.float().view(b, hk, h // hk, d)
+    s = torch.cat([(torch.einsum("bkgd,bkmd->bkgm", qg, k.float()) * scale).masked_fill(~ok[:, :, None], float("-inf"))
+                   for k, _, ok in parts], -1)
+    p = torch.softmax(s, -1)
+    out, at = 0, 0
+    for k, v, _ in parts:
+        m = k.shape[2]
+        out = out + torch.einsum("bkgm,bkmd->bkgd", p[..., at:at + m], v.float())
+        at += m
+    return out.reshape(b, h, 1, -1).to(q.dtype)
+
+
 @dataclass
 class RecycledState(RowState):
-    """A layer's recycled set (per row, batch first: follows beam reordering) and the shared schedule."""
+    """A layer's recycled set (per row, batch first: follows beam reordering) and the shared schedule. The set's
+    keys and values are copied once, at the full step that picks it: the recycled steps read them contiguously
+    (memory: the set's keys and values again, ``top_k`` of the table; ``nbytes`` counts them)."""
 
     sel: torch.Tensor  # [B, Hk, K] slot positions of each row's recycled set
-    sel_ok: torch.Tensor  # [B, Hk, K] the entry is in the row's set (rows' fractional top_k differ)
+    sel_ok: torch.Tensor  # [B, Hk, K] the entry is in the row's set (rows' fractional top_k differ) and valid
+    k_sel: torch.Tensor  # [B, Hk, K, D] the set's keys
+    v_sel: torch.Tensor  # [B, Hk, K, Dv] the set's values
     q_full: torch.Tensor  # [B, H, D] the last full step's query (dynamic schedule)
     n_full: int  # slots before the last full step's token
     since: int = 1  # decode steps since the last full step
@@ -116,15 +138,15 @@ class RecycledDecodeMethod(DecodeMethod):
             k_row = torch.minimum(k_row, real.clamp(min=1))
             sel, sel_ok = recycle_set(p[..., :n_old], ok_all[..., :n_old], k_row, self.cfg.pool)
             prev = 0 if st is None else st.full_steps
-            layer.state[self.state_key] = RecycledState(sel=sel, sel_ok=sel_ok, q_full=q.float().flatten(2),
-                                                        n_full=n_old, since=1, full_steps=prev + 1)
+            layer.state[self.state_key] = RecycledState(
+                sel=sel, sel_ok=sel_ok & ok_all.gather(2, sel),
+                k_sel=keys.gather(2, sel[..., None].expand(-1, -1, -1, keys.shape[-1])),
+                v_sel=values.gather(2, sel[..., None].expand(-1, -1, -1, values.shape[-1])),
+                q_full=q.float().flatten(2), n_full=n_old, since=1, full_steps=prev + 1)
             return out
-        sel = st.sel  # [B, Hk, K] slot positions (slots are only appended while decoding)
-        fresh = torch.arange(st.n_full, n, device=keys.device).expand(*sel.shape[:2], -1)
-        pos = torch.cat([sel, fresh], -1)
-        gk = torch.gather(keys, 2, pos[..., None].expand(-1, -1, -1, keys.shape[-1]))
-        gv = torch.gather(values, 2, pos[..., None].expand(-1, -1, -1, values.shape[-1]))
-        ok = torch.gather(ok_all, 2, pos)
-        ok[..., : sel.shape[-1]] &= st.sel_ok
+        # the set (copied at the full step; slots are only appended while decoding, so it still holds) and the
+        # slots appended since, a contiguous slice of the table
         st.since += 1
-        return _grouped_attention(q, gk, gv, ok, info.scale)[0]
+        return _two_part_attention(q, [(st.k_sel, st.v_sel, st.sel_ok),
+                                       (keys[:, :, st.n_full:n], values[:, :, st.n_full:n], ok_all[:, :, st.n_full:n])],
+                                   info.scale)
