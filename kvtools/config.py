@@ -130,6 +130,9 @@ def config_from_dict(raw: dict[str, Any], name: str | None = None, base_dir: Pat
     methods = {s: stages[s].method for s in STAGES}
     for s in STAGES:
         stages[s].check_stages(s, methods)
+    if _per_chunk(stages["cache"]) and not getattr(stages["prefill"], "chunk", None):
+        raise ConfigError("cache.per_chunk: compresses a prompt after each of its chunks, but the prompt is not "
+                          "chunked; add prefill: {method: dense, chunk: N} (or drop per_chunk)")
     quant = None
     if raw.get("quant") is not None:
         if not isinstance(raw["quant"], dict):
@@ -137,6 +140,13 @@ def config_from_dict(raw: dict[str, Any], name: str | None = None, base_dir: Pat
         quant = validate_fields(QuantParams, raw["quant"], "quant", what="quantisation")
     display = raw.get("name") or name or _auto_name(stages) + (f"+int{quant.bits}" if quant else "")
     return KVConfig(**stages, name=str(display), description=str(raw.get("description", "")), quant=quant)
+
+
+def _per_chunk(params: StageParams) -> bool:
+    """A cache stage (or a head group's policy inside it, duo's) compresses after every chunk."""
+    if getattr(params, "per_chunk", False):
+        return True
+    return any(_per_chunk(v) for v in vars(params).values() if isinstance(v, StageParams))
 
 
 def _auto_name(stages: dict[str, StageParams]) -> str:

@@ -55,7 +55,7 @@ def _steps(valid: torch.Tensor):
 
 def _alone(cfg: dict):
     """The cache policy of ``cfg`` run alone (a top-level cache stage), bound to the same number of layers."""
-    params = kvtools.load_config({"cache": cfg}).cache
+    params = kvtools.load_config({"cache": cfg, "prefill": {"method": "dense", "chunk": CHUNK}}).cache
     policy = CACHE_POLICIES[params.method](params)
     policy.bind(L, HK)
     return policy
@@ -66,7 +66,8 @@ def _alone(cfg: dict):
     ({**KNORM, "budget": 0.5, "window": 2, "span": 3}, {**SNAP, "budget": 10, "kernel": 5, "pool": "avg",
                                                          "layers": "pyramid"}),
     (None, {**SNAP, "budget": 0.5}),  # streaming heads: the default StreamingLLM ring
-], ids=["snapkv-knorm", "knorm-snapkv", "default-snapkv"])
+    ({**SNAP, "budget": 0.3, "per_chunk": True}, {**KNORM, "budget": 6, "window": 2, "per_chunk": True}),
+], ids=["snapkv-knorm", "knorm-snapkv", "default-snapkv", "per-chunk"])
 def test_each_group_keeps_what_its_method_keeps_alone_on_its_heads(streaming, retrieval):
     """A chunked, left-padded prompt, decode steps, a second call: per layer, each scored group's outputs and
     slot table equal the method's run alone over that group's q / k / v (its query heads by GQA, its per-layer
