@@ -104,3 +104,23 @@ def test_triton_kernel_visibility_is_the_mask_functions():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+# one call; blocks of 3 queries (the last one short); one query a call
+@pytest.mark.parametrize("elems", [1 << 22, 3 * 2 * 3 * 2 * 40, 1])
+def test_grouped_sdpa_with_per_head_masks_equals_repeated_heads(monkeypatch, elems):
+    """Per-KV-head masks fold each KV head's query heads into the query axis, a block of queries at a time
+    (the folded mask is materialised): every block size gives plain attention with K / V repeated per query head."""
+    from kvtools.attention import dense
+
+    monkeypatch.setattr(dense, "_FOLDED_MASK_ELEMS", elems)
+    torch.manual_seed(0)
+    b, hk, g, lq, s, d = 2, 3, 2, 7, 40, 8
+    q, k, v = torch.randn(b, hk * g, lq, d), torch.randn(b, hk, s, d), torch.randn(b, hk, s, d)
+    mask = torch.rand(b, hk, lq, s) > 0.4
+    mask[..., 0] = True  # no query sees nothing
+    got = dense.sdpa_grouped(q, k, v, mask, 0.3)
+    rep = mask.repeat_interleave(g, 1)
+    logits = (q @ k.repeat_interleave(g, 1).transpose(-1, -2) * 0.3).masked_fill(~rep, float("-inf"))
+    want = logits.softmax(-1) @ v.repeat_interleave(g, 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -69,11 +69,21 @@ def sdpa_grouped(
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale, enable_gqa=h != hk
         )
-    g = h // hk
-    qg = q.reshape(b, hk, g * lq, d)  # [B, Hk, g*Lq, D]
-    mg = mask[:, :, None].expand(b, hk, g, lq, mask.shape[-1]).reshape(b, hk, g * lq, mask.shape[-1])
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, scale=scale)
-    return out.reshape(b, h, lq, v.shape[-1])
+    g, s = h // hk, mask.shape[-1]
+    # the folded mask is materialised (and SDPA on CPU makes a float copy of it): a few MiB of it at a time
+    rows = max(1, _FOLDED_MASK_ELEMS // (b * hk * g * s))
+    outs = []
+    for a in range(0, lq, rows):
+        e = min(a + rows, lq)
+        qg = q[:, :, a:e].reshape(b, hk, g * (e - a), d)  # [B, Hk, g*n, D]
+        mg = mask[:, :, None, a:e].expand(b, hk, g, e - a, s).reshape(b, hk, g * (e - a), s)
+        outs.append(F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, scale=scale)
+                    .reshape(b, h, e - a, v.shape[-1]))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
+#: elements of a per-KV-head mask folded for SDPA per call (4M: 4 MiB as bool, 16 MiB as SDPA's float copy)
+_FOLDED_MASK_ELEMS = 1 << 22
 
 
 def attend_slots(

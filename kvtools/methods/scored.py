@@ -122,9 +122,11 @@ class ScoredEvictionPolicy(CachePolicy):
         q_obs = i_obs = None
         if self.observe:  # carry the call's last queries (and their stream indices) across its chunks
             prev: ObservedQueries | None = layer.state.get("q_tail") if step.chunk > 0 else None
-            q_obs, i_obs = (q, step.idx) if prev is None else (
-                torch.cat([prev.q, q], dim=2), torch.cat([prev.idx, step.idx]))
-            q_obs, i_obs = q_obs[:, :, -self.observe:], i_obs[-self.observe:]
+            q_new, i_new = q[:, :, -self.observe:], step.idx[-self.observe:]  # only what can be observed
+            q_obs, i_obs = (q_new, i_new) if prev is None else (
+                torch.cat([prev.q, q_new], dim=2), torch.cat([prev.idx, i_new]))
+            # a copy, not a view: the carried tail must not hold the chunk's queries alive
+            q_obs, i_obs = q_obs[:, :, -self.observe:].clone(), i_obs[-self.observe:].clone()
         if not step.end_of_prompt:
             if self.observe:
                 layer.state["q_tail"] = ObservedQueries(q_obs, i_obs)
