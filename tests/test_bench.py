@@ -171,5 +171,5 @@ def test_pinned_mmap_threshold_returns_freed_tensors_to_the_system():
     last = torch.ones(2 * 1024 * 1024)  # still held: in the heap it would keep the freed blocks below it
     assert rss() - base > 64 * 2**20
     del xs
-    assert rss() - base < 24 * 2**20
+    assert rss() - base < 40 * 2**20  # unpinned: all 72 MiB stay
     del last
