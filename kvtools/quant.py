@@ -151,6 +151,10 @@ class QuantizedSlotLayer(SlotLayer):
         self._v: Codes | None = None
         self._dtype: torch.dtype | None = None
         self.kscale: torch.Tensor | None = None  # [B, Hk, 1, D] float32: keys' channel scale
+        #: [B, 1, 1, 1] rows whose scale waits for their first real token (a left-padded row's first chunks);
+        #: None once every row has its scale
+        self._kscale_unset: torch.Tensor | None = None
+        self._kscale_done = False
         self.ring_k: torch.Tensor | None = None  # [B, Hk, R, D]: the last R tokens' keys in full precision
         self.ring_v: torch.Tensor | None = None
         self.ring_idx: torch.Tensor | None = None  # [R] stream index each ring entry holds (_EMPTY: none)
@@ -224,9 +228,19 @@ class QuantizedSlotLayer(SlotLayer):
 
     # --- storage hooks
     def _append_kv(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
-        if self.cfg.keys == "channel" and self.kscale is None:
+        if self.cfg.keys == "channel" and not self._kscale_done:
+            # each row's scale comes from the first call (chunk) holding real tokens of it: a left-padded row's
+            # chunks of padding only do not set it, so it is the scale the row gets alone
             real = step.valid[:, None, :, None].to(k.device)
-            self.kscale = k.float().abs().masked_fill(~real, 0).amax(2, keepdim=True).clamp(min=1e-6)
+            has = real.any(2, keepdim=True)  # [B, 1, 1, 1]
+            new = torch.where(has, k.float().abs().masked_fill(~real, 0).amax(2, keepdim=True).clamp(min=1e-6), 1.0)
+            if self.kscale is None:
+                self.kscale, unset = new, ~has
+            else:
+                self.kscale = torch.where(self._kscale_unset, new, self.kscale)
+                unset = self._kscale_unset & ~has
+            self._kscale_done = bool(step.all_real) or not bool(unset.any())
+            self._kscale_unset = None if self._kscale_done else unset
         if self._k is None or self._k.codes.shape[2] == 0:
             self._k, self._v, self._dtype = self._encode_keys(k), Codes.encode(self.cfg, v), k.dtype
         else:
@@ -289,7 +303,7 @@ class QuantizedSlotLayer(SlotLayer):
         for codes in (self._k, self._v):
             if codes is not None:
                 codes.map(fn)
-        for name in ("kscale", "ring_k", "ring_v"):
+        for name in ("kscale", "_kscale_unset", "ring_k", "ring_v"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
         if self._packed is not None:
@@ -297,9 +311,11 @@ class QuantizedSlotLayer(SlotLayer):
 
     def reset(self) -> None:
         super().reset()
-        self._k = self._v = self.kscale = self.ring_k = self.ring_v = self.ring_idx = None
+        self._k = self._v = self.kscale = self._kscale_unset = self.ring_k = self.ring_v = self.ring_idx = None
+        self._kscale_done = False
 
     def _storage_tensors(self) -> list[torch.Tensor]:
         out = [t for c in (self._k, self._v) if c is not None for t in c.tensors()]
         out += [] if self._packed is None else self._packed.tensors()
-        return out + [t for t in (self.kscale, self.ring_k, self.ring_v, self.ring_idx) if t is not None]
+        return out + [t for t in (self.kscale, self._kscale_unset, self.ring_k, self.ring_v, self.ring_idx)
+                      if t is not None]
