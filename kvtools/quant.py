@@ -154,7 +154,6 @@ class QuantizedSlotLayer(SlotLayer):
         #: [B, 1, 1, 1] rows whose scale waits for their first real token (a left-padded row's first chunks);
         #: None once every row has its scale
         self._kscale_unset: torch.Tensor | None = None
-        self._kscale_done = False
         self.ring_k: torch.Tensor | None = None  # [B, Hk, R, D]: the last R tokens' keys in full precision
         self.ring_v: torch.Tensor | None = None
         self.ring_idx: torch.Tensor | None = None  # [R] stream index each ring entry holds (_EMPTY: none)
@@ -228,7 +227,7 @@ class QuantizedSlotLayer(SlotLayer):
 
     # --- storage hooks
     def _append_kv(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
-        if self.cfg.keys == "channel" and not self._kscale_done:
+        if self.cfg.keys == "channel" and (self.kscale is None or self._kscale_unset is not None):
             # each row's scale comes from the first call (chunk) holding real tokens of it: a left-padded row's
             # chunks of padding only do not set it, so it is the scale the row gets alone
             real = step.valid[:, None, :, None].to(k.device)
@@ -239,8 +238,7 @@ class QuantizedSlotLayer(SlotLayer):
             else:
                 self.kscale = torch.where(self._kscale_unset, new, self.kscale)
                 unset = self._kscale_unset & ~has
-            self._kscale_done = bool(step.all_real) or not bool(unset.any())
-            self._kscale_unset = None if self._kscale_done else unset
+            self._kscale_unset = None if step.all_real or not bool(unset.any()) else unset
         if self._k is None or self._k.codes.shape[2] == 0:
             self._k, self._v, self._dtype = self._encode_keys(k), Codes.encode(self.cfg, v), k.dtype
         else:
@@ -312,7 +310,6 @@ class QuantizedSlotLayer(SlotLayer):
     def reset(self) -> None:
         super().reset()
         self._k = self._v = self.kscale = self._kscale_unset = self.ring_k = self.ring_v = self.ring_idx = None
-        self._kscale_done = False
 
     def _storage_tensors(self) -> list[torch.Tensor]:
         out = [t for c in (self._k, self._v) if c is not None for t in c.tensors()]

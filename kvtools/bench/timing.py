@@ -46,16 +46,23 @@ def _proc_status_kib(field: str) -> int | None:
     return None
 
 
+def _glibc() -> Any:
+    """glibc, or None where the C library is another (its allocator calls are then skipped)."""
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL("libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else None
+    except OSError:
+        return None
+
+
 def release_freed_memory() -> None:
     """Hand memory the C allocator keeps after ``free`` back to the system (glibc ``malloc_trim``; elsewhere a
     no-op), so the RSS is what is live: otherwise a phase's peak starts from what an earlier phase freed."""
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if (lib := _glibc()) is not None:
+        lib.malloc_trim(0)
 
 
 # glibc's M_MMAP_THRESHOLD (malloc.h): allocations at least this large get their own mapping, unmapped on free
@@ -70,12 +77,8 @@ def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
     which a forward allocates and frees, not on what is live (measured, random SmolLM2 shape at 8k: two
     forwards with the same live-tensor peak to within 1% differed by 17% / 43% in prefill / decode peak RSS;
     with the threshold pinned, by 1% / 2%). False where this is not glibc."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
-    except (OSError, AttributeError):
-        return False
+    lib = _glibc()
+    return lib is not None and bool(lib.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
 
 
 def reset_peak_rss() -> bool:

@@ -43,14 +43,21 @@ class RecycledParams(StageParams):
                                                    "after it (copying needs them; 1: the paper's top-k)")
 
 
-def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor, scale: float):
-    """q [B, H, 1, D] over k, v [B, Hk, M, D] with ok [B, Hk, M] -> (out [B, H, 1, D], probs [B, Hk, g, M])."""
+def _grouped_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, H, 1, D] over the keys of one or more parts (k, v [B, Hk, M_i, D], ok [B, Hk, M_i]) with one softmax
+    over all of them, without concatenating their keys and values -> (out [B, H, 1, D], probs [B, Hk, g, sum M_i])."""
     b, h, _, d = q.shape
-    hk = k.shape[1]
+    hk = parts[0][0].shape[1]
     qg = q.float().view(b, hk, h // hk, d)
-    s = torch.einsum("bkgd,bkmd->bkgm", qg, k.float()) * scale
-    p = torch.softmax(s.masked_fill(~ok[:, :, None], float("-inf")), -1)
-    out = torch.einsum("bkgm,bkmd->bkgd", p, v.float())
+    s = torch.cat([(torch.einsum("bkgd,bkmd->bkgm", qg, k.float()) * scale).masked_fill(~ok[:, :, None], float("-inf"))
+                   for k, _, ok in parts], -1)
+    p = torch.softmax(s, -1)
+    out, at = 0, 0
+    for k, v, _ in parts:
+        m = k.shape[2]
+        out = out + torch.einsum("bkgm,bkmd->bkgd", p[..., at:at + m], v.float())
+        at += m
     return out.reshape(b, h, 1, -1).to(q.dtype), p
 
 
@@ -72,24 +79,6 @@ def recycle_set(probs: torch.Tensor, ok: torch.Tensor, k: int | torch.Tensor, po
     in_set = torch.arange(kmax, device=score.device) < k[..., None]
     order = top.argsort(-1)
     return top.gather(-1, order), in_set.gather(-1, order)
-
-
-def _two_part_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                        scale: float) -> torch.Tensor:
-    """q [B, H, 1, D] over the keys of several parts (k, v [B, Hk, M_i, D], ok [B, Hk, M_i]) at once: one softmax
-    over all of them, without concatenating the parts' keys and values."""
-    b, h, _, d = q.shape
-    hk = parts[0][0].shape[1]
-    qg = q.float().view(b, hk, h // hk, d)
-    s = torch.cat([(torch.einsum("bkgd,bkmd->bkgm", qg, k.float()) * scale).masked_fill(~ok[:, :, None], float("-inf"))
-                   for k, _, ok in parts], -1)
-    p = torch.softmax(s, -1)
-    out, at = 0, 0
-    for k, v, _ in parts:
-        m = k.shape[2]
-        out = out + torch.einsum("bkgm,bkmd->bkgd", p[..., at:at + m], v.float())
-        at += m
-    return out.reshape(b, h, 1, -1).to(q.dtype)
 
 
 @dataclass
@@ -125,7 +114,7 @@ class RecycledDecodeMethod(DecodeMethod):
             cos = torch.nn.functional.cosine_similarity(q.float().flatten(2), st.q_full, dim=-1)  # [B, H]
             full = bool((cos < self.cfg.s).any())
         if full:
-            out, p = _grouped_attention(q, keys, values, ok_all, info.scale)
+            out, p = _grouped_attention(q, [(keys, values, ok_all)], info.scale)
             # the set is chosen among the slots before this step's token; that token and every later one
             # are "generated since the full step" and always attended
             n_old = n - 1
@@ -147,6 +136,6 @@ class RecycledDecodeMethod(DecodeMethod):
         # the set (copied at the full step; slots are only appended while decoding, so it still holds) and the
         # slots appended since, a contiguous slice of the table
         st.since += 1
-        return _two_part_attention(q, [(st.k_sel, st.v_sel, st.sel_ok),
-                                       (keys[:, :, st.n_full:n], values[:, :, st.n_full:n], ok_all[:, :, st.n_full:n])],
-                                   info.scale)
+        return _grouped_attention(q, [(st.k_sel, st.v_sel, st.sel_ok),
+                                      (keys[:, :, st.n_full:n], values[:, :, st.n_full:n], ok_all[:, :, st.n_full:n])],
+                                  info.scale)[0]
