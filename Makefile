@@ -20,7 +20,7 @@ test: setup
 	$(MAKE) test-oldest
 
 test-oldest:
-	bash scripts/setup.sh $(OLD_VENV) constraints-oldest.txt
+	bash scripts/setup.sh $(OLD_VENV) constraints-oldest.txt test,eval
 	$(OLD_VENV)/bin/python -m pytest -q -m mechanics
 
 # Slower accuracy checks on the real model (SmolLM2): NIAH, long-stream perplexity.

@@ -3,6 +3,7 @@
     kvtools niah --config full,snapkv,streamingllm --lengths 1k,2k,4k --depths 0:100:11 --samples 2
     kvtools eval configs/eval/ruler-smollm2.yaml
     kvtools bench --config full,snapkv --lengths 2k,4k,8k
+    kvtools lm-eval --config full,snapkv --tasks arc_easy --limit 100   # lm-evaluation-harness
     kvtools configs        # presets, one line each
     kvtools methods        # methods per stage, with their parameters
 
@@ -133,6 +134,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     print(report_markdown(rows))
     print(f"wrote bench.jsonl, bench.md, bench.csv, bench.png to {args.out}")
+    return 0
+
+
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvtools.config import check_out_dir, load_config
+
+    configs = _split_configs(args.config)
+    tasks = _split_list(args.tasks, "--tasks", "lm-eval task or group names")
+    for c in configs:
+        load_config(c)
+    check_out_dir(args.out)
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise ConfigError(f"--include-path: {args.include_path} is not a folder")
+    if args.model is None or not Path(args.model).expanduser().is_dir():
+        _check_model(args.model)
+    from kvtools.eval.lm_eval_run import check_tasks, run_lm_eval
+
+    check_tasks(tasks, args.include_path)  # every task found before the model loads
+    table = run_lm_eval(
+        args.model, configs, tasks, args.out, include_path=args.include_path, limit=args.limit,
+        num_fewshot=args.num_fewshot, dtype=args.dtype, device=args.device, max_length=args.max_length,
+        max_gen_toks=args.max_gen_toks, seed=args.seed, quiet=args.quiet,
+    )
+    print(table)
+    print(f"wrote results_<config>.json per config and summary.md to {args.out}")
     return 0
 
 
@@ -375,6 +403,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run each (method, length) cell in a fresh process, so its memory peak is its own "
                             "(default: on; --no-isolate: one process, faster)")
     _add_out_seed_quiet(bench, "runs/bench")
+
+    lm = _command(sub, "lm-eval", _cmd_lm_eval, "lm-evaluation-harness tasks on the patched model, one run per "
+                  "config, side by side", "Run lm-evaluation-harness tasks (pip install 'kvtools[lm-eval]') on the "
+                  "model patched with each config in turn; resumable (a config whose results file exists is "
+                  "skipped).")
+    lm.add_argument("--tasks", required=True, help="comma list of lm-eval task or group names")
+    lm.add_argument("--config", default="full", help="comma list of presets or YAML paths (default: full)")
+    lm.add_argument("--model", default=None, help="model name, hub id, local dir or GGUF file (default: built-in)")
+    lm.add_argument("--include-path", default=None, metavar="DIR", help="folder of extra task YAMLs")
+    lm.add_argument("--limit", type=float, default=None,
+                    help="documents per task (an integer), or a fraction of each task if < 1")
+    lm.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    lm.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    lm.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
+    lm.add_argument("--max-length", type=int, default=None,
+                    help="tokens per request; longer contexts lose their start (default: the model's context)")
+    lm.add_argument("--max-gen-toks", type=int, default=256,
+                    help="new tokens for generation tasks that set none (default: 256)")
+    _add_out_seed_quiet(lm, "runs/lm-eval")
 
     ba = _command(sub, "bench-attention", _cmd_bench_attention,
                   "attention-only prefill time of sparse prefill methods vs dense SDPA, with block density",

@@ -314,6 +314,7 @@ def report_markdown(rows: list[BenchRow]) -> str:
 
 
 def write_report(rows: list[BenchRow], out: Path) -> None:
+    """Write ``bench.md`` (the table), ``bench.csv`` (every field) and ``bench.png`` (:func:`plot_bench`) to ``out``."""
     import csv
 
     (out / "bench.md").write_text(report_markdown(rows))
@@ -327,6 +328,7 @@ def write_report(rows: list[BenchRow], out: Path) -> None:
 
 
 def plot_bench(rows: list[BenchRow], path: Path) -> None:
+    """Prefill time, decode ms/token and memory against prompt length, one line per method, as one PNG."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 3.8))

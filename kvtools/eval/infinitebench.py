@@ -450,8 +450,8 @@ _SCORERS: dict[str, Callable[[str, Mapping[str, Any]], float]] = {
     "number_string": lambda p, ex: float(_first_int(p) in _answers(ex)),
     "kv_retrieval": lambda p, ex: float(any(a in _words(p) for a in _answers(ex))),
     "longbook_qa_eng": lambda p, ex: best_score("qa_f1", p, _answers(ex)),
-    "longbook_qa_chn": lambda p, ex: best_score("qa_f1_zh", p, _answers(ex)),
-    "longbook_sum_eng": lambda p, ex: best_score("rouge", p, _answers(ex)),
+    "longbook_qa_chn": lambda p, ex: best_score("qa_f1_zh_char", p, _answers(ex)),
+    "longbook_sum_eng": lambda p, ex: best_score("rouge_lsum", p, _answers(ex)),
     "longbook_choice_eng": _choice_score,
     "code_debug": _choice_score,
     "longdialogue_qa_eng": lambda p, ex: float(

@@ -1,34 +1,39 @@
-"""Answer metrics of LongBench v1 (and friends), written for kvtools.
+"""Answer metrics of LongBench v1 (and friends), on the libraries the official scorer uses.
 
 Each metric takes ``(prediction, ground_truth, **kwargs)`` and returns a float in
 ``[0, 1]``; :func:`best_score` takes the max over a list of reference answers and
 :func:`task_score` averages that over a task and scales it by 100, the way LongBench
 reports its numbers.
 
-Behaviour follows the LongBench v1 evaluation, with these documented differences:
+The scores equal those of LongBench's own ``metrics.py`` (THUDM/LongBench; pinned on
+examples in ``tests/test_longbench.py``):
 
-- Chinese QA F1 and Chinese ROUGE use **one token per character** (no jieba word
-  segmentation), as InfiniteBench does for its Chinese QA. Numbers are therefore close to,
-  but not identical with, jieba-based LongBench numbers.
-- ROUGE-L is the plain F1 of the longest common subsequence over tokens (English tokens:
-  lowercase ``\\w+`` runs; Chinese: characters), computed over the whole text as one
-  sequence. The ``rouge`` package used upstream splits texts on ``.`` and takes a
-  summary-level union LCS, with a slightly different F formula.
-- :func:`classification_score` drops matched class names that are strict substrings of
-  the true class (the intended upstream rule, without its remove-while-iterating skip);
-  a prediction naming no class scores 0.
-- :func:`code_sim_score` returns an unrounded similarity (rapidfuzz's normalised Indel
-  similarity when rapidfuzz is installed, :class:`difflib.SequenceMatcher` otherwise).
+- ROUGE-L is the ``rouge`` package's (``Rouge().get_scores(...)["rouge-l"]["f"]``: texts
+  split into sentences on ``.``, summary-level LCS), 0 when it cannot score (an empty text).
+- Chinese QA F1 and Chinese ROUGE segment words with ``jieba``.
+- :func:`code_sim_score` is fuzzywuzzy's ``fuzz.ratio / 100`` as LongBench installs it
+  (without python-Levenshtein): :class:`difflib.SequenceMatcher` with its default
+  ``autojunk``, rounded to a whole percent. It is computed here with the standard library,
+  since fuzzywuzzy is a GPL package and adds nothing to it.
+- :func:`classification_score` keeps the official rule exactly, including its
+  remove-while-iterating behaviour (a matched class right after a removed one is not
+  checked).
+
+InfiniteBench's own scorer differs: its Chinese QA scores characters, not words
+(:func:`qa_f1_zh_char_score`), and its summaries use ``rouge-score``'s ROUGE-Lsum
+(:func:`rouge_lsum_score`). ``rouge``, ``rouge-score`` and ``jieba`` come with the ``eval``
+extra (``pip install kvtools[eval]``).
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 import string
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from functools import cache
 from typing import Any, Protocol
 
 __all__ = [
@@ -39,14 +44,14 @@ __all__ = [
     "code_sim_score",
     "count_score",
     "f1_tokens",
-    "lcs_length",
     "normalize_answer",
     "normalize_zh_answer",
     "qa_f1_score",
+    "qa_f1_zh_char_score",
     "qa_f1_zh_score",
     "retrieval_score",
     "retrieval_zh_score",
-    "rouge_l",
+    "rouge_lsum_score",
     "rouge_score",
     "rouge_zh_score",
     "task_score",
@@ -60,9 +65,51 @@ class Metric(Protocol):
     def __call__(self, prediction: str, ground_truth: str, **kwargs: Any) -> float: ...
 
 
+# ---------------------------------------------------------------- libraries
+def _missing(package: str) -> ImportError:
+    return ImportError(f"LongBench metrics need the {package!r} package: pip install 'kvtools[eval]'")
+
+
+@cache
+def _rouge() -> Any:
+    try:
+        from rouge import Rouge
+    except ImportError:
+        raise _missing("rouge") from None
+    return Rouge()
+
+
+@cache
+def _rouge_lsum() -> Any:
+    try:
+        from rouge_score.rouge_scorer import RougeScorer
+    except ImportError:
+        raise _missing("rouge-score") from None
+    return RougeScorer(["rougeLsum"], use_stemmer=False)
+
+
+@cache
+def _jieba() -> Any:
+    try:
+        import jieba
+    except ImportError:
+        raise _missing("jieba") from None
+    jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict" banner on every run
+    return jieba
+
+
+def _words_zh(text: str) -> list[str]:
+    """jieba's accurate-mode word segmentation (as LongBench's scorer calls it)."""
+    return list(_jieba().cut(text, cut_all=False))
+
+
 # ---------------------------------------------------------------- normalisation
 _ASCII_PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+# The CJK and typographic punctuation LongBench's normalize_zh_answer removes, besides ASCII's.
+_ZH_PUNCT = _ASCII_PUNCT | frozenset(
+    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏"
+)
 
 
 def normalize_answer(text: str) -> str:
@@ -75,34 +122,18 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
-def _is_punct(ch: str) -> bool:
-    """ASCII or Unicode punctuation, including full-width forms of ASCII symbols (＋, ～, …)."""
-    if ch in _ASCII_PUNCT or unicodedata.category(ch).startswith("P"):
-        return True
-    folded = unicodedata.normalize("NFKC", ch)
-    return folded != ch and bool(folded) and all(c in _ASCII_PUNCT for c in folded)
-
-
 def normalize_zh_answer(text: str) -> str:
-    """Chinese normalisation: lowercase, drop ASCII/CJK punctuation, remove all whitespace.
+    """Chinese normalisation: lowercase, drop ASCII and CJK punctuation, remove all whitespace.
 
     >>> normalize_zh_answer("北京， 中国。 OK!")
     '北京中国ok'
     """
-    return "".join(ch for ch in text.lower() if not ch.isspace() and not _is_punct(ch))
+    return "".join(ch for ch in text.lower() if not ch.isspace() and ch not in _ZH_PUNCT)
 
 
 def zh_tokens(text: str) -> list[str]:
-    """Character-level tokens of a Chinese text after :func:`normalize_zh_answer`.
-
-    >>> zh_tokens("你好, 世界")
-    ['你', '好', '世', '界']
-    """
-    return list(normalize_zh_answer(text))
-
-
-def _en_rouge_tokens(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
+    """Normalised jieba words of a Chinese text, empty ones dropped (LongBench's QA F1 tokens)."""
+    return [w for w in map(normalize_zh_answer, _words_zh(text)) if w]
 
 
 # ---------------------------------------------------------------- token F1
@@ -113,15 +144,11 @@ def f1_tokens(prediction: Sequence[str], reference: Sequence[str]) -> float:
     0.5714
     """
     common = Counter(prediction) & Counter(reference)
-    return _f1(sum(common.values()), len(prediction), len(reference))
-
-
-def _f1(matched: int, n_prediction: int, n_reference: int) -> float:
-    """Harmonic mean of precision ``matched / n_prediction`` and recall ``matched / n_reference`` (0 if none match)."""
+    matched = sum(common.values())
     if matched == 0:
         return 0.0
-    precision = matched / n_prediction
-    recall = matched / n_reference
+    precision = matched / len(prediction)
+    recall = matched / len(reference)
     return 2 * precision * recall / (precision + recall)
 
 
@@ -135,54 +162,47 @@ def qa_f1_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:
 
 
 def qa_f1_zh_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:
-    """Character-level F1 after :func:`normalize_zh_answer`.
-
-    >>> qa_f1_zh_score("北京市", "北京")
-    0.8
-    """
+    """Word F1 over :func:`zh_tokens` (jieba words), LongBench's Chinese QA metric."""
     return f1_tokens(zh_tokens(prediction), zh_tokens(ground_truth))
 
 
-# ---------------------------------------------------------------- ROUGE-L
-def lcs_length(a: Sequence[Any], b: Sequence[Any]) -> int:
-    """Length of the longest common subsequence of two token sequences.
+def qa_f1_zh_char_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:
+    """Character F1 after :func:`normalize_zh_answer` (InfiniteBench's Chinese QA).
 
-    Bit-parallel algorithm (Hyyrö 2004) on Python integers: one bit per token of ``a``,
-    ``O(len(b) * len(a) / wordsize)`` time, exact.
-
-    >>> lcs_length("ABCBDAB", "BDCABA")
-    4
+    >>> qa_f1_zh_char_score("北京市", "北京")
+    0.8
     """
-    if not a or not b:
-        return 0
-    masks: dict[Any, int] = {}
-    for i, token in enumerate(a):
-        masks[token] = masks.get(token, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full
-    for token in b:
-        u = v & masks.get(token, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - v.bit_count()
+    return f1_tokens(list(normalize_zh_answer(prediction)), list(normalize_zh_answer(ground_truth)))
 
 
-def rouge_l(prediction: Sequence[Any], reference: Sequence[Any]) -> float:
-    """ROUGE-L F1 over two token lists: LCS precision and recall, harmonic mean.
+# ---------------------------------------------------------------- ROUGE-L
+def rouge_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:
+    """ROUGE-L F of the ``rouge`` package; 0 where it cannot score (an empty or period-only text).
 
-    >>> round(rouge_l("the cat sat on the mat".split(), "the cat lay on a mat".split()), 4)
+    >>> round(rouge_score("The cat sat. It slept.", "The cat sat. It slept."), 4), rouge_score("", "a cat")
+    (1.0, 0.0)
+    """
+    try:
+        scores = _rouge().get_scores([prediction], [ground_truth], avg=True)
+    except (ValueError, RecursionError):  # "Hypothesis is empty" etc.; LongBench scores these 0
+        return 0.0
+    return float(scores["rouge-l"]["f"])
+
+
+def rouge_lsum_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:
+    """ROUGE-Lsum F of Google's ``rouge-score`` package (InfiniteBench's summary metric, which it
+    calls through ``evaluate.load("rouge")`` with the package's defaults: no stemming, lines as
+    sentences).
+
+    >>> round(rouge_lsum_score("the cat sat on the mat", "the cat lay on a mat"), 4)
     0.6667
     """
-    return _f1(lcs_length(prediction, reference), len(prediction), len(reference))
-
-
-def rouge_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:
-    """ROUGE-L F1 on lowercase word tokens (``\\w+`` runs)."""
-    return rouge_l(_en_rouge_tokens(prediction), _en_rouge_tokens(ground_truth))
+    return float(_rouge_lsum().score(ground_truth, prediction)["rougeLsum"].fmeasure)
 
 
 def rouge_zh_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:
-    """ROUGE-L F1 on character tokens (:func:`zh_tokens`)."""
-    return rouge_l(zh_tokens(prediction), zh_tokens(ground_truth))
+    """:func:`rouge_score` over jieba words joined by spaces."""
+    return rouge_score(" ".join(_words_zh(prediction)), " ".join(_words_zh(ground_truth)))
 
 
 # ---------------------------------------------------------------- classification / retrieval / count
@@ -190,16 +210,20 @@ def classification_score(prediction: str, ground_truth: str, **kwargs: Any) -> f
     """LongBench classification (trec, lsht) against ``all_classes``.
 
     Every class name found as a substring of the prediction counts as predicted; names
-    that are strict substrings of the true class are ignored (a correct ``"Animal product"``
-    is not diluted by the ``"Animal"`` it contains). The score is ``1 / #predicted`` if the
-    true class is among them, else 0.
+    that are strict substrings of the true class are then removed, as LongBench does it:
+    one pass that removes while it iterates, so a match right after a removed one stays.
+    The score is ``1 / #predicted`` if the true class is among them, else 0.
 
     >>> classification_score("Type: Human being", "Human being", all_classes=["Human being", "Animal", "City"])
     1.0
     """
     all_classes: Iterable[str] = kwargs.get("all_classes") or ()
-    matched = [c for c in all_classes if c and c in prediction]
-    matched = [c for c in matched if not (c in ground_truth and c != ground_truth)]
+    matched = [c for c in all_classes if c in prediction]
+    i = 0
+    while i < len(matched):
+        if matched[i] in ground_truth and matched[i] != ground_truth:
+            del matched[i]  # the official loop's iterator then skips the element sliding into i
+        i += 1
     if ground_truth in matched:
         return 1.0 / len(matched)
     return 0.0
@@ -246,12 +270,14 @@ def _first_code_line(prediction: str) -> str:
     return ""
 
 
-def _similarity(a: str, b: str) -> float:
-    try:
-        from rapidfuzz import fuzz
-    except ImportError:
-        return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
-    return fuzz.ratio(a, b) / 100.0
+def _fuzz_ratio(a: str, b: str) -> float:
+    """fuzzywuzzy's ``fuzz.ratio / 100`` on its pure-Python path: equal -> 1, empty -> 0, else
+    difflib's ratio (default ``autojunk``) rounded to a whole percent."""
+    if a == b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    return round(100 * difflib.SequenceMatcher(None, a, b).ratio()) / 100
 
 
 def code_sim_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:
@@ -260,15 +286,17 @@ def code_sim_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:
     >>> code_sim_score("x = 1\\n", "x = 1")
     1.0
     """
-    return _similarity(_first_code_line(prediction), ground_truth)
+    return _fuzz_ratio(_first_code_line(prediction), ground_truth)
 
 
 # ---------------------------------------------------------------- aggregation
 METRICS: dict[str, Callable[..., float]] = {
     "qa_f1": qa_f1_score,
     "qa_f1_zh": qa_f1_zh_score,
+    "qa_f1_zh_char": qa_f1_zh_char_score,
     "rouge": rouge_score,
     "rouge_zh": rouge_zh_score,
+    "rouge_lsum": rouge_lsum_score,
     "classification": classification_score,
     "retrieval": retrieval_score,
     "retrieval_zh": retrieval_zh_score,

@@ -150,7 +150,8 @@ def run_niah(
         seed: run seed; each cell's prompt seed derives from it
             (:func:`~kvtools.eval.suites.sample_seed`).
         quiet: no progress bar.
-        model, tokenizer: an already loaded model (skips :func:`kvtools.load_model`).
+        model: an already loaded model (skips :func:`kvtools.load_model`); pass ``tokenizer`` with it.
+        tokenizer: the loaded model's tokenizer.
         generate_fn: replaces :func:`~kvtools.eval.generation.generate_greedy` (tests, other decoding).
         patch_fn: replaces :func:`kvtools.patch` (tests).
         report: write the summary and heatmaps at the end.

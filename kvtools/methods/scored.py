@@ -103,6 +103,13 @@ class ScoredEvictionPolicy(CachePolicy):
     def bind(self, num_layers: int, num_kv_heads: int) -> None:
         self.num_layers = num_layers
 
+    def score(self, layer: SlotLayer, candidates: torch.Tensor, q_obs: torch.Tensor | None,
+              i_obs: torch.Tensor | None, info: LayerInfo) -> torch.Tensor:
+        """Importance [B, Hk, S] of every slot of ``layer`` (higher is kept), read where ``candidates``
+        [B, Hk, S] is true. ``q_obs`` [B, H, n, D] / ``i_obs`` [n]: the call's last ``observe`` queries and
+        their stream indices (None when ``observe`` is 0). Every scored method implements it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score()")
+
     def layer_budget(self, budget: torch.Tensor, n_real: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """This layer's share [B] of the per-layer ``budget`` [B] for a call of ``n_real`` [B] real tokens:
         every layer keeps the window; what is kept beyond it, ``(budget - window) * num_layers`` in all, is
