@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -54,6 +54,19 @@ class Step:
             self.first = int(self.idx[0]) if self.idx.numel() else 0
         if self.all_real is None:
             self.all_real = bool(self.valid.all())
+
+    def on(self, device: torch.device) -> Step:
+        """This step with its tensors on ``device`` (a layer of a model split over devices reads its step
+        there); one copy per device per step, sharing ``deferred`` and the host-side facts."""
+        if self.valid.device == device:
+            return self
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            copies[device] = replace(
+                self, valid=self.valid.to(device), pos=self.pos.to(device), idx=self.idx.to(device),
+                prompt_real=self.prompt_real.to(device), deferred=self.deferred,
+            )
+        return copies[device]
 
     @property
     def q_len(self) -> int:

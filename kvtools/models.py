@@ -98,8 +98,15 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     the file's content hash and the transformers version, so a changed file or transformers never reads a
     stale one. ``None``: on unless ``KVTOOLS_MODEL_CACHE=0`` (what ``kvtools --no-cache`` sets).
 
+    ``device``: move the loaded model there. ``device_map="auto"`` (or any ``from_pretrained`` device map)
+    instead places its layers over the available devices (accelerate); a patched model then keeps each
+    layer's slot table on that layer's device. Give one of the two, not both.
+
     >>> model, tok = kvtools.load_model()          # doctest: +SKIP
+    >>> model, tok = kvtools.load_model("gemma3-270m", device_map="auto")   # doctest: +SKIP
     """
+    if device is not None and kw.get("device_map") is not None:
+        raise ConfigError(f"load_model: device={device!r} and device_map={kw['device_map']!r}; give one of them")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, gguf = resolve_model(name)

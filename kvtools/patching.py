@@ -185,7 +185,7 @@ def _attention_forward(patch: Patch, info: LayerInfo):
         cache = cache if cache is not None else past_key_values
         if not isinstance(cache, KVCache) or cache.step is None:
             raise KVToolsError("kvtools-patched attention was called without a KVCache prepared by the model")
-        step = cache.step
+        step = cache.step.on(hidden_states.device)  # a model split over devices: this layer's device
         q, k, v = adapter.project(self, hidden_states)
         q, k = adapter.rope(self, q, k, position_embeddings)
         out = policy.attend(cache.layer(info.layer_idx), q, k, v, step, info)

@@ -83,7 +83,9 @@ class RunFile(StrictNumbers):
     suites: list[dict[str, Any]] = Field(min_length=1)
     seed: int = 0
     out: str = "runs/eval"
-    device: str | None = None
+    device: str | None = Field(
+        default=None, description="where the model runs: cpu, cuda, cuda:1 ...; auto: its layers placed over the "
+                                  "available devices (from_pretrained's device_map='auto'); default: where it loads")
     question: Literal["aware", "agnostic"] = Field(
         default=QUESTION_DEFAULT, description="aware: each prompt in one call; agnostic: its context first, "
                                               "compressed before the question is fed (the question kept whole)")

@@ -84,12 +84,12 @@ class RetrievalParams(StageParams):
     hnsw_space: Literal["l2-augmented", "ip"] = Field(
         default="l2-augmented", description="hnsw: an L2 graph over keys given one extra coordinate so all have "
                                             "the same norm (exact reduction of inner-product search), or a graph "
-                                            "built on inner product itself (navigates poorly: see README)")
+                                            "built on inner product itself (navigates poorly: see docs/methods/retrieval.md)")
     nlist: int = Field(default=64, ge=1, description="ivf: clusters (capped by the keys available)")
     nprobe: int = Field(default=8, ge=1, description="ivf: clusters searched")
     train_on: Literal["keys", "queries"] = Field(
         default="keys", description="ivf: centroids from the keys, or from the prefill queries (keys filed by "
-                                    "inner product: poor recall, see README)")
+                                    "inner product: poor recall, see docs/methods/retrieval.md)")
     insert: bool = Field(default=True, description="tokens leaving the window are added to the index")
     hot_keys: int = Field(
         default=0, ge=0, description="attention-aware candidates: the offloaded keys the last hot_window prompt "

@@ -196,10 +196,11 @@ class LayerAllocation:
     def __call__(self) -> None:
         p = self.policy
         cand = [call & ~protect for _, _, call, protect, _ in self.layers]
-        rest = [b - (call & protect)[:, 0].sum(-1) for (_, _, call, protect, b) in self.layers]  # [B] each
+        dev = self.layers[0][1].device  # layers of a model split over devices: the split is made on the first's
+        rest = [(b - (call & protect)[:, 0].sum(-1)).to(dev) for (_, _, call, protect, b) in self.layers]  # [B]
         n = adaptive_counts([s for _, s, _, _, _ in self.layers], cand, torch.stack(rest), p.cfg.floor)  # [L, B]
         for (layer, scores, call, protect, _), extra in zip(self.layers, n):
-            p._keep(layer, scores, call, protect, (call & protect)[:, 0].sum(-1) + extra)
+            p._keep(layer, scores, call, protect, (call & protect)[:, 0].sum(-1) + extra.to(call.device))
 
 
 def adaptive_counts(scores: list[torch.Tensor], candidates: list[torch.Tensor], rest: torch.Tensor,
@@ -211,10 +212,11 @@ def adaptive_counts(scores: list[torch.Tensor], candidates: list[torch.Tensor], 
     ``floor * rest[l]`` (its uniform share's floor, at most its candidates); the other slots go to the highest
     remaining curve values over all layers (ties: the earlier layer, then the earlier rank)."""
     curves, counts = [], []
+    dev = rest.device  # layers may live on different devices: their curves meet on rest's
     for s, c in zip(scores, candidates):
         srt = s.double().masked_fill(~c, float("-inf")).sort(-1, descending=True).values  # [B, Hk, S]
-        curves.append(srt.mean(1))  # [B, S]: -inf past the candidates
-        counts.append(c[:, 0].sum(-1))  # [B]
+        curves.append(srt.mean(1).to(dev))  # [B, S]: -inf past the candidates
+        counts.append(c[:, 0].sum(-1).to(dev))  # [B]
     width = max(c.shape[-1] for c in curves)
     curve = torch.stack([F.pad(c, (0, width - c.shape[-1]), value=float("-inf")) for c in curves])  # [L, B, W]
     count = torch.stack(counts)  # [L, B]
