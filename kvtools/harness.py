@@ -150,9 +150,11 @@ class KVToolsLM(TemplateLM):
         for i, (_, context, continuation) in enumerate(requests):
             if not continuation:
                 raise KVToolsError("lm-eval request with an empty continuation: nothing to score")
-            whole = (list(context) + list(continuation))[-(self.max_length + 1):]
-            ctx = tuple(whole[: len(whole) - len(continuation)]) or (self.prefix_token_id,)
-            cont = whole[len(whole) - len(continuation):]
+            # the model sees at most max_length tokens (context minus its start, the continuation minus its last)
+            cont = list(continuation)[-self.max_length:]
+            room = self.max_length + 1 - len(cont)
+            ctx = tuple(list(context)[-room:]) if room > 0 and context else ()
+            ctx = ctx or (self.prefix_token_id,)
             parts.append(cont)
             groups.setdefault(ctx, []).append(i)
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)

@@ -75,6 +75,19 @@ def test_loglikelihood_equals_the_unpatched_model_when_nothing_is_dropped(model_
     assert got == pytest.approx(reference(model, reqs), abs=1e-4)
 
 
+def test_a_context_longer_than_max_length_loses_its_start(model_tok):
+    model, tok = model_tok
+    lm = harness(model, tok, "full", max_length=40)
+    try:
+        reqs = requests(lm)
+        got = [lp for lp, _ in lm._loglikelihood_tokens(reqs, disable_tqdm=True)]
+    finally:
+        lm.close()
+    cut = [(None, ctx[-(41 - len(cont)):], cont) for _, ctx, cont in reqs]  # 40 tokens reach the model
+    assert all(len(c) + len(t) - 1 == 40 for _, c, t in cut)
+    assert got == pytest.approx(reference(model, cut), abs=1e-4)
+
+
 def test_scored_tokens_attend_the_compressed_context(model_tok):
     """The context but its last token is prefilled (and compressed); the rest is scored on that cache,
     exactly as feeding it one token at a time after the compression would."""
