@@ -157,7 +157,8 @@ def _cmd_lm_eval(args: argparse.Namespace) -> int:
     table = run_lm_eval(
         args.model, configs, tasks, args.out, include_path=args.include_path, limit=args.limit,
         num_fewshot=args.num_fewshot, dtype=args.dtype, device=args.device, max_length=args.max_length,
-        max_gen_toks=args.max_gen_toks, seed=args.seed, quiet=args.quiet,
+        max_gen_toks=args.max_gen_toks, seed=args.seed, quiet=args.quiet, batch_size=args.batch_size,
+        apply_chat_template=args.apply_chat_template,
     )
     print(table)
     print(f"wrote results_<config>.json per config and summary.md to {args.out}")
@@ -421,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens per request; longer contexts lose their start (default: the model's context)")
     lm.add_argument("--max-gen-toks", type=int, default=256,
                     help="new tokens for generation tasks that set none (default: 256)")
+    lm.add_argument("--batch-size", type=int, default=1,
+                    help="generation requests per left-padded batch; log-likelihood requests run one context at a "
+                         "time (default: 1)")
+    lm.add_argument("--apply-chat-template", action="store_true",
+                    help="wrap each prompt (and few-shot examples, as turns) in the tokenizer's chat template")
     _add_out_seed_quiet(lm, "runs/lm-eval")
 
     ba = _command(sub, "bench-attention", _cmd_bench_attention,

@@ -29,6 +29,7 @@ package cannot extend. From Python, import this module first:
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -63,8 +64,8 @@ class KVToolsLM(TemplateLM):
     patched in place until :meth:`close`). ``config``: a preset name, YAML path, dict or
     :class:`~kvtools.KVConfig`. ``max_length``: tokens per request (default: the model's context);
     longer contexts lose their start, as in the harness's own HF model. ``max_gen_toks``: default new
-    tokens for generation tasks that do not set it. ``batch_size``: requests run one at a time
-    (1 or ``"auto"``); a padded batch is not implemented yet.
+    tokens for generation tasks that do not set it. ``batch_size``: generation requests with the same settings
+    run in left-padded batches of this size (``"auto"``: 1); log-likelihood requests run one context at a time.
     """
 
     def __init__(
@@ -84,10 +85,15 @@ class KVToolsLM(TemplateLM):
         from kvtools.config import load_config
         from kvtools.models import load_model
 
-        if str(batch_size) not in ("1", "auto", "None", "auto:1"):
-            raise ConfigError(f"batch_size={batch_size}: the kvtools lm-eval model runs one request at a time; "
-                              "use batch_size=1")
-        unknown = set(kwargs) - {"trust_remote_code", "parallelize"}  # harness-wide keys it may pass along
+        if str(batch_size) in ("auto", "None") or str(batch_size).startswith("auto:"):
+            batch_size = 1
+        try:
+            self.batch_size = int(batch_size)
+        except (TypeError, ValueError):
+            raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}") from None
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        unknown = set(kwargs) - {"trust_remote_code", "parallelize", "max_batch_size"}  # harness-wide keys it may pass along
         if unknown:
             raise ConfigError(f"kvtools lm-eval model: unknown argument(s) {', '.join(sorted(unknown))}; known: "
                               "pretrained, config, dtype, device, max_length, max_gen_toks, batch_size")
@@ -136,6 +142,14 @@ class KVToolsLM(TemplateLM):
 
     def tok_decode(self, tokens: Iterable[int], **kwargs: Any) -> str:
         return self.tokenizer.decode(list(tokens), **kwargs)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The tokenizer's chat template over lm-eval's messages (``--apply-chat-template``)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise KVToolsError("--apply-chat-template: this model's tokenizer has no chat template")
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
 
     def close(self) -> None:
         """Unpatch the model (it behaves exactly as before)."""
@@ -206,41 +220,59 @@ class KVToolsLM(TemplateLM):
 
     # ------------------------------------------------------------ generation
     def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
-        """Each request's continuation, generated on a fresh cache and cut at its first stop string."""
+        """Each request's continuation, generated on a fresh cache and cut at its first stop string; requests
+        with the same generation settings run in left-padded batches of ``batch_size``, longest first."""
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        out = []
-        for req in tqdm(requests, desc="kvtools generate_until", disable=disable_tqdm):
+        groups: dict[str, list[tuple[int, list[int], list[str], int, dict[str, Any]]]] = {}
+        for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             kw = dict(gen_kwargs or {})
             until = handle_stop_sequences(kw.pop("until", None), eos_text)
             max_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
-            out.append(self._generate(context, until, max_new, kw))
+            key = json.dumps([until, max_new, sorted(kw.items())], default=str)
+            groups.setdefault(key, []).append((i, self.tok_encode(context), until, max_new, kw))
+        out: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc="kvtools generate_until", disable=disable_tqdm)
+        for group in groups.values():
+            group.sort(key=lambda job: -len(job[1]))
+            for s in range(0, len(group), self.batch_size):
+                batch = group[s: s + self.batch_size]
+                _, _, until, max_new, kw = batch[0]
+                for (i, *_), text in zip(batch, self._generate([job[1] for job in batch], until, max_new, dict(kw))):
+                    out[i] = text
+                bar.update(len(batch))
+        bar.close()
         return out
 
     @torch.inference_mode()
-    def _generate(self, context: str, until: list[str], max_new: int, kw: dict[str, Any]) -> str:
-        tokens = self.tok_encode(context)
+    def _generate(self, contexts: list[list[int]], until: list[str], max_new: int, kw: dict[str, Any]) -> list[str]:
         keep = self.max_length - max_new
         if keep < 1:
             raise KVToolsError(f"max_gen_toks={max_new} leaves no room for a context in max_length={self.max_length}")
-        ids = torch.tensor([tokens[-keep:]], dtype=torch.long, device=self.device)
+        rows = [c[-keep:] for c in contexts]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        pad = self.eot_token_id if pad is None else pad
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long,
+                            device=self.device)
         sample = bool(kw.pop("do_sample", False)) or float(kw.get("temperature", 0.0) or 0.0) > 0.0
         if not sample:
             for key in ("temperature", "top_p", "top_k"):
                 kw.pop(key, None)
-        pad = self.tokenizer.pad_token_id
         stops = [s for s in until if s]
         new = self.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=sample,
-            stopping_criteria=StoppingCriteriaList([_StopStrings(self.tokenizer, stops, ids.shape[1])]),
-            pad_token_id=self.eot_token_id if pad is None else pad, **kw,
-            **self.patch.cache_kwargs(self.patch.make_cache()),
-        )[0, ids.shape[1]:]
-        text = self.tok_decode(new, skip_special_tokens=True)
-        for stop in until:
-            if stop:
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=sample,
+            stopping_criteria=StoppingCriteriaList([_StopStrings(self.tokenizer, stops, width)]),
+            pad_token_id=pad, **kw, **self.patch.cache_kwargs(self.patch.make_cache()),
+        )[:, width:]
+        texts = []
+        for row in new:
+            text = self.tok_decode(row, skip_special_tokens=True)
+            for stop in stops:
                 text = text.split(stop)[0]
-        return text
+            texts.append(text)
+        return texts
 
 
 class _StopStrings(StoppingCriteria):

@@ -148,12 +148,43 @@ def test_generate_until_equals_greedy_generation_cut_at_the_stop(model_tok):
     assert got == text.split(stop)[0]
 
 
+@pytest.mark.parametrize("config", ["full", SMALL_SNAPKV])
+def test_batched_generation_equals_one_request_at_a_time(model_tok, config):
+    """Left-padded batches (different context lengths, one batch of 3 and one of 1) give each request the
+    text it gets alone."""
+    from lm_eval.api.instance import Instance
+
+    model, tok = model_tok
+    contexts = [CONTEXT, CONTEXT[40:], CONTEXT[:150], CONTEXT[7:120]]
+    reqs = [Instance("generate_until", {}, (c, {"until": ["\n\n"], "max_gen_toks": 10}), i)
+            for i, c in enumerate(contexts)]
+    outs = {}
+    for bs in (1, 3):
+        lm = harness(model, tok, config, batch_size=bs)
+        try:
+            outs[bs] = lm.generate_until(reqs, disable_tqdm=True)
+        finally:
+            lm.close()
+    assert outs[3] == outs[1] and len(set(outs[1])) > 1
+
+
+def test_chat_template_comes_from_the_tokenizer(model_tok):
+    model, _ = model_tok
+    lm = harness(model, byte_tokenizer(chat=True), "full")
+    try:
+        text = lm.apply_chat_template([{"role": "user", "content": "hi"}])
+    finally:
+        lm.close()
+    assert text == "<s>user\nhi</s>\n<s>assistant\n"
+
+
 def test_bad_arguments_fail_before_the_model_is_touched(model_tok):
     from kvtools.errors import ConfigError
 
     model, tok = model_tok
-    with pytest.raises(ConfigError, match="one request at a time"):
-        harness(model, tok, "full", batch_size=8)
+    for bad in (0, "many"):
+        with pytest.raises(ConfigError, match="batch_size"):
+            harness(model, tok, "full", batch_size=bad)
     with pytest.raises(ConfigError, match="unknown argument"):
         harness(model, tok, "full", temperature=0.5)
     with pytest.raises(ConfigError):

@@ -79,6 +79,8 @@ def run_lm_eval(
     max_gen_toks: int = 256,
     seed: int = 0,
     quiet: bool = False,
+    batch_size: int = 1,
+    apply_chat_template: bool = False,
 ) -> str:
     """Run ``tasks`` once per config on ``model_name`` (loaded once); returns the markdown summary table.
 
@@ -107,8 +109,9 @@ def run_lm_eval(
         path = out / f"results_{_slug(cfg.name)}.json"
         if path.exists():
             saved = json.loads(path.read_text())
-            if saved.get("tasks") != list(tasks) or saved.get("limit") != limit:
-                raise ConfigError(f"{path} holds a run of other tasks or --limit ({saved.get('tasks')}, "
+            if (saved.get("tasks") != list(tasks) or saved.get("limit") != limit
+                    or bool(saved.get("apply_chat_template")) != apply_chat_template):
+                raise ConfigError(f"{path} holds a run of other tasks, --limit or chat template ({saved.get('tasks')}, "
                                   f"limit {saved.get('limit')}); use another --out")
             print(f"{cfg.name}: results found in {path}, not rerun", file=sys.stderr)
             results[cfg.name] = saved["results"]
@@ -116,12 +119,14 @@ def run_lm_eval(
         if model is None:
             dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
             model, tok = load_model(model_name, dtype=dt, device=device)
-        lm = KVToolsLM(model=model, tokenizer=tok, config=cfg, max_length=max_length, max_gen_toks=max_gen_toks)
+        lm = KVToolsLM(model=model, tokenizer=tok, config=cfg, max_length=max_length, max_gen_toks=max_gen_toks,
+                       batch_size=batch_size)
         try:
             res = lm_eval.simple_evaluate(
                 model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                 log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                 fewshot_random_seed=seed, verbosity=None if not quiet else "ERROR",
+                apply_chat_template=apply_chat_template, fewshot_as_multiturn=apply_chat_template,
             )
         finally:
             lm.close()
@@ -132,7 +137,7 @@ def run_lm_eval(
         _write_atomic(out / f"samples_{_slug(cfg.name)}.jsonl", "\n".join(lines) + "\n")
         record = {
             "config": cfg.name, "model": model_name or "smollm2-135m", "tasks": list(tasks), "limit": limit,
-            "num_fewshot": num_fewshot, "dtype": dtype, "seed": seed,
+            "num_fewshot": num_fewshot, "dtype": dtype, "seed": seed, "apply_chat_template": apply_chat_template,
             "lm_eval_version": getattr(lm_eval, "__version__", None),
             "results": res["results"], "n-samples": res.get("n-samples"), "versions": res.get("versions"),
         }
