@@ -216,14 +216,16 @@ class QuantizedSlotLayer(SlotLayer):
         return Codes.encode(self.cfg, k)
 
     def _overlay(self, x: torch.Tensor, ring: torch.Tensor | None) -> torch.Tensor:
-        """``x`` with the slots whose token is in the full-precision ring read from it."""
+        """``x`` (a freshly decoded tensor, written in place) with the slots whose token is in the
+        full-precision ring read from it: only those slots are copied (at most the ring's R per row and
+        head), not a gathered copy of the whole table."""
         if ring is None or self.idx is None or x.shape[2] == 0:
             return x
-        r = ring.shape[2]
-        at = self.idx.remainder(r)  # [B, Hk, S]
-        hit = self.ring_idx[at] == self.idx
-        exact = ring.gather(2, at[..., None].expand(*at.shape, ring.shape[-1]))
-        return torch.where(hit[..., None], exact, x)
+        at = self.idx.remainder(ring.shape[2])  # [B, Hk, S]
+        b, h, s = (self.ring_idx[at] == self.idx).nonzero(as_tuple=True)
+        if b.numel():
+            x[b, h, s] = ring[b, h, at[b, h, s]].to(x.dtype)
+        return x
 
     # --- storage hooks
     def _append_kv(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
