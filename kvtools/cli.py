@@ -153,12 +153,12 @@ def _cmd_lm_eval(args: argparse.Namespace) -> int:
         _check_model(args.model)
     from kvtools.eval.lm_eval_run import check_tasks, run_lm_eval
 
-    check_tasks(tasks, args.include_path)  # every task found before the model loads
+    manager = check_tasks(tasks, args.include_path)  # every task found before the model loads
     table = run_lm_eval(
         args.model, configs, tasks, args.out, include_path=args.include_path, limit=args.limit,
         num_fewshot=args.num_fewshot, dtype=args.dtype, device=args.device, max_length=args.max_length,
         max_gen_toks=args.max_gen_toks, seed=args.seed, quiet=args.quiet, batch_size=args.batch_size,
-        apply_chat_template=args.apply_chat_template,
+        apply_chat_template=args.apply_chat_template, manager=manager,
     )
     print(table)
     print(f"wrote results_<config>.json per config and summary.md to {args.out}")

@@ -81,21 +81,22 @@ def run_lm_eval(
     quiet: bool = False,
     batch_size: int = 1,
     apply_chat_template: bool = False,
+    manager: Any = None,
 ) -> str:
     """Run ``tasks`` once per config on ``model_name`` (loaded once); returns the markdown summary table.
 
-    A config whose ``results_<config>.json`` already exists in ``out`` is read, not rerun."""
-    import torch
-
+    A config whose ``results_<config>.json`` already exists in ``out`` is read, not rerun. ``manager``: the
+    task manager :func:`check_tasks` returned for ``tasks`` (built here when not given)."""
     from kvtools.config import load_config
     from kvtools.models import load_model
 
     lm_eval = _lm_eval()
     from lm_eval.utils import handle_non_serializable
 
-    from kvtools.harness import KVToolsLM
+    from kvtools.harness import _DTYPES, KVToolsLM
 
-    manager = check_tasks(tasks, include_path)
+    if manager is None:
+        manager = check_tasks(tasks, include_path)
     cfgs = [load_config(c) for c in configs]
     names = [c.name for c in cfgs]
     if len(set(names)) != len(names):
@@ -117,8 +118,7 @@ def run_lm_eval(
             results[cfg.name] = saved["results"]
             continue
         if model is None:
-            dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-            model, tok = load_model(model_name, dtype=dt, device=device)
+            model, tok = load_model(model_name, dtype=_DTYPES[dtype], device=device)
         lm = KVToolsLM(model=model, tokenizer=tok, config=cfg, max_length=max_length, max_gen_toks=max_gen_toks,
                        batch_size=batch_size)
         try:
