@@ -18,7 +18,7 @@ import typing
 import warnings
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
@@ -122,6 +122,18 @@ class StageParams(StrictNumbers):
                 need = " or ".join(f"'{m}'" for m in allowed)
                 raise ConfigError(f"{stage}.method: '{self.method}' {self.requires_why} and needs {other}.method "
                                   f"{need}, got '{methods[other]}'")
+
+
+class PrefillParams(StageParams):
+    """Base of every prefill method's parameters: ``chunk`` feeds a long prompt in calls of that many tokens
+    (the patched model wrapper splits it). A sparse prefill method runs on each chunk's queries over the
+    table so far while that table is the whole stream (the cache evicts nothing yet), else the chunk is
+    attended densely over what the cache kept."""
+
+    chunk: int | None = Field(
+        default=None, ge=2, description="split long prompts into chunks of this many tokens (a last chunk of one "
+                                        "token joins the one before: every chunk is a multi-token call)"
+    )
 
 
 def validate_fields(model: type[BaseModel], raw: dict[str, Any], where: str, what: str = "") -> Any:

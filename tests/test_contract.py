@@ -102,11 +102,24 @@ CASES: dict[tuple[str, str], Case] = {
         {"prefill": {"method": "flexprefill", "gamma": 0.5, "block_size": 16, "min_budget": 16, "tau": 0.1,
                      "backend": "torch"}},
     ),
+    ("prefill", "flexprefill+chunk"): Case(  # each chunk's queries over the table so far (end-aligned chunks)
+        [{"prefill": {"method": "flexprefill", "gamma": 1.0, "block_size": 16, "min_budget": 0, "chunk": 16,
+                      "backend": "torch"}}],
+        {"prefill": {"method": "flexprefill", "gamma": 0.5, "block_size": 16, "min_budget": 16, "tau": 0.1,
+                     "chunk": 16, "backend": "torch"},
+         "cache": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3}},
+    ),
     ("prefill", "hip"): Case(
         [{"prefill": {"method": "hip", "top_k": 1024, "block_q": 8, "block_k": 2, "n_sink": 2, "window": 4,
                       "dense_layers": 0, "backend": "torch"}}],
         {"prefill": {"method": "hip", "top_k": 8, "block_q": 8, "block_k": 2, "n_sink": 2, "window": 4,
                      "dense_layers": 0, "backend": "torch"}},
+    ),
+    ("prefill", "hip+chunk"): Case(
+        [{"prefill": {"method": "hip", "top_k": 1024, "block_q": 8, "block_k": 2, "n_sink": 2, "window": 4,
+                      "dense_layers": 0, "chunk": 16, "backend": "torch"}}],
+        {"prefill": {"method": "hip", "top_k": 8, "block_q": 8, "block_k": 2, "n_sink": 2, "window": 4,
+                     "dense_layers": 0, "chunk": 16, "backend": "torch"}},
     ),
     ("decode", "hip"): Case(
         [{"decode": {"method": "hip", "top_k": 1024, "block_k": 2, "n_sink": 2, "window": 4, "dense_layers": 0}}],

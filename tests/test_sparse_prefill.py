@@ -230,3 +230,55 @@ def test_hip_decode_attends_only_to_sink_window_and_selection(llama):
         s = (q[0, h, 0] @ keys[0, h // 2].T) * d ** -0.5
         ref = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ values[0, h // 2]
         torch.testing.assert_close(out[0, h, 0], ref, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- chunked sparse prefill
+def _token_mask(block_mask: torch.Tensor, lq: int, lk: int, bs: int) -> torch.Tensor:
+    """[B, H, NQB, NKB] blocks of queries sitting at the last ``lq`` of ``lk`` keys -> [B, H, lq, lk] token mask,
+    causal."""
+    qi = torch.arange(lk - lq, lk)
+    tok = block_mask.repeat_interleave(bs, 2).repeat_interleave(bs, 3)[:, :, :lq, :lk]
+    return tok & (qi[:, None] >= torch.arange(lk)[None, :])
+
+
+def test_chunked_flexprefill_runs_each_chunk_over_the_keys_so_far(llama):
+    """``prefill.chunk`` with a sparse method: each chunk call's queries select their blocks over every key so
+    far (queries at the end of the keys), and the layer's output is plain attention under that selection."""
+    from kvtools.methods.flexprefill import FlexPrefillMethod
+
+    cfg = {"prefill": {"method": "flexprefill", "gamma": 0.5, "block_size": 16, "min_budget": 16, "chunk": 48,
+                       "backend": "torch"}}
+    params = kvtools.load_config(cfg).prefill
+    calls = []
+    orig = FlexPrefillMethod.attend
+
+    def record(self, q, k, v, kv_valid, info):
+        out = orig(self, q, k, v, kv_valid, info)
+        calls.append((q, k, v, out, info.scale))
+        return out
+
+    ids = random_ids(1, 130)
+    FlexPrefillMethod.attend = record
+    try:
+        with kvtools.patch(llama, cfg) as p, torch.no_grad():
+            chunked = llama(input_ids=ids, **p.cache_kwargs(p.make_cache())).logits
+    finally:
+        FlexPrefillMethod.attend = orig
+    n_layers = llama.config.num_hidden_layers
+    # chunks end-aligned: [0, 34), [34, 82), [82, 130), each (every layer) over every key so far
+    assert [(c[0].shape[2], c[1].shape[2]) for c in calls] == [(34, 34)] * n_layers + [(48, 82)] * n_layers + [(48, 130)] * n_layers
+    sparse = False
+    for q, k, v, out, scale in calls:
+        lq, lk = q.shape[2], k.shape[2]
+        blocks, _ = flexprefill_blocks(q, k, None, params, scale)
+        tok = _token_mask(blocks, lq, lk, 16)
+        g = q.shape[1] // k.shape[1]
+        s = q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) * scale
+        ref = torch.softmax(s.masked_fill(~tok, float("-inf")), -1) @ v.double().repeat_interleave(g, 1)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        causal = _token_mask(torch.ones_like(blocks), lq, lk, 16)
+        sparse |= bool((tok != causal).any())
+    assert sparse  # the selection dropped blocks somewhere
+    with torch.no_grad():
+        dense = llama(input_ids=ids).logits
+    assert not torch.allclose(chunked, dense, atol=1e-4)

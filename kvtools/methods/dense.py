@@ -2,20 +2,14 @@
 
 from typing import Literal
 
-from pydantic import Field
-
-from ..params import StageParams
+from ..params import PrefillParams, StageParams
 from .base import DecodeMethod, PrefillMethod
 
 
-class DensePrefillParams(StageParams):
+class DensePrefillParams(PrefillParams):
     """Dense causal attention over the prompt (SDPA)."""
 
     method: Literal["dense"] = "dense"
-    chunk: int | None = Field(
-        default=None, ge=2, description="split long prompts into chunks of this many tokens (a last chunk of one "
-                                        "token joins the one before: every chunk is a multi-token call)"
-    )
 
 
 class DenseDecodeParams(StageParams):

@@ -33,12 +33,12 @@ from pydantic import Field
 
 from ..attention.block_sparse import BlockLayout, band_blocks, block_sparse_attention
 from ..attention.masks import dense_mask, padding, visible
-from ..params import Backend, StageParams
+from ..params import Backend, PrefillParams
 from .base import LayerInfo, PrefillMethod
 from .common import top_n_mask
 
 
-class FlexPrefillParams(StageParams):
+class FlexPrefillParams(PrefillParams):
     """FlexPrefill: per-head sparse prefill, vertical-slash or query-aware block selection."""
 
     method: Literal["flexprefill"] = "flexprefill"

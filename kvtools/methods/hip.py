@@ -27,7 +27,7 @@ from ..attention.dense import attend_slots
 from ..attention.masks import leading_padding
 from ..attention.merge import attention_with_lse
 from ..cache import RowState, SlotLayer, Step
-from ..params import Backend, StageParams
+from ..params import Backend, PrefillParams, StageParams
 from .base import DecodeMethod, LayerInfo, PrefillMethod, row_groups
 
 class HipParams(StageParams):
@@ -41,7 +41,7 @@ class HipParams(StageParams):
     dense_layers: int = Field(default=3, ge=0, description="the first layers stay dense")
 
 
-class HipPrefillParams(HipParams):
+class HipPrefillParams(HipParams, PrefillParams):
     """HiP: hierarchical top-k key-block selection per query block, plus sink and window."""
 
     method: Literal["hip"] = "hip"
