@@ -216,6 +216,80 @@ def test_long_sliding_prompt_takes_the_banded_path(monkeypatch):
     torch.testing.assert_close(got[1, 11:], ref[1, 11:], atol=1e-4, rtol=0)
 
 
+def test_chunked_prompt_takes_the_banded_path_in_every_long_chunk(monkeypatch):
+    """A chunked prompt through a sliding-window layer: after the window evicted the start, a chunk's table is a
+    contiguous stretch of the stream ending at its queries, so the chunk goes through the band as well (not a
+    dense mask over the chunk x table); the tiny Gemma-3 (window 16) still equals the unpatched model, left
+    padding included, and a table that is not contiguous is not taken for one."""
+    import kvtools
+    import kvtools.attention.dense as dense
+
+    from .conftest import random_ids, tiny_model
+
+    calls = []
+    real = dense.banded_attention
+    monkeypatch.setattr(dense, "banded_attention", lambda *a, **kw: calls.append(a[0].shape[2]) or real(*a, **kw))
+    model = tiny_model("gemma3")
+    ids = random_ids(2, 110, seed=4)
+    am = torch.ones_like(ids)
+    am[1, :11] = 0
+    ref = model(ids, attention_mask=am).logits
+    with kvtools.patch(model, {"prefill": {"method": "dense", "chunk": 40}}) as p:
+        got = model(ids, attention_mask=am, **p.cache_kwargs(p.make_cache())).logits
+    # chunks [0, 30), [30, 70), [70, 110): the first is shorter than two windows (dense); the later two see
+    # 15 kept + 40 new slots (> 2 windows): the band, in both sliding layers
+    assert calls == [40, 40, 40, 40]
+    torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[1, 11:], ref[1, 11:], atol=1e-4, rtol=0)
+    idx = torch.arange(100, 150).view(1, 1, 50)
+    valid = torch.ones(1, 1, 50, dtype=torch.bool)
+    assert dense.stream_contiguous(valid, idx, torch.arange(130, 150))
+    assert not dense.stream_contiguous(valid, idx, torch.arange(129, 149))  # queries not the last slots
+    gap = idx.clone()
+    gap[..., :10] -= 5  # an evicted stretch in the middle
+    assert not dense.stream_contiguous(valid, gap, torch.arange(130, 150))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_prefix_causal_attention_equals_masked_attention(dtype, tol):
+    """A chunk's queries (the last Lq keys) over the whole table: unmasked prefix + causal square merged by
+    LSE equals SDPA under the [Lq, S] causal mask, GQA included."""
+    from kvtools.attention.dense import build_slot_mask, prefix_causal_attention, sdpa_grouped
+
+    b, h, hk, lq, s, d = 2, 6, 2, 37, 120, 16
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, n, m, d, generator=g).to(dtype) for n, m in ((h, lq), (hk, s), (hk, s)))
+    mask = build_slot_mask(torch.ones(b, hk, s, dtype=torch.bool), torch.arange(s).expand(b, hk, s),
+                           torch.arange(s - lq, s))
+    ref = sdpa_grouped(q.float(), k.float(), v.float(), mask, 0.25)
+    got = prefix_causal_attention(q, k, v, 0.25)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+
+
+def test_chunked_full_prompt_takes_the_prefix_causal_path(monkeypatch):
+    """A chunked prompt on a cache that keeps everything: every chunk after the first attends the table so
+    far without a [Lq, S] mask, and the patched model equals the unpatched one (left padding: the masked path)."""
+    import kvtools
+    import kvtools.attention.dense as dense
+
+    from .conftest import random_ids, tiny_model
+
+    if not dense.prefix_causal_available(torch.zeros(1)):
+        pytest.skip("this torch build has no CPU flash kernel with LSE")
+    calls = []
+    real = dense.prefix_causal_attention
+    monkeypatch.setattr(dense, "prefix_causal_attention", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    model = tiny_model("llama")
+    ids = random_ids(2, 70, seed=6)
+    ref = model(ids).logits
+    with kvtools.patch(model, {"prefill": {"method": "dense", "chunk": 32}}) as p:
+        got = model(ids, **p.cache_kwargs(p.make_cache())).logits
+    n_layers = model.config.num_hidden_layers
+    assert calls == [32] * (2 * n_layers)  # chunks [0, 6), [6, 38), [38, 70): the later two, every layer
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
 def test_band_plan_is_built_once_for_every_layer_of_a_shape():
     """Layers of one shape share one plan (built on the first), each layer's result equals dense attention
     over its slot table, the chunks placed alike share one band mask, and the band layout the Triton path

@@ -114,9 +114,18 @@ def attend_slots(
     if whole_prompt and ordered and all_valid:
         # a whole prompt on an empty cache: plain causal attention
         return sdpa_grouped(q, keys, values, None, scale, is_causal=True)
+    if (ordered and all_valid and 1 < lq < s and (sliding_window is None or s <= sliding_window)
+            and prefix_causal_available(q)):
+        # a later chunk of a chunked prompt over the whole table so far: the earlier keys unmasked plus the
+        # chunk's own causal square, merged by log-sum-exp (no [Lq, S] mask)
+        return prefix_causal_attention(q, keys, values, scale)
     if long_band and ordered:
         # a long prompt through a sliding-window layer: only the band, O(L * window) instead of O(L^2)
         return banded_attention(q, keys, values, None if all_valid else valid[:, 0], scale, sliding_window)
+    if long_band and lq > 1 and stream_contiguous(valid, idx, q_idx):
+        # a later chunk of a chunked prompt through a sliding-window layer: the table is the stream's last
+        # slots (the window evicted the rest), the queries its last tokens: the band again
+        return banded_attention(q, keys, values, None if bool(valid.all()) else valid[:, 0], scale, sliding_window)
     mask = build_slot_mask(valid, idx, q_idx, sliding_window, layout)
     return sdpa_grouped(q, keys, values, mask, scale)
 
@@ -135,6 +144,51 @@ def stream_ordered(valid: torch.Tensor, idx: torch.Tensor, q_idx: torch.Tensor) 
     if not bool((idx == ar).all()) or not bool((valid == valid[:, :1]).all()):
         return False
     return bool((q_idx.to(idx.device) == ar[s - lq:]).all())
+
+
+#: SDPA's CPU flash kernel with its log-sum-exp (a private aten op; absent in some torch builds)
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def prefix_causal_available(q: torch.Tensor) -> bool:
+    """Whether :func:`prefix_causal_attention` runs here (CPU, with SDPA's flash kernel exposing its LSE)."""
+    return q.device.type == "cpu" and _CPU_FLASH is not None and q.dtype in (torch.float32, torch.bfloat16,
+                                                                             torch.float16)
+
+
+def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of q [B, H, Lq, D], the last Lq of the keys k, v [B, Hk, S, D] (S > Lq, every key
+    real): SDPA over the first S - Lq keys with no mask, SDPA over the last Lq keys with ``is_causal``, merged
+    by log-sum-exp. Dense SDPA with a [Lq, S] mask costs a third more on CPU and materialises a float copy of
+    the mask (512 MiB for a 4k chunk at 32k); this is the cost of the causal attention itself."""
+    from .merge import merge_lse
+
+    b, h, lq, d = q.shape
+    s, hk = k.shape[2], k.shape[1]
+    g, m = h // hk, s - lq
+    # the unmasked prefix: each KV head's g query heads folded into its query axis (K/V read once, no copy)
+    qg = q.reshape(b, hk, g * lq, d)
+    out_p, lse_p = _CPU_FLASH(qg, k[:, :, :m], v[:, :, :m], 0.0, False, scale=scale)
+    out_p, lse_p = out_p.reshape(b, h, lq, -1), lse_p.reshape(b, h, lq)
+    # the chunk's own keys, causal: K/V repeated per query head (Lq keys only)
+    kd, vd = (t[:, :, m:].repeat_interleave(g, 1) if g > 1 else t[:, :, m:] for t in (k, v))
+    out_d, lse_d = _CPU_FLASH(q, kd, vd, 0.0, True, scale=scale)
+    out, _ = merge_lse(out_p.float(), lse_p.float(), out_d.float(), lse_d.float())
+    return out.to(q.dtype)
+
+
+def stream_contiguous(valid: torch.Tensor, idx: torch.Tensor, q_idx: torch.Tensor) -> bool:
+    """Slot j holds stream token ``q_idx[-1] - S + 1 + j`` for every row and head (a contiguous stretch of the
+    stream ending at the last query: what a sliding window leaves of a prompt, plus the new chunk), the same
+    slots valid in every head, and the queries at stream indices ``q_idx`` are the last slots."""
+    s, lq = idx.shape[-1], q_idx.numel()
+    if lq > s:
+        return False
+    q_idx = q_idx.to(idx.device)
+    want = q_idx[-1] - (s - 1) + torch.arange(s, device=idx.device)
+    if not bool((idx == want).all()) or not bool((valid == valid[:, :1]).all()):
+        return False
+    return bool((q_idx == want[s - lq:]).all())
 
 
 def banded_attention(
