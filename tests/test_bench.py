@@ -37,6 +37,10 @@ def test_bench_writes_reports_and_budgets_show_in_kv_bytes(tmp_path):
     assert len(lines) == 4 and lines[0]["random_weights"] is True
     md = report_markdown(rows)
     assert "random weights" in md and "1.00x" in md
+    # end to end: the prefill and the 3 new tokens (1 warm-up + 2 timed) at the median decode time
+    r = by[("snap64", 256)]
+    assert r.new_tokens == 3 and r.end_to_end_s == pytest.approx(r.prefill_s + 3 * r.decode_ms / 1000)
+    assert "end to end s" in md and f"| {r.end_to_end_s:.1f} |" in md
 
 
 def test_hf_baseline_row_is_the_unpatched_model(tmp_path):

@@ -7,6 +7,8 @@ For each length, every method runs on the same random prompt, interleaved
 * prefill seconds: median over ``repeats`` fresh prefills;
 * prefill: after one untimed 1k-token prefill per method (kernel compilation is not timed);
 * decode ms/token: median over ``decode_tokens`` single-token steps after ``warmup`` steps;
+* end to end seconds: the prefill plus the length's new tokens (warm-up + decode steps) at the median decode
+  time, the figure a user generating that many tokens after the prompt sees;
 * KV bytes: what the cache holds after prefill + decode (``KVCache.nbytes``);
 * memory, per phase: the peak during the timed prefills and during the decode steps (CUDA max allocated, or
   on CPU the process's peak RSS, its high-water mark reset before each phase), reported above the memory in use
@@ -70,6 +72,12 @@ class BenchRow:
     prefill_peak_bytes: int = -1
     decode_peak_bytes: int = -1
     isolated: bool = False  # measured in a process of its own
+    new_tokens: int = 0  # tokens generated after the prompt (warm-up + timed decode steps)
+
+    @property
+    def end_to_end_s(self) -> float:
+        """Seconds to prefill the prompt and generate ``new_tokens`` at the median decode time."""
+        return self.prefill_s + self.new_tokens * self.decode_ms / 1000
 
     @property
     def prefill_extra_bytes(self) -> int:
@@ -224,7 +232,7 @@ def run_bench(
                     m = measure(model, cfg, ids.to(dev), decode_tokens, warmup, repeats)
                 row = BenchRow(name, random_weights, method, length, m.prefill_s, m.decode_ms, m.kv_bytes,
                                max(m.prefill_peak_bytes, m.decode_peak_bytes), m.memory_kind, m.kv_resident_bytes,
-                               m.base_bytes, m.prefill_peak_bytes, m.decode_peak_bytes, isolate)
+                               m.base_bytes, m.prefill_peak_bytes, m.decode_peak_bytes, isolate, gen)
                 rows.append(row)
                 f.write(json.dumps(row.as_dict()) + "\n")
                 f.flush()
@@ -282,15 +290,19 @@ def report_markdown(rows: list[BenchRow]) -> str:
     vs = " vs full |" + (" vs hf |" if hf else "")
     col = "---:|" * (2 if hf else 1)
     isolated = "each cell in its own process" if all(r.isolated for r in rows) else "all cells in one process"
+    e2e = all(r.new_tokens > 0 for r in rows)
     lines = [
         f"## Benchmark — `{r0.model}` ({weights})",
         "",
-        f"Memory: {mem_name} above the memory in use before the prefill, per phase; {isolated}.",
+        f"Memory: {mem_name} above the memory in use before the prefill, per phase; {isolated}."
+        + (f" End to end: the prefill plus {r0.new_tokens} new tokens at the median decode time (a length counts "
+           "the prompt and the new tokens)." if e2e else ""),
         "",
-        "| method | length | prefill s |" + vs + " decode ms/token |" + vs + " KV MiB | vs full |"
-        + f" prefill peak +MiB |{vs} decode peak +MiB |{vs}" + (" resident KV MiB | vs full |" if offload else ""),
-        "|---|---:|---:|" + col + "---:|" + col + "---:|---:|" + "---:|" + col + "---:|" + col
-        + ("---:|---:|" if offload else ""),
+        "| method | length | prefill s |" + vs + " decode ms/token |" + vs + (" end to end s |" + vs if e2e else "")
+        + " KV MiB | vs full |" + f" prefill peak +MiB |{vs} decode peak +MiB |{vs}"
+        + (" resident KV MiB | vs full |" if offload else ""),
+        "|---|---:|---:|" + col + "---:|" + col + ("---:|" + col if e2e else "") + "---:|---:|" + "---:|" + col
+        + "---:|" + col + ("---:|---:|" if offload else ""),
     ]
 
     def fmt(x: float | None) -> str:
@@ -305,7 +317,8 @@ def report_markdown(rows: list[BenchRow]) -> str:
     for r in sorted(rows, key=lambda r: (r.length, r.method != HF, r.method != "full", r.method)):
         lines.append(
             f"| {r.method} | {r.length} | {r.prefill_s:.3f} |" + ratios(r, "prefill_s") + f" {r.decode_ms:.1f} |"
-            + ratios(r, "decode_ms") + f" {mib(r.kv_bytes)} | {fmt(_ratio(rows, r, 'kv_bytes'))} |"
+            + ratios(r, "decode_ms")
+            + (f" {r.end_to_end_s:.1f} |" + ratios(r, "end_to_end_s") if e2e else "") + f" {mib(r.kv_bytes)} | {fmt(_ratio(rows, r, 'kv_bytes'))} |"
             + f" {mib(r.prefill_extra_bytes)} |" + ratios(r, "prefill_extra_bytes")
             + f" {mib(r.decode_extra_bytes)} |" + ratios(r, "decode_extra_bytes")
             + (f" {mib(r.kv_resident_bytes)} | {fmt(_ratio(rows, r, 'kv_resident_bytes'))} |" if offload else "")
