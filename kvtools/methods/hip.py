@@ -196,26 +196,29 @@ class HipDecodeMethod(DecodeMethod):
             if st is None:
                 st = layer.state[self.state_key] = HipState(
                     sel=torch.full((b, h, n_groups), -1, dtype=torch.long, device=q.device))
-            kr, vr, okr = keys[rows, :, pad:], values[rows, :, pad:], valid[rows, :, pad:]
             sel = st.sel[rows]
             if refresh or bool((sel < 0).all()):
+                # the search reads these rows' real keys (a view when every row has this padding)
+                kr = keys[:, :, pad:] if len(rows) == b else keys[rows, :, pad:]
                 sel = hip_search(q[rows], kr, None, n_groups, 1, cfg.block_k, torch.tensor([lo], device=q.device),
                                  torch.tensor([hi], device=q.device))[:, :, 0]  # [b, H, G]
                 st.sel[rows] = sel
                 searched = True
-            out[rows] = self._attend_selection(q[rows], kr, vr, okr, sel, q_loc, info)
+            out[rows] = self._attend_selection(q[rows], keys, values, valid, rows, pad, sel, q_loc, info)
             sparse = True
         if sparse:
             st.refreshed += int(searched)
             st.age += 1
         return out
 
-    def _attend_selection(self, q, keys, values, valid, sel, q_loc: int, info: LayerInfo) -> torch.Tensor:
-        """One query per row (row-local token q_loc) over sink + selected units + window, gathered."""
+    def _attend_selection(self, q, keys, values, valid, rows: torch.Tensor, pad: int, sel, q_loc: int,
+                          info: LayerInfo) -> torch.Tensor:
+        """One query per row of ``rows`` (row-local token q_loc, the table's slots from ``pad`` on) over sink +
+        selected units + window: only those slots are gathered from the table, never the whole of it."""
         cfg = self.cfg
         bk = cfg.block_k
         b, h = q.shape[:2]
-        hk, n = keys.shape[1], keys.shape[2]
+        hk, n = keys.shape[1], keys.shape[2] - pad
         g = h // hk
         units = sel.clamp_min(0)[..., None] * bk + torch.arange(bk, device=q.device)  # [b, H, G, bk]
         tok_sel = units.flatten(2)
@@ -225,8 +228,9 @@ class HipDecodeMethod(DecodeMethod):
                            torch.arange(w0, q_loc + 1, device=q.device)])
         tok = torch.cat([fixed.expand(b, h, -1), tok_sel.clamp(max=n - 1)], -1)  # [b, H, M]
         ok = torch.cat([torch.ones(b, h, fixed.numel(), dtype=torch.bool, device=q.device), ok_sel], -1)
-        rows = torch.arange(b, device=q.device)[:, None, None]
+        rows = rows.to(q.device)[:, None, None]
         heads = (torch.arange(h, device=q.device) // g)[None, :, None]
-        ks, vs = keys[rows, heads, tok], values[rows, heads, tok]  # [b, H, M, D]
-        ok &= valid[rows, heads, tok] | (tok == q_loc)
+        at = tok + pad
+        ks, vs = keys[rows, heads, at], values[rows, heads, at]  # [b, H, M, D]
+        ok &= valid[rows, heads, at] | (tok == q_loc)
         return attention_with_lse(q, ks, vs, ok[:, :, None], info.scale)[0].to(q.dtype)
