@@ -343,8 +343,8 @@ class SlotLayer(CacheLayerMixin):
     # --- how keys / values are stored (a subclass may store them otherwise: kvtools.quant)
     def _append_kv(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
         # appended slots go after the packed ones, padded (every head gets the same new tokens)
-        self._keys = torch.cat([self._keys, k], dim=2)
-        self._values = torch.cat([self._values, v], dim=2)
+        self._keys = _append_in_place(self._keys, k)
+        self._values = _append_in_place(self._values, v)
 
     def _gather_kv(self, sel: torch.Tensor) -> None:
         keys, values = self.keys, self.values
@@ -394,6 +394,35 @@ class SlotLayer(CacheLayerMixin):
             return total
         table = [*self._storage_tensors(), self.valid, self.pos, self.idx]
         return total + tensor_bytes([t for t in table if t is not None], device)
+
+
+def _spare_slots(n: int) -> int:
+    """Free slots reserved past a table of ``n`` slots when a decode step reallocates it: 1/8 of it, 16 to 1024."""
+    return min(1024, max(16, n // 8))
+
+
+def _append_in_place(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([t, new], 2)`` for a table's keys or values ([B, Hk, S, D]), without copying the table on
+    every decode step: a one-token append into a table reallocates it once with :func:`_spare_slots` free slots
+    after its end and returns a view of the filled part; the following one-token appends write into those
+    slots in place (the view grows), until they are used up. Only a view that is the prefix of its own buffer
+    grows in place: a table replaced by anything else (a gather, a batch reorder, a copy) reallocates again.
+    Memory figures (:meth:`SlotLayer.nbytes`) count the filled slots; the spare ones are at most 1/8 of a
+    table (1024 slots) and exist only while a table grows token by token. Multi-token appends (prompts,
+    chunks) are plain concatenations: a prompt's table is exactly its size."""
+    n, lq = t.shape[2], new.shape[2]
+    base = t._base
+    if (lq == 1 and base is not None and base.dim() == 4 and t.storage_offset() == base.storage_offset()
+            and t.stride() == base.stride() and base.shape[:2] == t.shape[:2] and base.shape[3] == t.shape[3]
+            and n + lq <= base.shape[2] and base.dtype == new.dtype):
+        base[:, :, n:n + lq] = new
+        return base[:, :, :n + lq]
+    if lq > 1 or n == 0:
+        return torch.cat([t, new.to(t.dtype)], dim=2)
+    buf = t.new_empty(t.shape[0], t.shape[1], n + lq + _spare_slots(n), t.shape[3])
+    buf[:, :, :n] = t
+    buf[:, :, n:n + lq] = new
+    return buf[:, :, :n + lq]
 
 
 class PackedSlots:

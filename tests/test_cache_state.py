@@ -65,3 +65,37 @@ def test_a_used_cache_pickles_and_continues_the_same(config):
         a = model(input_ids=ids[:, 24:], past_key_values=cache, use_cache=True).logits
         b = model(input_ids=ids[:, 24:], past_key_values=twin, use_cache=True).logits
     assert torch.equal(a, b)
+
+
+def test_decode_appends_write_in_place_after_one_reallocation():
+    """A one-token append reallocates the table once with spare slots after its end; the next ones write
+    into them (no copy of the table per token) and the table reads exactly as concatenation would; a
+    replaced table (a reorder) reallocates again, and nbytes counts the filled slots."""
+    from kvtools.cache import _spare_slots
+
+    cache, layer = _cache(b=2)
+    want_k, want_v = layer.keys.clone(), layer.values.clone()
+
+    def step(t):
+        k = torch.full((2, 2, 1, 2), float(t))
+        want = (torch.cat([want_k, k], 2), torch.cat([want_v, -k], 2))
+        layer.append(k, -k, Step(valid=torch.ones(2, 1, dtype=torch.bool), pos=torch.full((2, 1), t),
+                                 idx=torch.tensor([t]), prompt_real=torch.full((2,), 4), end_of_prompt=False))
+        return want
+
+    want_k, want_v = step(4)
+    ptr = layer.keys.data_ptr()
+    spare = _spare_slots(4)
+    for t in range(5, 5 + spare):  # the first decode token reserved `spare` free slots after itself
+        want_k, want_v = step(t)
+        assert layer.keys.data_ptr() == ptr and torch.equal(layer.keys, want_k) and torch.equal(layer.values,
+                                                                                                   want_v)
+    assert layer.nbytes() == sum(t.numel() * t.element_size() for t in (
+        layer.keys, layer.values, layer.valid, layer.pos, layer.idx))
+    want_k, want_v = step(5 + spare)  # the buffer is full: a new one
+    assert layer.keys.data_ptr() != ptr and torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    held = layer.keys.clone()
+    want_k, want_v = want_k[[1, 0]], want_v[[1, 0]]
+    want_k, want_v = step(6 + spare)
+    assert torch.equal(layer.keys, want_k) and torch.equal(layer.keys[:, :, :-1], held)
