@@ -405,18 +405,23 @@ def _append_in_place(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """``torch.cat([t, new], 2)`` for a table's keys or values ([B, Hk, S, D]), without copying the table on
     every decode step: a one-token append into a table reallocates it once with :func:`_spare_slots` free slots
     after its end and returns a view of the filled part; the following one-token appends write into those
-    slots in place (the view grows), until they are used up. Only a view that is the prefix of its own buffer
-    grows in place: a table replaced by anything else (a gather, a batch reorder, a copy) reallocates again.
+    slots in place (the view grows), until they are used up. Only a table that is the prefix of its storage
+    (strides and storage size say so) grows in place: a table replaced by anything else (a gather, a batch
+    reorder, a copy) reallocates again. A table's storage is never shared with another table (every
+    replacement is a new tensor, a deep copy copies the storage), so the slots written are nobody else's.
     Memory figures (:meth:`SlotLayer.nbytes`) count the filled slots; the spare ones are at most 1/8 of a
     table (1024 slots) and exist only while a table grows token by token. Multi-token appends (prompts,
     chunks) are plain concatenations: a prompt's table is exactly its size."""
-    n, lq = t.shape[2], new.shape[2]
-    base = t._base
-    if (lq == 1 and base is not None and base.dim() == 4 and t.storage_offset() == base.storage_offset()
-            and t.stride() == base.stride() and base.shape[:2] == t.shape[:2] and base.shape[3] == t.shape[3]
-            and n + lq <= base.shape[2] and base.dtype == new.dtype):
-        base[:, :, n:n + lq] = new
-        return base[:, :, :n + lq]
+    b, hk, n, d = t.shape
+    lq = new.shape[2]
+    if lq == 1 and n > 0 and t.storage_offset() == 0 and new.dtype == t.dtype:
+        # the buffer is the storage under t: [B, Hk, cap, D] contiguous, t its first n slots (strides tell)
+        cap = t.untyped_storage().nbytes() // (t.element_size() * b * hk * d)
+        if n < cap and t.stride() == (hk * cap * d, cap * d, d, 1) and (
+                t.untyped_storage().nbytes() == t.element_size() * b * hk * cap * d):
+            grown = t.as_strided((b, hk, n + lq, d), t.stride())
+            grown[:, :, n:] = new
+            return grown
     if lq > 1 or n == 0:
         return torch.cat([t, new.to(t.dtype)], dim=2)
     buf = t.new_empty(t.shape[0], t.shape[1], n + lq + _spare_slots(n), t.shape[3])

@@ -67,6 +67,7 @@ def test_a_used_cache_pickles_and_continues_the_same(config):
     assert torch.equal(a, b)
 
 
+@torch.inference_mode()  # as generate and kvtools' own loops run (views there have no ._base)
 def test_decode_appends_write_in_place_after_one_reallocation():
     """A one-token append reallocates the table once with spare slots after its end; the next ones write
     into them (no copy of the table per token) and the table reads exactly as concatenation would; a
