@@ -46,6 +46,7 @@ serialized), but not reordered: ``supports_reorder`` is False, so beam search is
 from __future__ import annotations
 
 import atexit
+import contextlib
 import queue
 import threading
 from concurrent.futures import Future
@@ -91,6 +92,11 @@ class RetrievalParams(StageParams):
         default="keys", description="ivf: centroids from the keys, or from the prefill queries (keys filed by "
                                     "inner product: poor recall, see docs/methods/retrieval.md)")
     insert: bool = Field(default=True, description="tokens leaving the window are added to the index")
+    slide: int = Field(
+        default=64, ge=1, description="decode tokens the device window may run over before its oldest tokens "
+                                      "move to the CPU store, all at once (1: every step, as the paper; more: "
+                                      "fewer table rewrites and index inserts, and up to slide - 1 more recent "
+                                      "tokens attended exactly)")
     hot_keys: int = Field(
         default=0, ge=0, description="attention-aware candidates: the offloaded keys the last hot_window prompt "
                                      "queries attend to most, scored exactly with the index's results each step "
@@ -282,6 +288,29 @@ class AugmentedHNSW:
         self.index = _deserialize(state["index"])
 
 
+#: FAISS parallelises a search over its queries (OpenMP); a decode step searches each head with its g query
+#: heads only, where the threads cost far more than they share out (a 3-query HNSW search: 4 ms for three
+#: heads on one thread, 35 ms on two while the other core was busy). Fewer queries than this search on one.
+_PARALLEL_QUERIES = 64
+
+
+@contextlib.contextmanager
+def _search_threads(n_queries: int):
+    """FAISS's OpenMP threads for a search of ``n_queries`` queries from this thread: one for a few queries.
+    OpenMP's thread count is per calling thread, so the background index builds keep theirs."""
+    import faiss
+
+    if n_queries >= _PARALLEL_QUERIES:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 class HeadStore:
     """One (row, KV head)'s offloaded keys/values (CPU, growable, in the model's dtype) and its index.
 
@@ -358,7 +387,8 @@ class HeadStore:
             kk = min(k, self.n)
             ids = torch.topk(s, kk, dim=-1).indices.numpy()
             return np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
-        ids = index.search(q, k)[1]
+        with _search_threads(q.shape[0]):
+            ids = index.search(q, k)[1]
         if self.hot is not None and len(self.hot):
             ids = rerank(ids, self.hot, q, self.keys[: self.n], k)
         return ids
@@ -458,12 +488,12 @@ class RetrievalPolicy(CachePolicy):
         # offloaded: any call (one decode token or a multi-token turn) needs the device and the CPU parts
         layer.append(k, v, step)
         out = self._attend_split(layer, store, q, step, info)
-        self._slide(layer, store, info)
+        self._slide(layer, store, step)
         return out
 
-    def _over(self, layer: SlotLayer) -> bool:
-        """Some (row, KV head) holds more real slots than sink + window."""
-        return layer.valid is not None and int(layer.valid.sum(-1).max()) > self.cfg.n_sink + self.cfg.window
+    def _over(self, layer: SlotLayer, slack: int = 0) -> bool:
+        """Some (row, KV head) holds more real slots than sink + window (+ ``slack``)."""
+        return layer.valid is not None and int(layer.valid.sum(-1).max()) > self.cfg.n_sink + self.cfg.window + slack
 
     # ------------------------------------------------------------ first overflow: offload + index
     def _keep_queries(self, layer: SlotLayer, q: torch.Tensor, step: Step) -> None:
@@ -542,9 +572,11 @@ class RetrievalPolicy(CachePolicy):
                 lses.append(l_.view(g, lq))
         return torch.stack(outs).view(b, hk, g, lq, -1), torch.stack(lses).view(b, hk, g, lq)
 
-    def _slide(self, layer: SlotLayer, store: OffloadStore, info: LayerInfo) -> None:
+    def _slide(self, layer: SlotLayer, store: OffloadStore, step: Step) -> None:
+        """Move the tokens past sink + window to the CPU store: after a multi-token call, or once ``slide``
+        decode tokens have gathered."""
         cfg = self.cfg
-        if not self._over(layer):
+        if not self._over(layer, 0 if step.is_prefill else cfg.slide - 1):
             return
         keep = self._device_slots(layer)
         leave = layer.valid & ~keep
