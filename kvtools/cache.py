@@ -16,6 +16,8 @@ stay right after compression.
 
 from __future__ import annotations
 
+import math
+
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -261,9 +263,9 @@ class SlotLayer(CacheLayerMixin):
         before, size = self.layout, self.size
         b, hk, lq, _ = k.shape
         self._append_kv(k, v, step)
-        self.valid = torch.cat([self.valid, step.valid[:, None, :].expand(b, hk, lq)], dim=2)
-        self.pos = torch.cat([self.pos, step.pos[:, None, :].expand(b, hk, lq).to(self.pos)], dim=2)
-        self.idx = torch.cat([self.idx, step.idx.view(1, 1, lq).expand(b, hk, lq).to(self.idx)], dim=2)
+        self.valid = _append_in_place(self.valid, step.valid[:, None, :].expand(b, hk, lq).to(self.valid))
+        self.pos = _append_in_place(self.pos, step.pos[:, None, :].expand(b, hk, lq).to(self.pos))
+        self.idx = _append_in_place(self.idx, step.idx.view(1, 1, lq).expand(b, hk, lq).to(self.idx))
         self.seen += lq
         if before is not None:
             self._set_layout(TableLayout(ordered=before.ordered and step.first == size,
@@ -412,19 +414,21 @@ def _append_in_place(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     Memory figures (:meth:`SlotLayer.nbytes`) count the filled slots; the spare ones are at most 1/8 of a
     table (1024 slots) and exist only while a table grows token by token. Multi-token appends (prompts,
     chunks) are plain concatenations: a prompt's table is exactly its size."""
-    b, hk, n, d = t.shape
+    b, hk, n, *rest = t.shape
+    d = math.prod(rest)  # elements per slot (keys / values: D; metadata [B, Hk, S]: 1)
     lq = new.shape[2]
     if lq == 1 and n > 0 and t.storage_offset() == 0 and new.dtype == t.dtype:
-        # the buffer is the storage under t: [B, Hk, cap, D] contiguous, t its first n slots (strides tell)
-        cap = t.untyped_storage().nbytes() // (t.element_size() * b * hk * d)
-        if n < cap and t.stride() == (hk * cap * d, cap * d, d, 1) and (
-                t.untyped_storage().nbytes() == t.element_size() * b * hk * cap * d):
-            grown = t.as_strided((b, hk, n + lq, d), t.stride())
+        # the buffer is the storage under t: [B, Hk, cap, ...] contiguous, t its first n slots (strides tell)
+        size = t.untyped_storage().nbytes()
+        cap = size // (t.element_size() * b * hk * d)
+        inner = torch.empty(rest, device="meta").stride() if rest else ()
+        if n < cap and t.stride() == (hk * cap * d, cap * d, d, *inner) and size == t.element_size() * b * hk * cap * d:
+            grown = t.as_strided((b, hk, n + lq, *rest), t.stride())
             grown[:, :, n:] = new
             return grown
     if lq > 1 or n == 0:
         return torch.cat([t, new.to(t.dtype)], dim=2)
-    buf = t.new_empty(t.shape[0], t.shape[1], n + lq + _spare_slots(n), t.shape[3])
+    buf = t.new_empty(b, hk, n + lq + _spare_slots(n), *rest)
     buf[:, :, :n] = t
     buf[:, :, n:n + lq] = new
     return buf[:, :, :n + lq]

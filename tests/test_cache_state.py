@@ -86,11 +86,14 @@ def test_decode_appends_write_in_place_after_one_reallocation():
 
     want_k, want_v = step(4)
     ptr = layer.keys.data_ptr()
+    meta = [t.data_ptr() for t in (layer.valid, layer.pos, layer.idx)]  # the slots' metadata grows alike
     spare = _spare_slots(4)
     for t in range(5, 5 + spare):  # the first decode token reserved `spare` free slots after itself
         want_k, want_v = step(t)
         assert layer.keys.data_ptr() == ptr and torch.equal(layer.keys, want_k) and torch.equal(layer.values,
                                                                                                    want_v)
+    assert [t.data_ptr() for t in (layer.valid, layer.pos, layer.idx)] == meta
+    assert layer.idx[0, 0].tolist() == list(range(5 + spare)) and bool(layer.valid.all())
     assert layer.nbytes() == sum(t.numel() * t.element_size() for t in (
         layer.keys, layer.values, layer.valid, layer.pos, layer.idx))
     want_k, want_v = step(5 + spare)  # the buffer is full: a new one
