@@ -17,7 +17,6 @@ stay right after compression.
 from __future__ import annotations
 
 import math
-
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -404,7 +403,8 @@ def _spare_slots(n: int) -> int:
 
 
 def _append_in_place(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """``torch.cat([t, new], 2)`` for a table's keys or values ([B, Hk, S, D]), without copying the table on
+    """``torch.cat([t, new], 2)`` for a table's keys or values ([B, Hk, S, D]) or its slots' metadata
+    ([B, Hk, S]), without copying the table on
     every decode step: a one-token append into a table reallocates it once with :func:`_spare_slots` free slots
     after its end and returns a view of the filled part; the following one-token appends write into those
     slots in place (the view grows), until they are used up. Only a table that is the prefix of its storage
@@ -421,8 +421,9 @@ def _append_in_place(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         # the buffer is the storage under t: [B, Hk, cap, ...] contiguous, t its first n slots (strides tell)
         size = t.untyped_storage().nbytes()
         cap = size // (t.element_size() * b * hk * d)
-        inner = torch.empty(rest, device="meta").stride() if rest else ()
-        if n < cap and t.stride() == (hk * cap * d, cap * d, d, *inner) and size == t.element_size() * b * hk * cap * d:
+        inner = tuple(math.prod(rest[i + 1:]) for i in range(len(rest)))  # contiguous strides of a slot
+        exact = size == t.element_size() * b * hk * cap * d
+        if n < cap and exact and t.stride() == (hk * cap * d, cap * d, d, *inner):
             grown = t.as_strided((b, hk, n + lq, *rest), t.stride())
             grown[:, :, n:] = new
             return grown

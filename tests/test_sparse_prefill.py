@@ -266,7 +266,8 @@ def test_chunked_flexprefill_runs_each_chunk_over_the_keys_so_far(llama):
         FlexPrefillMethod.attend = orig
     n_layers = llama.config.num_hidden_layers
     # chunks end-aligned: [0, 34), [34, 82), [82, 130), each (every layer) over every key so far
-    assert [(c[0].shape[2], c[1].shape[2]) for c in calls] == [(34, 34)] * n_layers + [(48, 82)] * n_layers + [(48, 130)] * n_layers
+    shapes = [(c[0].shape[2], c[1].shape[2]) for c in calls]
+    assert shapes == [(34, 34)] * n_layers + [(48, 82)] * n_layers + [(48, 130)] * n_layers
     sparse = False
     for q, k, v, out, scale in calls:
         lq, lk = q.shape[2], k.shape[2]

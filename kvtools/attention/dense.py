@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .block_sparse import BlockLayout, available, block_sparse_attention, causal_block_mask
 from .masks import causal_band, dense_mask, padding, real_or_own, visible
+from .merge import merge_lse
 
 if TYPE_CHECKING:
     from ..cache import TableLayout
@@ -136,14 +137,9 @@ _BAND_MIN = 2
 
 def stream_ordered(valid: torch.Tensor, idx: torch.Tensor, q_idx: torch.Tensor) -> bool:
     """Slot j holds stream token j for every head (no eviction yet), and the queries at stream indices
-    ``q_idx`` are the last tokens (a fresh prompt, possibly left-padded: a per-row prefix of invalid slots)."""
-    s, lq = idx.shape[-1], q_idx.numel()
-    if lq > s:
-        return False
-    ar = torch.arange(s, device=idx.device)
-    if not bool((idx == ar).all()) or not bool((valid == valid[:, :1]).all()):
-        return False
-    return bool((q_idx.to(idx.device) == ar[s - lq:]).all())
+    ``q_idx`` are the last tokens (a fresh prompt, possibly left-padded: a per-row prefix of invalid slots):
+    :func:`stream_contiguous` from the stream's first token."""
+    return int(q_idx[-1]) == idx.shape[-1] - 1 and stream_contiguous(valid, idx, q_idx)
 
 
 #: SDPA's CPU flash kernel with its log-sum-exp (a private aten op; absent in some torch builds)
@@ -161,8 +157,6 @@ def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     real): SDPA over the first S - Lq keys with no mask, SDPA over the last Lq keys with ``is_causal``, merged
     by log-sum-exp. Dense SDPA with a [Lq, S] mask costs a third more on CPU and materialises a float copy of
     the mask (512 MiB for a 4k chunk at 32k); this is the cost of the causal attention itself."""
-    from .merge import merge_lse
-
     b, h, lq, d = q.shape
     s, hk = k.shape[2], k.shape[1]
     g, m = h // hk, s - lq

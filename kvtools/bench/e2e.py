@@ -318,7 +318,8 @@ def report_markdown(rows: list[BenchRow]) -> str:
         lines.append(
             f"| {r.method} | {r.length} | {r.prefill_s:.3f} |" + ratios(r, "prefill_s") + f" {r.decode_ms:.1f} |"
             + ratios(r, "decode_ms")
-            + (f" {r.end_to_end_s:.1f} |" + ratios(r, "end_to_end_s") if e2e else "") + f" {mib(r.kv_bytes)} | {fmt(_ratio(rows, r, 'kv_bytes'))} |"
+            + (f" {r.end_to_end_s:.1f} |" + ratios(r, "end_to_end_s") if e2e else "")
+            + f" {mib(r.kv_bytes)} | {fmt(_ratio(rows, r, 'kv_bytes'))} |"
             + f" {mib(r.prefill_extra_bytes)} |" + ratios(r, "prefill_extra_bytes")
             + f" {mib(r.decode_extra_bytes)} |" + ratios(r, "decode_extra_bytes")
             + (f" {mib(r.kv_resident_bytes)} | {fmt(_ratio(rows, r, 'kv_resident_bytes'))} |" if offload else "")
