@@ -4,7 +4,8 @@
   docstring warnings all fail it);
 - the API reference documents every name in ``kvtools.__all__`` with the first line of its docstring, so a
   public name without a docstring fails;
-- every page under ``docs/`` is in the nav, and the presets page shows every ``configs/*.yaml`` file's description (filled at build time);
+- every page under ``docs/`` is in the nav, and the presets page shows every ``configs/*.yaml`` file's description (filled at build time)
+  and its table names each preset's stages;
 - every registered method's page lists each of its parameters with the default the code gives it (and the
   quantisation page the ``quant`` section's).
 """
@@ -132,6 +133,20 @@ def test_presets_page_shows_every_preset_file(site: Path) -> None:
     for p in presets:
         description = yaml.safe_load((ROOT / "configs" / f"{p}.yaml").read_text())["description"]
         assert " ".join(description.split()) in built, f"the built presets page lacks {p}'s description"
+
+
+def test_presets_table_names_every_preset_and_its_stages() -> None:
+    """The presets page's table has a row per preset file, and its "stages set" column names exactly the
+    stages (and ``quant``) the file sets."""
+    text = (DOCS / "methods" / "presets.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| \[`([^`]+)`\]\(#[^)]+\) \| ([a-z, ]+) \|$", text, flags=re.M))
+    presets = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+    assert sorted(rows) == presets, (f"table rows without a file: {sorted(set(rows) - set(presets))}; "
+                                     f"files without a row: {sorted(set(presets) - set(rows))}")
+    for p in presets:
+        config = yaml.safe_load((ROOT / "configs" / f"{p}.yaml").read_text(encoding="utf-8"))
+        stages = [s for s in ("prefill", "cache", "decode", "quant") if s in config]
+        assert rows[p].split(", ") == stages, f"{p}: the table says {rows[p]!r}, the file sets {stages}"
 
 
 # ---------------------------------------------------------------- parameter tables
