@@ -87,6 +87,48 @@ def test_lse_merge_is_exact_and_stable_with_extreme_logits():
     assert (out3 == 0).all() and torch.isneginf(lse3).all()
 
 
+@pytest.mark.parametrize("ok_query_axis", [1, 4])
+def test_grouped_queries_over_one_kv_head_equal_per_query_head_attention(ok_query_axis):
+    """q [B, Hk, g, n, D] over k, v [B, Hk, 1, m, D] (the folded path) equals each query head attending its
+    KV head's keys on its own, masks per query or shared by the queries included."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 4, ok_query_axis, 16, generator=g)
+    k, v = torch.randn(2, 3, 1, 30, 16, generator=g), torch.randn(2, 3, 1, 30, 8, generator=g)
+    ok = torch.rand(2, 3, 1, ok_query_axis, 30, generator=g) > 0.3
+    ok[0, 0] = False  # a KV head with nothing visible: out 0, lse -inf
+    out, lse = attention_with_lse(q, k, v, ok, 0.25)
+    assert out.shape == (2, 3, 4, ok_query_axis, 8) and lse.shape == (2, 3, 4, ok_query_axis)
+    for i in range(4):  # one query head at a time: nothing to fold
+        o_i, l_i = attention_with_lse(q[:, :, i], k[:, :, 0], v[:, :, 0], ok[:, :, 0], 0.25)
+        torch.testing.assert_close(out[:, :, i], o_i)
+        torch.testing.assert_close(lse[:, :, i], l_i)
+    assert (out[0, 0] == 0).all() and torch.isneginf(lse[0, 0]).all()
+
+
+@pytest.mark.parametrize("union_max", [0, 1 << 20])
+def test_store_attention_is_each_query_over_its_own_top_k(monkeypatch, union_max):
+    """HeadStore.attention, both ways (the union of a few queries' ids gathered once, or each query's own
+    ids gathered): each query attends exactly to its own top-k keys by q.k (the store searches exactly while
+    it is below MIN_INDEX_KEYS), checked against a plain per-query softmax."""
+    from kvtools.methods import retrieval as ret
+
+    monkeypatch.setattr(ret, "_UNION_MAX", union_max)
+    g = torch.Generator().manual_seed(2)
+    n, top = 50, 7
+    keys, values = torch.randn(n, 16, generator=g), torch.randn(n, 8, generator=g)
+    store = ret.HeadStore(keys, values, torch.arange(n), ret.RetrievalParams(top_k=top), None)
+    q = torch.randn(3, 16, generator=g) + keys[0]  # overlapping top-k sets
+    out, lse = store.attention(q, top, 0.5)
+    for i in range(3):
+        s = 0.5 * (keys @ q[i])
+        sel = torch.topk(s, top).indices
+        torch.testing.assert_close(out[i], torch.softmax(s[sel], 0) @ values[sel])
+        torch.testing.assert_close(lse[i], torch.logsumexp(s[sel], 0))
+    few = ret.HeadStore(keys[:3], values[:3], torch.arange(3), ret.RetrievalParams(top_k=top), None)
+    out_few, _ = few.attention(q, top, 0.5)  # fewer keys than top_k: the missing ids (-1) are masked
+    torch.testing.assert_close(out_few, torch.softmax(0.5 * q @ keys[:3].T, -1) @ values[:3])
+
+
 def test_recall_flat_is_one_and_query_trained_ivf_is_measured():
     g = torch.Generator().manual_seed(1)
     keys = torch.randn(2000, 16, generator=g)

@@ -10,7 +10,16 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: to
 
     q [..., n, D] over k, v [..., m, D] with ok [..., n or 1, m] (False: masked) ->
     (out [..., n, Dv] fp32, lse [..., n] fp32). A row with no visible key gets out 0, lse -inf.
+
+    Grouped queries (q [..., g, n, D] over k, v [..., 1, m, D], a KV head's g query heads) are folded into
+    one [g * n, m] product per KV head: a broadcast matmul would copy each KV head's keys g times.
     """
+    if q.dim() == k.dim() == ok.dim() >= 3 and k.shape[-3] == 1 and v.shape[-3] == 1 and q.shape[-3] > 1:
+        *lead, g, n, _ = q.shape
+        m = k.shape[-2]
+        okf = ok.expand(*ok.shape[:-3], g, n, m).reshape(*ok.shape[:-3], 1, g * n, m)
+        out, lse = attention_with_lse(q.reshape(*lead, 1, g * n, q.shape[-1]), k, v, okf, scale)
+        return out.reshape(*lead, g, n, -1), lse.reshape(*lead, g, n)
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     s = s.masked_fill(~ok, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)

@@ -112,6 +112,9 @@ class RetrievalDecodeParams(StageParams):
     requires_why = _BOTH_STAGES
 
 
+#: retrieved ids (queries x top_k) up to which a store gathers their union once (:meth:`HeadStore.attention`)
+_UNION_MAX = 4096
+
 #: a store searches exactly (no index) until it holds this many keys: an index built on a handful of
 #: keys is no faster, and IVF centroids / the augmented-HNSW norm bound drawn from so few would be poor
 MIN_INDEX_KEYS = 64
@@ -399,6 +402,8 @@ class HeadStore:
         the gathered keys in blocks of queries (Q x k x D can be large for a long multi-token call)."""
         q = q.float()
         ids = torch.from_numpy(self.search(np.ascontiguousarray(q.numpy()), k))
+        if ids.numel() <= _UNION_MAX:
+            return self._attention_union(q, ids, scale)
         out = torch.zeros(q.shape[0], self.values.shape[1])
         lse = torch.full((q.shape[0],), float("-inf"))
         blk = max(1, _BLOCK_ELEMS // (k * max(q.shape[1], self.values.shape[1])))
@@ -409,6 +414,15 @@ class HeadStore:
                                        (i >= 0)[:, None], scale)
             out[s: s + blk], lse[s: s + blk] = o[:, 0], l_[:, 0]
         return out, lse
+
+    def _attention_union(self, q: torch.Tensor, ids: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`attention` for a few queries (a decode step's g query heads): their retrieved ids overlap, so
+        the union is gathered once and each query attends, through a mask, to its own ids among it."""
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        mine = torch.zeros(ids.shape[0], uniq.numel(), dtype=torch.bool).scatter_(1, inv, True)
+        mine &= uniq >= 0  # -1: nothing retrieved
+        safe = uniq.clamp_min(0)
+        return attention_with_lse(q, self.keys[safe].float(), self.values[safe].float(), mine, scale)
 
     def wait(self) -> None:
         _ = self._future.result() if self._future is not None else None
