@@ -399,7 +399,8 @@ class HeadStore:
     def attention(self, q: torch.Tensor, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact attention of queries q [Q, D] (CPU) over each one's ``k`` retrieved keys: (out [Q, Dv],
         lse [Q]) fp32; a query with nothing retrieved gets out 0, lse -inf. One search for all Q, then
-        the gathered keys in blocks of queries (Q x k x D can be large for a long multi-token call)."""
+        the gathered keys in blocks of queries (Q x k x D can be large for a long multi-token call); up to
+        ``_UNION_MAX`` retrieved ids (a decode step), their union gathered once."""
         q = q.float()
         ids = torch.from_numpy(self.search(np.ascontiguousarray(q.numpy()), k))
         if ids.numel() <= _UNION_MAX:
