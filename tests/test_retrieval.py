@@ -129,6 +129,35 @@ def test_store_attention_is_each_query_over_its_own_top_k(monkeypatch, union_max
     torch.testing.assert_close(out_few, torch.softmax(0.5 * q @ keys[:3].T, -1) @ values[:3])
 
 
+@pytest.mark.parametrize("union_max", [0, 1 << 20])
+def test_attend_stores_batches_stores_of_different_sizes(monkeypatch, union_max):
+    """attend_stores over several stores at once (a layer's KV heads; unions of different widths, one store
+    empty, one with fewer keys than top_k) equals each query's plain softmax over its own exact top-k."""
+    from kvtools.methods import retrieval as ret
+
+    monkeypatch.setattr(ret, "_UNION_MAX", union_max)
+    g = torch.Generator().manual_seed(5)
+    top, cfg = 6, ret.RetrievalParams(top_k=6)
+    sizes = [40, 0, 4, 25]
+    stores, data = [], []
+    for n in sizes:
+        keys, values = torch.randn(n, 16, generator=g), torch.randn(n, 8, generator=g)
+        stores.append(ret.HeadStore(keys, values, torch.arange(n), cfg, None))
+        data.append((keys, values))
+    q = torch.randn(len(sizes), 3, 16, generator=g)
+    out, lse = ret.attend_stores(stores, q, top, 0.5)
+    assert out.shape == (4, 3, 8) and lse.shape == (4, 3)
+    for i, (keys, values) in enumerate(data):
+        for j in range(3):
+            if not len(keys):
+                assert (out[i, j] == 0).all() and torch.isneginf(lse[i, j])
+                continue
+            s = 0.5 * (keys @ q[i, j])
+            sel = torch.topk(s, min(top, len(keys))).indices
+            torch.testing.assert_close(out[i, j], torch.softmax(s[sel], 0) @ values[sel])
+            torch.testing.assert_close(lse[i, j], torch.logsumexp(s[sel], 0))
+
+
 def test_recall_flat_is_one_and_query_trained_ivf_is_measured():
     g = torch.Generator().manual_seed(1)
     keys = torch.randn(2000, 16, generator=g)

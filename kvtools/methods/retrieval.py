@@ -398,15 +398,19 @@ class HeadStore:
 
     def attention(self, q: torch.Tensor, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact attention of queries q [Q, D] (CPU) over each one's ``k`` retrieved keys: (out [Q, Dv],
-        lse [Q]) fp32; a query with nothing retrieved gets out 0, lse -inf. One search for all Q, then
-        the gathered keys in blocks of queries (Q x k x D can be large for a long multi-token call); up to
-        ``_UNION_MAX`` retrieved ids (a decode step), their union gathered once."""
-        q = q.float()
-        ids = torch.from_numpy(self.search(np.ascontiguousarray(q.numpy()), k))
-        if ids.numel() <= _UNION_MAX:
-            return self._attention_union(q, ids, scale)
+        lse [Q]) fp32; a query with nothing retrieved gets out 0, lse -inf (:func:`attend_stores` for one
+        store)."""
+        out, lse = attend_stores([self], q[None], k, scale)
+        return out[0], lse[0]
+
+    def _attention_blocked(self, q: torch.Tensor, ids: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query of q [Q, D] over its own ids [Q, k] (-1: none), gathered per query in blocks of queries
+        (Q x k x D can be large for a long multi-token call)."""
+        k = ids.shape[1]
         out = torch.zeros(q.shape[0], self.values.shape[1])
         lse = torch.full((q.shape[0],), float("-inf"))
+        if self.n == 0:  # an empty store (a short row's KV head kept everything on the device): nothing to attend
+            return out, lse
         blk = max(1, _BLOCK_ELEMS // (k * max(q.shape[1], self.values.shape[1])))
         for s in range(0, q.shape[0], blk):
             i = ids[s: s + blk]
@@ -415,15 +419,6 @@ class HeadStore:
                                        (i >= 0)[:, None], scale)
             out[s: s + blk], lse[s: s + blk] = o[:, 0], l_[:, 0]
         return out, lse
-
-    def _attention_union(self, q: torch.Tensor, ids: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`attention` for a few queries (a decode step's g query heads): their retrieved ids overlap, so
-        the union is gathered once and each query attends, through a mask, to its own ids among it."""
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        mine = torch.zeros(ids.shape[0], uniq.numel(), dtype=torch.bool).scatter_(1, inv, True)
-        mine &= uniq >= 0  # -1: nothing retrieved
-        safe = uniq.clamp_min(0)
-        return attention_with_lse(q, self.keys[safe].float(), self.values[safe].float(), mine, scale)
 
     def wait(self) -> None:
         _ = self._future.result() if self._future is not None else None
@@ -474,6 +469,52 @@ class OffloadStore:
         for row in self.heads:
             for h in row:
                 h.wait()
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch on one thread for the CPU part of a decode step: its ops are small (g query heads over a few
+    hundred keys), and sharing each one out over OpenMP threads costs more than it saves, the more so
+    between FAISS calls (SmolLM2 shape at 16k, 4 layers: 32.8 -> 28.8 ms/token)."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def attend_stores(stores: list[HeadStore], q: torch.Tensor, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of each store's queries q [n, Q, D] (CPU; q[i] for ``stores[i]``) over each query's
+    ``k`` retrieved keys -> (out [n, Q, Dv], lse [n, Q]) fp32; a query with nothing retrieved gets out 0,
+    lse -inf. One search per store for its Q queries. When every store retrieved at most ``_UNION_MAX``
+    ids (a decode step: g query heads x top_k), each store's union of ids is gathered once into one
+    padded batch and all stores attend in one product, each query through a mask to its own ids; otherwise
+    each store gathers per query, in blocks (:meth:`HeadStore._attention_blocked`)."""
+    q = q.float()
+    with _one_torch_thread():
+        ids = [torch.from_numpy(st.search(np.ascontiguousarray(q[i].numpy()), k)) for i, st in enumerate(stores)]
+        if any(i.numel() > _UNION_MAX for i in ids):
+            parts = [st._attention_blocked(q[n], i, scale) for n, (st, i) in enumerate(zip(stores, ids))]
+            return torch.stack([o for o, _ in parts]), torch.stack([l_ for _, l_ in parts])
+        unions = [torch.unique(i, return_inverse=True) for i in ids]
+        width = max(u.numel() for u, _ in unions)
+        dk, dv = stores[0].keys.shape[1], stores[0].values.shape[1]
+        keys = stores[0].keys.new_zeros(len(stores), width, dk)
+        values = stores[0].values.new_zeros(len(stores), width, dv)
+        mine = torch.zeros(len(stores), q.shape[1], width, dtype=torch.bool)
+        for n, (st, (uniq, inv)) in enumerate(zip(stores, unions)):
+            u = uniq.numel()
+            if st.n:  # an empty store retrieved nothing (ids -1), its row stays masked
+                safe = uniq.clamp_min(0)
+                torch.index_select(st.keys, 0, safe, out=keys[n, :u])
+                torch.index_select(st.values, 0, safe, out=values[n, :u])
+            mine[n, :, :u].scatter_(1, inv, True)
+            mine[n, :, :u] &= uniq >= 0  # -1: nothing retrieved
+        return attention_with_lse(q, keys, values, mine, scale)
 
 
 @dataclass
@@ -578,14 +619,9 @@ class RetrievalPolicy(CachePolicy):
         """qg [B, Hk, g, Lq, D] over the CPU stores: one batched search per (row, KV head) for its g x Lq
         queries -> (out [B, Hk, g, Lq, Dv], lse [B, Hk, g, Lq]) on CPU, fp32."""
         b, hk, g, lq, d = qg.shape
-        qc = qg.float().cpu()
-        outs, lses = [], []
-        for r in range(b):
-            for kh in range(hk):
-                o, l_ = store.heads[r][kh].attention(qc[r, kh].reshape(g * lq, d), self.cfg.top_k, info.scale)
-                outs.append(o.view(g, lq, -1))
-                lses.append(l_.view(g, lq))
-        return torch.stack(outs).view(b, hk, g, lq, -1), torch.stack(lses).view(b, hk, g, lq)
+        qc = qg.float().cpu().reshape(b * hk, g * lq, d)
+        out, lse = attend_stores([h for row in store.heads for h in row], qc, self.cfg.top_k, info.scale)
+        return out.view(b, hk, g, lq, -1), lse.view(b, hk, g, lq)
 
     def _slide(self, layer: SlotLayer, store: OffloadStore, step: Step) -> None:
         """Move the tokens past sink + window to the CPU store: after a multi-token call, or once ``slide``
@@ -652,5 +688,6 @@ def topk_hits(found, exact) -> int:
     return sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact))
 
 
-__all__: list[Any] = ["MIN_INDEX_KEYS", "AugmentedHNSW", "RetrievalPolicy", "HeadStore", "OffloadStore", "build_index",
+__all__: list[Any] = ["MIN_INDEX_KEYS", "AugmentedHNSW", "RetrievalPolicy", "HeadStore", "OffloadStore", "attend_stores",
+                      "build_index",
                       "hot_set", "index_nbytes", "recall_at_k", "rerank", "topk_hits"]
