@@ -21,10 +21,14 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: to
         out, lse = attention_with_lse(q.reshape(*lead, 1, g * n, q.shape[-1]), k, v, okf, scale)
         return out.reshape(*lead, g, n, -1), lse.reshape(*lead, g, n)
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    s = s.masked_fill(~ok, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
-    return torch.matmul(p, v.float()), lse
+    s = s.masked_fill_(~ok, float("-inf"))
+    # one exp pass: the row max, exp(s - max), its sum (torch.logsumexp would exponentiate once more)
+    m = s.amax(dim=-1, keepdim=True)
+    m = m.masked_fill_(torch.isneginf(m), 0.0)
+    p = torch.exp_(s.sub_(m))
+    tot = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, v.float()).div_(tot.clamp_min(torch.finfo(tot.dtype).tiny))
+    return out, (m + torch.log(tot)).squeeze(-1)
 
 
 def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
