@@ -105,14 +105,14 @@ def test_grouped_queries_over_one_kv_head_equal_per_query_head_attention(ok_quer
     assert (out[0, 0] == 0).all() and torch.isneginf(lse[0, 0]).all()
 
 
-@pytest.mark.parametrize("union_max", [0, 1 << 20])
-def test_store_attention_is_each_query_over_its_own_top_k(monkeypatch, union_max):
-    """HeadStore.attention, both ways (the union of a few queries' ids gathered once, or each query's own
-    ids gathered): each query attends exactly to its own top-k keys by q.k (the store searches exactly while
-    it is below MIN_INDEX_KEYS), checked against a plain per-query softmax."""
+@pytest.mark.parametrize("block_elems", [1, 1 << 25])
+def test_store_attention_is_each_query_over_its_own_top_k(monkeypatch, block_elems):
+    """HeadStore.attention, both ways (every query's keys gathered in one batch, or per query in blocks):
+    each query attends exactly to its own top-k keys by q.k (the store searches exactly while it is below
+    MIN_INDEX_KEYS), checked against a plain per-query softmax."""
     from kvtools.methods import retrieval as ret
 
-    monkeypatch.setattr(ret, "_UNION_MAX", union_max)
+    monkeypatch.setattr(ret, "_BLOCK_ELEMS", block_elems)
     g = torch.Generator().manual_seed(2)
     n, top = 50, 7
     keys, values = torch.randn(n, 16, generator=g), torch.randn(n, 8, generator=g)
@@ -129,13 +129,14 @@ def test_store_attention_is_each_query_over_its_own_top_k(monkeypatch, union_max
     torch.testing.assert_close(out_few, torch.softmax(0.5 * q @ keys[:3].T, -1) @ values[:3])
 
 
-@pytest.mark.parametrize("union_max", [0, 1 << 20])
-def test_attend_stores_batches_stores_of_different_sizes(monkeypatch, union_max):
-    """attend_stores over several stores at once (a layer's KV heads; unions of different widths, one store
-    empty, one with fewer keys than top_k) equals each query's plain softmax over its own exact top-k."""
+@pytest.mark.parametrize("block_elems", [1, 1 << 25])
+def test_attend_stores_batches_stores_of_different_sizes(monkeypatch, block_elems):
+    """attend_stores over several stores at once (a layer's KV heads; one store empty, one with fewer keys
+    than top_k), batched or store by store in blocks, equals each query's plain softmax over its own exact
+    top-k."""
     from kvtools.methods import retrieval as ret
 
-    monkeypatch.setattr(ret, "_UNION_MAX", union_max)
+    monkeypatch.setattr(ret, "_BLOCK_ELEMS", block_elems)
     g = torch.Generator().manual_seed(5)
     top, cfg = 6, ret.RetrievalParams(top_k=6)
     sizes = [40, 0, 4, 25]

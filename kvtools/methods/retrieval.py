@@ -112,9 +112,6 @@ class RetrievalDecodeParams(StageParams):
     requires_why = _BOTH_STAGES
 
 
-#: retrieved ids (queries x top_k) up to which a store gathers their union once (:meth:`HeadStore.attention`)
-_UNION_MAX = 4096
-
 #: a store searches exactly (no index) until it holds this many keys: an index built on a handful of
 #: keys is no faster, and IVF centroids / the augmented-HNSW norm bound drawn from so few would be poor
 MIN_INDEX_KEYS = 64
@@ -492,31 +489,29 @@ def _one_torch_thread():
 def attend_stores(stores: list[HeadStore], q: torch.Tensor, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each store's queries q [n, Q, D] (CPU; q[i] for ``stores[i]``) over each query's
     ``k`` retrieved keys -> (out [n, Q, Dv], lse [n, Q]) fp32; a query with nothing retrieved gets out 0,
-    lse -inf. One search per store for its Q queries. When every store retrieved at most ``_UNION_MAX``
-    ids (a decode step: g query heads x top_k), each store's union of ids is gathered once into one
-    padded batch and all stores attend in one product, each query through a mask to its own ids; otherwise
-    each store gathers per query, in blocks (:meth:`HeadStore._attention_blocked`)."""
+    lse -inf. One search per store for its Q queries; then, when the gathered keys fit ``_BLOCK_ELEMS`` (a
+    decode step: a layer's KV heads x g query heads x top_k), every query's own keys are gathered into one
+    batch and all stores attend in one product; otherwise each store gathers per query, in blocks of queries
+    (:meth:`HeadStore._attention_blocked`). Gathering the g query heads' ids as they are, overlaps included,
+    measured faster than deduplicating them first (``torch.unique`` cost more than the rows it saved)."""
     q = q.float()
     with _one_torch_thread():
         ids = [torch.from_numpy(st.search(np.ascontiguousarray(q[i].numpy()), k)) for i, st in enumerate(stores)]
-        if any(i.numel() > _UNION_MAX for i in ids):
+        if len(stores) * q.shape[1] * k * max(q.shape[2], stores[0].values.shape[1]) > _BLOCK_ELEMS:
             parts = [st._attention_blocked(q[n], i, scale) for n, (st, i) in enumerate(zip(stores, ids))]
             return torch.stack([o for o, _ in parts]), torch.stack([l_ for _, l_ in parts])
-        unions = [torch.unique(i, return_inverse=True) for i in ids]
-        width = max(u.numel() for u, _ in unions)
+        n, nq = len(stores), q.shape[1]
         dk, dv = stores[0].keys.shape[1], stores[0].values.shape[1]
-        keys = stores[0].keys.new_zeros(len(stores), width, dk)
-        values = stores[0].values.new_zeros(len(stores), width, dv)
-        mine = torch.zeros(len(stores), q.shape[1], width, dtype=torch.bool)
-        for n, (st, (uniq, inv)) in enumerate(zip(stores, unions)):
-            u = uniq.numel()
-            if st.n:  # an empty store retrieved nothing (ids -1), its row stays masked
-                safe = uniq.clamp_min(0)
-                torch.index_select(st.keys, 0, safe, out=keys[n, :u])
-                torch.index_select(st.values, 0, safe, out=values[n, :u])
-            mine[n, :, :u].scatter_(1, inv, True)
-            mine[n, :, :u] &= uniq >= 0  # -1: nothing retrieved
-        return attention_with_lse(q, keys, values, mine, scale)
+        keys = stores[0].keys.new_zeros(n, nq * k, dk)
+        values = stores[0].values.new_zeros(n, nq * k, dv)
+        for i, (st, got) in enumerate(zip(stores, ids)):
+            if st.n:  # an empty store retrieved nothing (ids -1): its queries stay masked
+                safe = got.view(-1).clamp_min(0)
+                torch.index_select(st.keys, 0, safe, out=keys[i])
+                torch.index_select(st.values, 0, safe, out=values[i])
+        ok = (torch.stack(ids) >= 0)[:, :, None]  # [n, Q, 1, k]
+        out, lse = attention_with_lse(q[:, :, None], keys.view(n, nq, k, dk), values.view(n, nq, k, dv), ok, scale)
+        return out[:, :, 0], lse[:, :, 0]
 
 
 @dataclass
