@@ -599,6 +599,14 @@ class KVCache(Cache):
         ``False``: the resident rest."""
         return sum(layer.nbytes(device, offloaded) for layer in self.layers)
 
+    def wait(self) -> None:
+        """Block until the work a method started in the background for this cache is done (retrieval's index
+        builds: until then its searches are exact and the builds share the CPU with the model)."""
+        for layer in self.layers:
+            for st in layer.state.values():
+                if callable(getattr(st, "wait", None)):
+                    st.wait()
+
     def slots(self) -> list[int]:
         """Slots held per (row, KV head), per layer."""
         return [layer.size for layer in self.layers]

@@ -43,6 +43,16 @@ def test_bench_writes_reports_and_budgets_show_in_kv_bytes(tmp_path):
     assert "end to end s" in md and f"| {r.end_to_end_s:.1f} |" in md
 
 
+def test_timed_prefill_waits_for_the_cache_background_work(tmp_path, monkeypatch):
+    """The prefill time includes KVCache.wait() (retrieval's index builds), called once per timed prefill."""
+    from kvtools.cache import KVCache
+
+    calls = []
+    monkeypatch.setattr(KVCache, "wait", lambda self: calls.append(self))
+    run_bench(TINY, ["full"], [128], tmp_path, decode_tokens=1, warmup=0, quiet=True, repeats=2)
+    assert len(calls) == 2
+
+
 def test_hf_baseline_row_is_the_unpatched_model(tmp_path):
     rows = run_bench(TINY, ["full"], [128], tmp_path, decode_tokens=2, warmup=1, quiet=True, baseline="hf")
     assert [r.method for r in rows] == ["hf", "full"] and not any(r.isolated for r in rows)

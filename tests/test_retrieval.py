@@ -383,6 +383,27 @@ def test_cache_nbytes_offloaded_is_what_the_stores_hold(llama):
     assert abs(cache.nbytes(offloaded=True) - true) <= 0.01 * true
 
 
+def test_cache_wait_finishes_every_index_build(llama, monkeypatch):
+    """KVCache.wait() returns once every store's background build is done and its index is in use."""
+    from kvtools.methods import retrieval as ret
+
+    gate = __import__("threading").Event()
+    real = ret.build_index
+
+    def slow_build(*a):  # hold the builds until the test lets them go
+        gate.wait(10)
+        return real(*a)
+
+    monkeypatch.setattr(ret, "build_index", slow_build)
+    with kvtools.patch(llama, retrieval("ivf", nlist=2, nprobe=2)) as p:
+        _, cache = run_calls(llama, random_ids(1, 110), [100], cache=p.make_cache())
+        heads = [hs for layer in cache.layers for row in layer.state["offload"].heads for hs in row]
+        assert heads and all(hs._future is not None and not hs._future.done() for hs in heads)
+        gate.set()
+        cache.wait()
+        assert all(hs._future is None and hs._index is not None for hs in heads)
+
+
 def test_store_keeps_the_model_dtype_and_stays_exact():
     """bf16 keys / values stay bf16 on CPU (half the bytes) and the attention over them is bit-identical to the
     same keys held in fp32."""

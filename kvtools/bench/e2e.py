@@ -4,7 +4,9 @@ For each length, every method runs on the same random prompt, interleaved
 (method A, B, C at 2k, then at 4k, ...), so machine noise hits all of them alike:
 
 * a length counts the prompt and the generated tokens (prompt = length - warmup - decode_tokens);
-* prefill seconds: median over ``repeats`` fresh prefills;
+* prefill seconds: median over ``repeats`` fresh prefills, each until the cache's background work is done
+  (``KVCache.wait``: retrieval's index builds, which would otherwise overlap and slow the timed decode steps,
+  their searches exact until then);
 * prefill: after one untimed 1k-token prefill per method (kernel compilation is not timed);
 * decode ms/token: median over ``decode_tokens`` single-token steps after ``warmup`` steps;
 * end to end seconds: the prefill plus the length's new tokens (warm-up + decode steps) at the median decode
@@ -147,6 +149,8 @@ def measure(
             sync(dev)
             t0 = time.perf_counter()
             out = model(input_ids=ids, logits_to_keep=1, **p.cache_kwargs(cache))
+            if config is not None:  # background work the prompt started (index builds) belongs to the prefill
+                cache.wait()
             sync(dev)
             times.append(time.perf_counter() - t0)
         prefill_peak = mem.peak()
