@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -107,7 +109,7 @@ def test_grouped_queries_over_one_kv_head_equal_per_query_head_attention(ok_quer
 
 @pytest.mark.parametrize("block_elems", [1, 1 << 25])
 def test_store_attention_is_each_query_over_its_own_top_k(monkeypatch, block_elems):
-    """HeadStore.attention, both ways (every query's keys gathered in one batch, or per query in blocks):
+    """HeadStore.attention, in one block of queries or one query per block:
     each query attends exactly to its own top-k keys by q.k (the store searches exactly while it is below
     MIN_INDEX_KEYS), checked against a plain per-query softmax."""
     from kvtools.methods import retrieval as ret
@@ -132,7 +134,7 @@ def test_store_attention_is_each_query_over_its_own_top_k(monkeypatch, block_ele
 @pytest.mark.parametrize("block_elems", [1, 1 << 25])
 def test_attend_stores_batches_stores_of_different_sizes(monkeypatch, block_elems):
     """attend_stores over several stores at once (a layer's KV heads; one store empty, one with fewer keys
-    than top_k), batched or store by store in blocks, equals each query's plain softmax over its own exact
+    than top_k), in one block of queries or one query per block, equals each query's plain softmax over its own exact
     top-k."""
     from kvtools.methods import retrieval as ret
 
@@ -387,7 +389,7 @@ def test_cache_wait_finishes_every_index_build(llama, monkeypatch):
     """KVCache.wait() returns once every store's background build is done and its index is in use."""
     from kvtools.methods import retrieval as ret
 
-    gate = __import__("threading").Event()
+    gate = threading.Event()
     real = ret.build_index
 
     def slow_build(*a):  # hold the builds until the test lets them go

@@ -400,23 +400,6 @@ class HeadStore:
         out, lse = attend_stores([self], q[None], k, scale)
         return out[0], lse[0]
 
-    def _attention_blocked(self, q: torch.Tensor, ids: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each query of q [Q, D] over its own ids [Q, k] (-1: none), gathered per query in blocks of queries
-        (Q x k x D can be large for a long multi-token call)."""
-        k = ids.shape[1]
-        out = torch.zeros(q.shape[0], self.values.shape[1])
-        lse = torch.full((q.shape[0],), float("-inf"))
-        if self.n == 0:  # an empty store (a short row's KV head kept everything on the device): nothing to attend
-            return out, lse
-        blk = max(1, _BLOCK_ELEMS // (k * max(q.shape[1], self.values.shape[1])))
-        for s in range(0, q.shape[0], blk):
-            i = ids[s: s + blk]
-            safe = i.clamp_min(0)
-            o, l_ = attention_with_lse(q[s: s + blk, None], self.keys[safe].float(), self.values[safe].float(),
-                                       (i >= 0)[:, None], scale)
-            out[s: s + blk], lse[s: s + blk] = o[:, 0], l_[:, 0]
-        return out, lse
-
     def wait(self) -> None:
         _ = self._future.result() if self._future is not None else None
         _ = self.index
@@ -489,29 +472,33 @@ def _one_torch_thread():
 def attend_stores(stores: list[HeadStore], q: torch.Tensor, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each store's queries q [n, Q, D] (CPU; q[i] for ``stores[i]``) over each query's
     ``k`` retrieved keys -> (out [n, Q, Dv], lse [n, Q]) fp32; a query with nothing retrieved gets out 0,
-    lse -inf. One search per store for its Q queries; then, when the gathered keys fit ``_BLOCK_ELEMS`` (a
-    decode step: a layer's KV heads x g query heads x top_k), every query's own keys are gathered into one
-    batch and all stores attend in one product; otherwise each store gathers per query, in blocks of queries
-    (:meth:`HeadStore._attention_blocked`). Gathering the g query heads' ids as they are, overlaps included,
-    measured faster than deduplicating them first (``torch.unique`` cost more than the rows it saved)."""
+    lse -inf. One search per store for its Q queries; then every query's own keys are gathered into one
+    batch over all stores and attended in one product, in blocks of queries whose gathered keys fit
+    ``_BLOCK_ELEMS`` (a decode step, a layer's KV heads x g query heads x top_k, is one block; a long
+    multi-token call is several). Gathering the g query heads' ids as they are, overlaps included, measured
+    faster than deduplicating them first (``torch.unique`` cost more than the rows it saved)."""
     q = q.float()
+    n, nq = len(stores), q.shape[1]
+    dk, dv = stores[0].keys.shape[1], stores[0].values.shape[1]
+    out, lse = torch.zeros(n, nq, dv), torch.full((n, nq), float("-inf"))
+    blk = max(1, _BLOCK_ELEMS // (n * k * max(dk, dv)))
     with _one_torch_thread():
-        ids = [torch.from_numpy(st.search(np.ascontiguousarray(q[i].numpy()), k)) for i, st in enumerate(stores)]
-        if len(stores) * q.shape[1] * k * max(q.shape[2], stores[0].values.shape[1]) > _BLOCK_ELEMS:
-            parts = [st._attention_blocked(q[n], i, scale) for n, (st, i) in enumerate(zip(stores, ids))]
-            return torch.stack([o for o, _ in parts]), torch.stack([l_ for _, l_ in parts])
-        n, nq = len(stores), q.shape[1]
-        dk, dv = stores[0].keys.shape[1], stores[0].values.shape[1]
-        keys = stores[0].keys.new_zeros(n, nq * k, dk)
-        values = stores[0].values.new_zeros(n, nq * k, dv)
-        for i, (st, got) in enumerate(zip(stores, ids)):
-            if st.n:  # an empty store retrieved nothing (ids -1): its queries stay masked
-                safe = got.view(-1).clamp_min(0)
-                torch.index_select(st.keys, 0, safe, out=keys[i])
-                torch.index_select(st.values, 0, safe, out=values[i])
-        ok = (torch.stack(ids) >= 0)[:, :, None]  # [n, Q, 1, k]
-        out, lse = attention_with_lse(q[:, :, None], keys.view(n, nq, k, dk), values.view(n, nq, k, dv), ok, scale)
-        return out[:, :, 0], lse[:, :, 0]
+        ids = torch.stack([torch.from_numpy(st.search(np.ascontiguousarray(q[i].numpy()), k))
+                           for i, st in enumerate(stores)])  # [n, Q, k], -1: none
+        for s in range(0, nq, blk):
+            got = ids[:, s: s + blk]
+            b = got.shape[1]
+            keys = stores[0].keys.new_zeros(n, b * k, dk)
+            values = stores[0].values.new_zeros(n, b * k, dv)
+            for i, st in enumerate(stores):
+                if st.n:  # an empty store retrieved nothing (ids -1): its queries stay masked
+                    safe = got[i].reshape(-1).clamp_min(0)
+                    torch.index_select(st.keys, 0, safe, out=keys[i])
+                    torch.index_select(st.values, 0, safe, out=values[i])
+            o, l_ = attention_with_lse(q[:, s: s + blk, None], keys.view(n, b, k, dk), values.view(n, b, k, dv),
+                                       (got >= 0)[:, :, None], scale)
+            out[:, s: s + blk], lse[:, s: s + blk] = o[:, :, 0], l_[:, :, 0]
+    return out, lse
 
 
 @dataclass
