@@ -201,9 +201,14 @@ def _cmd_bench_recall(args: argparse.Namespace) -> int:
         raise ConfigError(f"--length: one prompt length, got {args.length!r}")
     (length,) = lengths
     top_ks = _split_list(args.top_k, "--top-k", "integers >= 1", cast=_positive_int)
-    from kvtools.bench.recall import KINDS, recall_markdown, run_recall_bench
+    from kvtools.bench.recall import kind_params, recall_markdown, run_recall_bench
 
-    kinds = _split_list(args.index, "--index", "index kinds", allowed=list(KINDS))
+    kinds = _split_list(args.index, "--index", "index kinds")
+    for kind in kinds:
+        try:  # a bad name, field or value fails here, before the model loads
+            kind_params(kind)
+        except ConfigError as exc:
+            raise ConfigError(f"--index: {exc}") from None
     from kvtools.config import check_out_dir
 
     check_out_dir(args.out)
@@ -453,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--model", default=None, help="model name/path (default: built-in)")
     br.add_argument("--length", default="8k", help="prompt length (k = 1024)")
     br.add_argument("--top-k", default="128,256", help="comma list of k")
-    br.add_argument("--index", default="flat,hnsw,ivf-keys,ivf-queries", help="comma list of index kinds")
+    br.add_argument("--index", default="flat,hnsw,ivf-keys,ivf-queries", help="comma list of index kinds (flat, hnsw, hnsw-ip, ivf-keys, ivf-queries, hnsw+hot, ivf+hot), each "
+                         "optionally with retrieval parameters: ivf-keys:nlist=256:nprobe=16")
     br.add_argument("--n-sink", type=int, default=128)
     br.add_argument("--window", type=int, default=512)
     br.add_argument("--queries", type=int, default=64, help="last prompt queries searched per head")

@@ -53,6 +53,25 @@ def test_timed_prefill_waits_for_the_cache_background_work(tmp_path, monkeypatch
     assert len(calls) == 2
 
 
+def test_warm_up_prefill_of_a_chunked_config_makes_a_chunk_call():
+    """The untimed warm-up spans at least two chunks, so kernels compiled for a chunk call (queries a suffix
+    of the keys: FlexAttention recompiles for it) are built before the timed prefill."""
+    import torch
+
+    from kvtools.bench.e2e import measure
+    from kvtools.config import load_config
+
+    model = random_model(TINY)
+    lengths = []
+    model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    cfg = load_config({"prefill": {"method": "dense", "chunk": 64}})
+    measure(model, cfg, torch.randint(0, 100, (1, 2000)), decode_tokens=1, warmup=0)
+    assert lengths[0] > 1024 + 64 - 1 and lengths[1] == 2000  # warm-up, then the timed prefill
+    lengths.clear()
+    measure(model, load_config("full"), torch.randint(0, 100, (1, 2000)), decode_tokens=1, warmup=0)
+    assert lengths[0] == 1024
+
+
 def test_hf_baseline_row_is_the_unpatched_model(tmp_path):
     rows = run_bench(TINY, ["full"], [128], tmp_path, decode_tokens=2, warmup=1, quiet=True, baseline="hf")
     assert [r.method for r in rows] == ["hf", "full"] and not any(r.isolated for r in rows)

@@ -461,6 +461,9 @@ def test_cli_bad_grid_prints_error_and_exits_2(capsys):
     (["bench-recall", "--top-k", "0"], "--top-k: expected integers >= 1"),
     (["bench-recall", "--index", "flat,,hnsw"], "--index: empty item"),
     (["bench-recall", "--index", "annoy"], "--index: unknown annoy"),
+    (["bench-recall", "--index", "ivf-keys:nlists=256"], "expected key=value with a retrieval parameter"),
+    (["bench-recall", "--index", "ivf-keys:nlist"], "expected key=value with a retrieval parameter"),
+    (["bench-recall", "--index", "ivf-keys:nprobe=0"], "--index: index kind 'ivf-keys:nprobe=0'"),
     (["bench-recall", "--length", "4k,8k"], "--length: one prompt length"),
 ])
 def test_cli_bench_lists_are_checked_before_any_work(argv, msg, capsys, monkeypatch):

@@ -191,6 +191,21 @@ def test_recall_bench_on_captured_model_queries(llama):
     assert by["flat"]["recall"] == 1.0
     assert 0 < by["ivf-queries"]["recall"] <= 1 and by["hnsw"]["n_queries"] > 0
     assert 0 < by["ivf+hot"]["recall"] <= 1
+    # parameters in a kind reach the index: an IVF probing all of its lists is an exact search
+    rows = measure_recall(qk, [8], ["ivf-keys:nlist=2:nprobe=2"], n_sink=4, window=8, n_eval=16, quiet=True)
+    assert rows[0]["index"] == "ivf-keys:nlist=2:nprobe=2" and rows[0]["recall"] == 1.0
+
+
+def test_recall_kind_parameters_are_validated():
+    from kvtools.bench.recall import kind_params
+
+    assert (kind_params("ivf-keys:nlist=256:nprobe=16").nlist, kind_params("ivf-keys:nlist=256:nprobe=16").nprobe) \
+        == (256, 16)
+    assert kind_params("hnsw+hot").hot_keys == 256
+    for bad, msg in [("ivf:nlist=2", "unknown ivf"), ("flat:method=x", "expected key=value"),
+                     ("hnsw:ef_search=-1", "ef_search")]:
+        with pytest.raises(ConfigError, match=msg):
+            kind_params(bad)
 
 
 def test_hot_set_and_rerank_against_plain_reference():

@@ -98,6 +98,17 @@ class BenchRow:
 _WARM_PREFILL = 1024
 
 
+def warm_length(config: KVConfig | None) -> int:
+    """Tokens of the untimed warm-up prefill: ``_WARM_PREFILL``, plus one chunk when the prefill is chunked, so
+    the warm-up also makes a chunk call (queries a suffix of the keys). FlexAttention traced on a first call
+    (queries == keys) recompiles on the first chunk call, because dynamo's duck sizing gave the two equal sizes
+    one symbol: with a 1024-token warm-up that recompile (about 6 s on CPU) fell inside the timed prefill of
+    every chunked sparse-prefill cell (Gemma-3 at 16k, long-prompt-gemma3: 36.9 s first prefill, 26.5 s
+    second)."""
+    chunk = getattr(getattr(config, "prefill", None), "chunk", None)
+    return _WARM_PREFILL + (chunk or 0)
+
+
 #: the name of the plain-transformers row (``baseline="hf"``)
 HF = "hf"
 
@@ -141,7 +152,7 @@ def measure(
     times = []
     with patch(model, config) if config is not None else contextlib.nullcontext(_Plain(model)) as p:
         # one untimed short prefill first: compiled kernels (FlexAttention) are built outside the timing
-        model(input_ids=ids[:, :_WARM_PREFILL], logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
+        model(input_ids=ids[:, :warm_length(config)], logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
         base = mem.start()
         for _ in range(repeats):
             cache = None  # the previous repeat's cache is freed before the next prefill

@@ -34,6 +34,27 @@ KINDS: dict[str, dict[str, Any]] = {
 }
 
 
+def kind_params(spec: str) -> RetrievalParams:
+    """The index settings of a kind: ``NAME`` from :data:`KINDS`, or ``NAME:key=value[:key=value...]`` with
+    RetrievalParams fields overridden (e.g. ``ivf-keys:nlist=256:nprobe=16``). Bad names, fields or values
+    raise ConfigError."""
+    from ..errors import ConfigError
+
+    name, *items = spec.split(":")
+    if name not in KINDS:
+        raise ConfigError(f"unknown {name} in index kind {spec!r}; allowed: {', '.join(KINDS)}")
+    over: dict[str, str] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or key not in RetrievalParams.model_fields or key == "method":
+            raise ConfigError(f"index kind {spec!r}: expected key=value with a retrieval parameter, got {item!r}")
+        over[key] = val
+    try:
+        return RetrievalParams(**{**KINDS[name], **over})
+    except ValueError as exc:
+        raise ConfigError(f"index kind {spec!r}: {exc}") from None
+
+
 @dataclass
 class RecallRow:
     model: str
@@ -62,7 +83,7 @@ def measure_recall(layers_qk, top_ks: list[int], kinds: list[str], n_sink: int =
     rows = []
     layer_ids = layers if layers is not None else list(range(len(layers_qk)))
     for kind in kinds:
-        cfg = RetrievalParams(**{**KINDS[kind], **index_kw})
+        cfg = kind_params(kind).model_copy(update=index_kw)
         hits = {k: 0 for k in top_ks}
         total = {k: 0 for k in top_ks}
         search_s, build_s, n_q, n_keys = 0.0, 0.0, 0, 0
