@@ -50,7 +50,25 @@ def test_timed_prefill_waits_for_the_cache_background_work(tmp_path, monkeypatch
     calls = []
     monkeypatch.setattr(KVCache, "wait", lambda self: calls.append(self))
     run_bench(TINY, ["full"], [128], tmp_path, decode_tokens=1, warmup=0, quiet=True, repeats=2)
-    assert len(calls) == 2
+    assert len(calls) == 3  # two timed prefills, then the memory pass's
+
+
+def test_timed_pass_runs_before_the_allocator_is_pinned(monkeypatch):
+    """The timed prefills and decode steps run with the C allocator untouched; the memory pass (one more
+    prefill, the same decode steps) comes after, with glibc's mmap threshold pinned."""
+    import torch
+
+    import kvtools.bench.timing
+    from kvtools.bench.e2e import measure
+    from kvtools.config import load_config
+
+    model = random_model(TINY)
+    events = []
+    monkeypatch.setattr(kvtools.bench.timing, "pin_mmap_threshold", lambda *a: events.append("pin"))
+    model.register_forward_pre_hook(lambda m, a, kw: events.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    m = measure(model, load_config("full"), torch.randint(0, 100, (1, 300)), decode_tokens=2, warmup=1, repeats=2)
+    assert events == [300, 300, 300, 1, 1, 1, "pin", 300, 1, 1, 1]  # warm-up, 2 timed prefills + steps, memory
+    assert m.decode_peak_bytes > 0 and m.prefill_peak_bytes > 0
 
 
 def test_warm_up_prefill_of_a_chunked_config_makes_a_chunk_call():

@@ -12,10 +12,13 @@ For each length, every method runs on the same random prompt, interleaved
 * end to end seconds: the prefill plus the length's new tokens (warm-up + decode steps) at the median decode
   time, the figure a user generating that many tokens after the prompt sees;
 * KV bytes: what the cache holds after prefill + decode (``KVCache.nbytes``);
-* memory, per phase: the peak during the timed prefills and during the decode steps (CUDA max allocated, or
-  on CPU the process's peak RSS, its high-water mark reset before each phase), reported above the memory in use
-  before the prefill; ``isolate`` (the CLI's default) runs each cell in a fresh process, so no cell's peak
-  inherits another's allocations;
+* memory, per phase: measured in a second, untimed pass (one more prefill and the same decode steps), the
+  peak during its prefill and during its decode steps (CUDA max allocated, or on CPU the process's peak RSS,
+  its high-water mark reset before each phase, glibc's mmap threshold pinned so it follows the live tensors),
+  reported above the memory in use before the prefill. The timed pass comes first, with the allocator as
+  glibc sets it: the pinned threshold maps every block afresh, which slowed a chunked sparse prefill by a
+  third. ``isolate`` (the CLI's default) runs each cell in a fresh process, so no cell's peak inherits
+  another's allocations; without it every cell is timed with the threshold pinned (alike for all);
 * ratios to ``full`` when it is among the methods, and to plain transformers (the unpatched model with its
   ``DynamicCache``: ``baseline="hf"``, ``kvtools bench --baseline hf``), a row named ``hf``.
 
@@ -41,7 +44,7 @@ from ..config import KVConfig, load_config
 from ..errors import ConfigError, InputTooLongError
 from ..models import random_model
 from ..patching import cache_arg, patch
-from .timing import PeakMemory, sync
+from .timing import PeakMemory, pin_mmap_threshold, sync
 
 
 @dataclass
@@ -53,9 +56,9 @@ class Measured:
     kv_bytes: int
     kv_resident_bytes: int
     memory_kind: str  # "cuda_max_allocated" | "cpu_peak_rss"
-    base_bytes: int  # memory in use before the timed prefills (weights, runtime)
-    prefill_peak_bytes: int  # peak during the timed prefills
-    decode_peak_bytes: int  # peak during the decode steps (the prefilled cache included)
+    base_bytes: int  # memory in use before the memory pass's prefill (weights, runtime)
+    prefill_peak_bytes: int  # peak during the memory pass's prefill
+    decode_peak_bytes: int  # peak during its decode steps (the prefilled cache included)
 
 
 @dataclass
@@ -135,6 +138,35 @@ def dynamic_cache_bytes(cache: Any) -> int:
                if torch.is_tensor(t))
 
 
+def _prefill_and_decode(model: Any, p: Any, waits: bool, ids: torch.Tensor, steps: int,
+                        after_prefill: Any = None) -> tuple[Any, float, list[float]]:
+    """One fresh prefill of ``ids`` (until the cache's background work is done, ``waits``) and ``steps``
+    greedy decode steps: (the cache, prefill seconds, seconds of each step). ``after_prefill()`` runs between."""
+    dev = ids.device
+    cache = p.make_cache()
+    sync(dev)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, logits_to_keep=1, **p.cache_kwargs(cache))
+    if waits:  # background work the prompt started (index builds) belongs to the prefill
+        cache.wait()
+    sync(dev)
+    prefill_s = time.perf_counter() - t0
+    nxt = out.logits[:, -1:].argmax(-1)
+    del out
+    if after_prefill is not None:
+        after_prefill()
+    times = []
+    for _ in range(steps):
+        sync(dev)
+        t0 = time.perf_counter()
+        out = model(input_ids=nxt, **p.cache_kwargs(cache))
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+        nxt = out.logits[:, -1:].argmax(-1)
+        del out
+    return cache, prefill_s, times
+
+
 @torch.inference_mode()
 def measure(
     model: Any,
@@ -145,46 +177,43 @@ def measure(
     repeats: int = 1,
 ) -> Measured:
     """Time and memory of one method on ``ids`` [1, L]; ``config`` None: the unpatched model (plain
-    transformers). Memory peaks are per phase: the high-water mark is reset before the timed prefills and
-    again before the decode steps."""
+    transformers). Two passes. The timed one: ``repeats`` prefills, then ``warmup + decode_tokens`` decode
+    steps after the last, with the C allocator as the process has it. Then the memory one: one more prefill
+    and as many decode steps, untimed, with the peak of each phase (:class:`PeakMemory`). On CPU that pins
+    glibc's mmap threshold so the peak RSS follows the live tensors, which costs time: every block is mapped
+    afresh, and timed that way a chunked sparse prefill was a third slower (Gemma-3 at 32k,
+    long-prompt-gemma3: 86 vs 65 s), a dense one less."""
     dev = ids.device
-    mem = PeakMemory(dev)
-    times = []
+    steps = warmup + decode_tokens
+    waits = config is not None
     with patch(model, config) if config is not None else contextlib.nullcontext(_Plain(model)) as p:
         # one untimed short prefill first: compiled kernels (FlexAttention) are built outside the timing
         model(input_ids=ids[:, :warm_length(config)], logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
-        base = mem.start()
-        for _ in range(repeats):
+        times: list[float] = []
+        step_s: list[float] = []
+        cache = None
+        for r in range(repeats):
             cache = None  # the previous repeat's cache is freed before the next prefill
-            cache = p.make_cache()
-            sync(dev)
-            t0 = time.perf_counter()
-            out = model(input_ids=ids, logits_to_keep=1, **p.cache_kwargs(cache))
-            if config is not None:  # background work the prompt started (index builds) belongs to the prefill
-                cache.wait()
-            sync(dev)
-            times.append(time.perf_counter() - t0)
-        prefill_peak = mem.peak()
-        nxt = out.logits[:, -1:].argmax(-1)
-        del out
-        mem.start()
-        steps = []
-        for i in range(warmup + decode_tokens):
-            sync(dev)
-            t0 = time.perf_counter()
-            out = model(input_ids=nxt, **p.cache_kwargs(cache))
-            sync(dev)
-            if i >= warmup:
-                steps.append(time.perf_counter() - t0)
-            nxt = out.logits[:, -1:].argmax(-1)
+            cache, t, step_s = _prefill_and_decode(model, p, waits, ids, steps if r == repeats - 1 else 0)
+            times.append(t)
+        cache = None
+        mem = PeakMemory(dev)
+        base = mem.start()
+        peaks = []
+
+        def prefill_done() -> None:
+            peaks.append(mem.peak())
+            mem.start()
+
+        cache, _, _ = _prefill_and_decode(model, p, waits, ids, steps, prefill_done)
         decode_peak = mem.peak()
         if config is None:
             kv = resident = dynamic_cache_bytes(cache)
         else:
             kv = cache.nbytes()
             resident = cache.nbytes(offloaded=False)
-    return Measured(statistics.median(times), 1000 * statistics.median(steps), kv, resident, mem.kind, base,
-                    prefill_peak, decode_peak)
+    return Measured(statistics.median(times), 1000 * statistics.median(step_s[warmup:]), kv, resident, mem.kind,
+                    base, peaks[0], decode_peak)
 
 
 def run_bench(
@@ -228,6 +257,8 @@ def run_bench(
     vocab = model.config.vocab_size
     if isolate:
         del model  # each cell loads its own
+    elif dev.type == "cpu":  # the first cell's memory pass would pin it for the later cells' timed passes only
+        pin_mmap_threshold()
     g = torch.Generator().manual_seed(seed)
     from tqdm.auto import tqdm
 
@@ -304,7 +335,10 @@ def report_markdown(rows: list[BenchRow]) -> str:
     hf = any(r.method == HF for r in rows)  # then prefill and decode also as a ratio to plain transformers
     vs = " vs full |" + (" vs hf |" if hf else "")
     col = "---:|" * (2 if hf else 1)
-    isolated = "each cell in its own process" if all(r.isolated for r in rows) else "all cells in one process"
+    isolated = ("each cell in its own process, timed first with the C allocator untouched, its memory measured in a "
+                "second pass" if all(r.isolated for r in rows) else
+                "all cells in one process, timed with glibc's mmap threshold pinned (it slows allocation-heavy "
+                "methods more), memory measured in a second pass")
     e2e = all(r.new_tokens > 0 for r in rows)
     lines = [
         f"## Benchmark — `{r0.model}` ({weights})",
