@@ -1,6 +1,7 @@
 """kvtools bench: mechanics only (timings are never asserted: machines are noisy)."""
 
 import json
+import math
 
 import pytest
 
@@ -69,6 +70,19 @@ def test_timed_pass_runs_before_the_allocator_is_pinned(monkeypatch):
     m = measure(model, load_config("full"), torch.randint(0, 100, (1, 300)), decode_tokens=2, warmup=1, repeats=2)
     assert events == [300, 300, 300, 1, 1, 1, "pin", 300, 1, 1, 1]  # warm-up, 2 timed prefills + steps, memory
     assert m.decode_peak_bytes > 0 and m.prefill_peak_bytes > 0
+    # one pass each, as an isolated cell runs them (in two processes)
+    events.clear()
+    t = measure(model, load_config("full"), torch.randint(0, 100, (1, 300)), decode_tokens=2, warmup=1,
+                passes="time")
+    assert events == [300, 300, 1, 1, 1] and t.prefill_s > 0 and t.decode_ms > 0
+    assert t.prefill_peak_bytes == t.decode_peak_bytes == t.base_bytes == -1 and t.kv_bytes == m.kv_bytes
+    events.clear()
+    mm = measure(model, load_config("full"), torch.randint(0, 100, (1, 300)), decode_tokens=2, warmup=1,
+                 passes="memory")
+    assert events == [300, "pin", 300, 1, 1, 1] and math.isnan(mm.prefill_s) and math.isnan(mm.decode_ms)
+    assert mm.prefill_peak_bytes > 0 and mm.decode_peak_bytes > 0
+    with pytest.raises(ValueError, match="passes"):
+        measure(model, None, torch.randint(0, 100, (1, 300)), passes="timed")
 
 
 def test_warm_up_prefill_of_a_chunked_config_makes_a_chunk_call():
@@ -114,6 +128,7 @@ def test_memory_is_measured_per_phase_and_the_cache_shows_in_the_decode_peak(tmp
     for r in rows:
         assert r.base_bytes > 0 and r.prefill_peak_bytes >= r.base_bytes and r.decode_peak_bytes >= r.base_bytes
         assert r.memory_bytes == max(r.prefill_peak_bytes, r.decode_peak_bytes) and r.isolated
+        assert r.prefill_s > 0 and r.decode_ms > 0  # from the timed process, the peaks from the memory one
     assert by["full"].decode_extra_bytes >= 0.9 * by["full"].kv_bytes
     assert by["snap64"].decode_extra_bytes < by["full"].decode_extra_bytes
     assert "prefill peak +MiB" in report_markdown(rows)

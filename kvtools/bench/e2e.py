@@ -15,10 +15,12 @@ For each length, every method runs on the same random prompt, interleaved
 * memory, per phase: measured in a second, untimed pass (one more prefill and the same decode steps), the
   peak during its prefill and during its decode steps (CUDA max allocated, or on CPU the process's peak RSS,
   its high-water mark reset before each phase, glibc's mmap threshold pinned so it follows the live tensors),
-  reported above the memory in use before the prefill. The timed pass comes first, with the allocator as
-  glibc sets it: the pinned threshold maps every block afresh, which slowed a chunked sparse prefill by a
-  third. ``isolate`` (the CLI's default) runs each cell in a fresh process, so no cell's peak inherits
-  another's allocations; without it every cell is timed with the threshold pinned (alike for all);
+  reported above the memory in use before the prefill. The timed pass runs with the allocator as glibc sets
+  it: the pinned threshold maps every block afresh, which slowed a chunked sparse prefill by a
+  third. ``isolate`` (the CLI's default) runs each cell's timed pass in a fresh process, with the allocator
+  untouched, and its memory pass in another, pinned from the start, so no cell's peak inherits another's
+  allocations; without it every cell runs both passes in one process, timed with the threshold pinned
+  (alike for all);
 * ratios to ``full`` when it is among the methods, and to plain transformers (the unpatched model with its
   ``DynamicCache``: ``baseline="hf"``, ``kvtools bench --baseline hf``), a row named ``hf``.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -175,44 +178,52 @@ def measure(
     decode_tokens: int = 16,
     warmup: int = 2,
     repeats: int = 1,
+    passes: str = "both",
 ) -> Measured:
     """Time and memory of one method on ``ids`` [1, L]; ``config`` None: the unpatched model (plain
-    transformers). Two passes. The timed one: ``repeats`` prefills, then ``warmup + decode_tokens`` decode
-    steps after the last, with the C allocator as the process has it. Then the memory one: one more prefill
-    and as many decode steps, untimed, with the peak of each phase (:class:`PeakMemory`). On CPU that pins
-    glibc's mmap threshold so the peak RSS follows the live tensors, which costs time: every block is mapped
-    afresh, and timed that way a chunked sparse prefill was a third slower (Gemma-3 at 32k,
-    long-prompt-gemma3: 86 vs 65 s), a dense one less."""
+    transformers). Two passes, ``passes`` says which run here ("time", "memory" or "both", in that order).
+    The timed one: ``repeats`` prefills, then ``warmup + decode_tokens`` decode steps after the last, with the
+    C allocator as the process has it. The memory one: one more prefill and as many decode steps, untimed, with
+    the peak of each phase (:class:`PeakMemory`). On CPU that pins glibc's mmap threshold so the peak RSS
+    follows the live tensors, which costs time: every block is mapped afresh, and timed that way a chunked
+    sparse prefill was a third slower (Gemma-3 at 32k, long-prompt-gemma3: 86 vs 65 s). A pass not run leaves
+    its figures NaN (times) or -1 (memory)."""
+    if passes not in ("time", "memory", "both"):
+        raise ValueError(f"passes: {passes!r} is not one of: time, memory, both")
     dev = ids.device
     steps = warmup + decode_tokens
     waits = config is not None
     with patch(model, config) if config is not None else contextlib.nullcontext(_Plain(model)) as p:
         # one untimed short prefill first: compiled kernels (FlexAttention) are built outside the timing
         model(input_ids=ids[:, :warm_length(config)], logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
-        times: list[float] = []
-        step_s: list[float] = []
+        times: list[float] = [math.nan]
+        step_s: list[float] = [math.nan] * (warmup + 1)
         cache = None
-        for r in range(repeats):
-            cache = None  # the previous repeat's cache is freed before the next prefill
-            cache, t, step_s = _prefill_and_decode(model, p, waits, ids, steps if r == repeats - 1 else 0)
-            times.append(t)
-        cache = None
-        mem = PeakMemory(dev)
-        base = mem.start()
-        peaks = []
+        if passes != "memory":
+            times = []
+            for r in range(repeats):
+                cache = None  # the previous repeat's cache is freed before the next prefill
+                cache, t, step_s = _prefill_and_decode(model, p, waits, ids, steps if r == repeats - 1 else 0)
+                times.append(t)
+        kind, base, peaks, decode_peak = PeakMemory.kind_of(dev), -1, [-1], -1
+        if passes != "time":
+            cache = None
+            mem = PeakMemory(dev)
+            base = mem.start()
+            peaks = []
 
-        def prefill_done() -> None:
-            peaks.append(mem.peak())
-            mem.start()
+            def prefill_done() -> None:
+                peaks.append(mem.peak())
+                mem.start()
 
-        cache, _, _ = _prefill_and_decode(model, p, waits, ids, steps, prefill_done)
-        decode_peak = mem.peak()
+            cache, _, _ = _prefill_and_decode(model, p, waits, ids, steps, prefill_done)
+            decode_peak = mem.peak()
         if config is None:
             kv = resident = dynamic_cache_bytes(cache)
         else:
             kv = cache.nbytes()
             resident = cache.nbytes(offloaded=False)
-    return Measured(statistics.median(times), 1000 * statistics.median(step_s[warmup:]), kv, resident, mem.kind,
+    return Measured(statistics.median(times), 1000 * statistics.median(step_s[warmup:]), kv, resident, kind,
                     base, peaks[0], decode_peak)
 
 
@@ -289,12 +300,21 @@ def run_bench(
 
 def measure_isolated(model_name: str | None, config: Any, ids: torch.Tensor, device: str | None = None,
                      decode_tokens: int = 16, warmup: int = 2, repeats: int = 1) -> Measured:
-    """:func:`measure` in a fresh process (spawned: nothing inherited) that loads the model and ``config`` (a
-    preset name, YAML path or dict; None: the unpatched model) itself; errors are raised here."""
+    """:func:`measure` in fresh processes (spawned: nothing inherited) that load the model and ``config`` (a
+    preset name, YAML path or dict; None: the unpatched model) themselves: the timed pass in one, with the C
+    allocator untouched, then the memory pass in another, its allocator set up for peaks from the start (as
+    every earlier bench measured them); errors are raised here."""
+    import dataclasses
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_measure_cell, (model_name, config, ids, device, decode_tokens, warmup, repeats))
+    got = {}
+    for part in ("time", "memory"):
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            got[part] = pool.apply(_measure_cell, (model_name, config, ids, device, decode_tokens, warmup, repeats,
+                                                   part))
+    mem = got["memory"]
+    return dataclasses.replace(got["time"], memory_kind=mem.memory_kind, base_bytes=mem.base_bytes,
+                               prefill_peak_bytes=mem.prefill_peak_bytes, decode_peak_bytes=mem.decode_peak_bytes)
 
 
 def _load_bench_model(model_name: str | None) -> tuple[Any, str, bool]:
@@ -307,13 +327,13 @@ def _load_bench_model(model_name: str | None) -> tuple[Any, str, bool]:
     return load_model(model_name)[0], canonical_name(model_name), False
 
 
-def _measure_cell(model_name, config, ids, device, decode_tokens, warmup, repeats) -> Measured:
+def _measure_cell(model_name, config, ids, device, decode_tokens, warmup, repeats, passes="both") -> Measured:
     model = _load_bench_model(model_name)[0]
     if device:
         model = model.to(device)
     dev = next(model.parameters()).device
     cfg = None if config is None else load_config(config)
-    return measure(model, cfg, ids.to(dev), decode_tokens, warmup, repeats)
+    return measure(model, cfg, ids.to(dev), decode_tokens, warmup, repeats, passes)
 
 
 def _ratio(rows: list[BenchRow], row: BenchRow, field: str, to: str = "full") -> float | None:
@@ -335,8 +355,8 @@ def report_markdown(rows: list[BenchRow]) -> str:
     hf = any(r.method == HF for r in rows)  # then prefill and decode also as a ratio to plain transformers
     vs = " vs full |" + (" vs hf |" if hf else "")
     col = "---:|" * (2 if hf else 1)
-    isolated = ("each cell in its own process, timed first with the C allocator untouched, its memory measured in a "
-                "second pass" if all(r.isolated for r in rows) else
+    isolated = ("each cell in its own processes: one timed with the C allocator untouched, then one measuring memory"
+                if all(r.isolated for r in rows) else
                 "all cells in one process, timed with glibc's mmap threshold pinned (it slows allocation-heavy "
                 "methods more), memory measured in a second pass")
     e2e = all(r.new_tokens > 0 for r in rows)

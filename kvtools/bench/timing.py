@@ -111,9 +111,14 @@ class PeakMemory:
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.kind = "cuda_max_allocated" if self.cuda else "cpu_peak_rss"
+        self.kind = self.kind_of(self.device)
         if not self.cuda:
             pin_mmap_threshold()
+
+    @staticmethod
+    def kind_of(device: torch.device | str) -> str:
+        """What a peak is on ``device``: ``cuda_max_allocated`` or ``cpu_peak_rss``."""
+        return "cuda_max_allocated" if torch.device(device).type == "cuda" else "cpu_peak_rss"
 
     def start(self) -> int:
         sync(self.device)
