@@ -18,7 +18,7 @@ For each length, every method runs on the same random prompt, interleaved
   reported above the memory in use before the prefill. The timed pass runs with the allocator as glibc sets
   it: the pinned threshold maps every block afresh, which slowed a chunked sparse prefill by a
   third. ``isolate`` (the CLI's default) runs each cell's timed pass in a fresh process, with the allocator
-  untouched, and its memory pass in another, pinned from the start, so no cell's peak inherits another's
+  untouched, and its memory pass in another, pinned after its warm-up, so no cell's peak inherits another's
   allocations; without it every cell runs both passes in one process, timed with the threshold pinned
   (alike for all);
 * ratios to ``full`` when it is among the methods, and to plain transformers (the unpatched model with its
@@ -196,16 +196,16 @@ def measure(
     with patch(model, config) if config is not None else contextlib.nullcontext(_Plain(model)) as p:
         # one untimed short prefill first: compiled kernels (FlexAttention) are built outside the timing
         model(input_ids=ids[:, :warm_length(config)], logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
-        times: list[float] = [math.nan]
-        step_s: list[float] = [math.nan] * (warmup + 1)
         cache = None
+        prefill_s = decode_ms = math.nan
         if passes != "memory":
             times = []
             for r in range(repeats):
                 cache = None  # the previous repeat's cache is freed before the next prefill
                 cache, t, step_s = _prefill_and_decode(model, p, waits, ids, steps if r == repeats - 1 else 0)
                 times.append(t)
-        kind, base, peaks, decode_peak = PeakMemory.kind_of(dev), -1, [-1], -1
+            prefill_s, decode_ms = statistics.median(times), 1000 * statistics.median(step_s[warmup:])
+        base = prefill_peak = decode_peak = -1
         if passes != "time":
             cache = None
             mem = PeakMemory(dev)
@@ -217,14 +217,13 @@ def measure(
                 mem.start()
 
             cache, _, _ = _prefill_and_decode(model, p, waits, ids, steps, prefill_done)
-            decode_peak = mem.peak()
+            prefill_peak, decode_peak = peaks[0], mem.peak()
         if config is None:
             kv = resident = dynamic_cache_bytes(cache)
         else:
             kv = cache.nbytes()
             resident = cache.nbytes(offloaded=False)
-    return Measured(statistics.median(times), 1000 * statistics.median(step_s[warmup:]), kv, resident, kind,
-                    base, peaks[0], decode_peak)
+    return Measured(prefill_s, decode_ms, kv, resident, PeakMemory.kind_of(dev), base, prefill_peak, decode_peak)
 
 
 def run_bench(
@@ -302,8 +301,8 @@ def measure_isolated(model_name: str | None, config: Any, ids: torch.Tensor, dev
                      decode_tokens: int = 16, warmup: int = 2, repeats: int = 1) -> Measured:
     """:func:`measure` in fresh processes (spawned: nothing inherited) that load the model and ``config`` (a
     preset name, YAML path or dict; None: the unpatched model) themselves: the timed pass in one, with the C
-    allocator untouched, then the memory pass in another, its allocator set up for peaks from the start (as
-    every earlier bench measured them); errors are raised here."""
+    allocator untouched, then the memory pass in another, its allocator pinned for peaks after the warm-up
+    prefill (earlier benches pinned it before); errors are raised here."""
     import dataclasses
     import multiprocessing
 
