@@ -161,6 +161,41 @@ def test_attend_stores_batches_stores_of_different_sizes(monkeypatch, block_elem
             torch.testing.assert_close(lse[i, j], torch.logsumexp(s[sel], 0))
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_stores_searched_side_by_side_equal_one_at_a_time(monkeypatch, threads):
+    """A decode step's stores (a layer's KV heads, a few queries each) are searched on ``threads`` threads,
+    the calling one included, under inference mode as in a forward: the same ids as one store after another
+    (stores with a built IVF index, one below MIN_INDEX_KEYS searched exactly, one empty), and the work did
+    not all stay on the calling thread."""
+    import threading
+
+    from kvtools.methods import retrieval as ret
+
+    g = torch.Generator().manual_seed(7)
+    cfg = ret.RetrievalParams(top_k=5, index="ivf", nlist=4, nprobe=2)
+    stores = []
+    for n in [300, 0, 20, 300, 250]:
+        keys, values = torch.randn(n, 16, generator=g), torch.randn(n, 8, generator=g)
+        stores.append(ret.HeadStore(keys, values, torch.arange(n), cfg, None))
+    for st in stores:
+        st.wait()
+    assert stores[0].index is not None and stores[2].index is None
+    q = torch.randn(len(stores), 3, 16, generator=g)
+    seen = set()
+    search = ret.HeadStore.search
+
+    def recording(self, *a, **kw):
+        seen.add(threading.get_ident())
+        return search(self, *a, **kw)
+
+    with torch.inference_mode():
+        alone = ret._search_stores(stores, q, 5, 1)
+        monkeypatch.setattr(ret.HeadStore, "search", recording)
+        shared = ret._search_stores(stores, q, 5, threads)
+    assert torch.equal(alone, shared) and (alone[1] == -1).all() and (alone[0] >= 0).all()
+    assert len(seen) >= 2  # an idle pool thread may take two parts
+
+
 def test_recall_flat_is_one_and_query_trained_ivf_is_measured():
     g = torch.Generator().manual_seed(1)
     keys = torch.randn(2000, 16, generator=g)

@@ -18,7 +18,7 @@ For each length, every method runs on the same random prompt, interleaved
   reported above the memory in use before the prefill. The timed pass runs with the allocator as glibc sets
   it: the pinned threshold maps every block afresh, which slowed a chunked sparse prefill by a
   third. ``isolate`` (the CLI's default) runs each cell's timed pass in a fresh process, with the allocator
-  untouched, and its memory pass in another, pinned after its warm-up, so no cell's peak inherits another's
+  untouched, and its memory pass in another, pinned before its warm-up, so no cell's peak inherits another's
   allocations; without it every cell runs both passes in one process, timed with the threshold pinned
   (alike for all);
 * ratios to ``full`` when it is among the methods, and to plain transformers (the unpatched model with its
@@ -193,6 +193,9 @@ def measure(
     dev = ids.device
     steps = warmup + decode_tokens
     waits = config is not None
+    # a memory-only pass pins the allocator (CPU) before its warm-up, so the warm-up's freed blocks are not
+    # left on the heap for the measured prefill to reuse (the order of the benches before the passes split)
+    mem = PeakMemory(dev) if passes == "memory" else None
     with patch(model, config) if config is not None else contextlib.nullcontext(_Plain(model)) as p:
         # one untimed short prefill first: compiled kernels (FlexAttention) are built outside the timing
         model(input_ids=ids[:, :warm_length(config)], logits_to_keep=1, **p.cache_kwargs(p.make_cache()))
@@ -208,7 +211,7 @@ def measure(
         base = prefill_peak = decode_peak = -1
         if passes != "time":
             cache = None
-            mem = PeakMemory(dev)
+            mem = mem or PeakMemory(dev)
             base = mem.start()
             peaks = []
 
@@ -301,8 +304,8 @@ def measure_isolated(model_name: str | None, config: Any, ids: torch.Tensor, dev
                      decode_tokens: int = 16, warmup: int = 2, repeats: int = 1) -> Measured:
     """:func:`measure` in fresh processes (spawned: nothing inherited) that load the model and ``config`` (a
     preset name, YAML path or dict; None: the unpatched model) themselves: the timed pass in one, with the C
-    allocator untouched, then the memory pass in another, its allocator pinned for peaks after the warm-up
-    prefill (earlier benches pinned it before); errors are raised here."""
+    allocator untouched, then the memory pass in another, its allocator pinned for peaks before the warm-up
+    prefill; errors are raised here."""
     import dataclasses
     import multiprocessing
 
