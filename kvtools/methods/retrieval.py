@@ -469,7 +469,7 @@ def _one_torch_thread():
         torch.set_num_threads(before)
 
 
-_SEARCHERS: Any = None  # threads that search stores beside the calling one (created on first use)
+_SEARCHERS: Any = None  # (pool, its workers): threads that search stores beside the calling one, made on first use
 
 
 def _search_stores(stores: list[HeadStore], q: torch.Tensor, k: int, threads: int) -> torch.Tensor:
@@ -491,14 +491,16 @@ def _search_stores(stores: list[HeadStore], q: torch.Tensor, k: int, threads: in
         run(range(n))
         return torch.from_numpy(ids)
     global _SEARCHERS
-    if _SEARCHERS is None or _SEARCHERS._max_workers < threads - 1:
-        from concurrent.futures import ThreadPoolExecutor
+    # a smaller pool is replaced, not shut down, since another caller may still hold it; its idle threads
+    # end once it is collected
+    with _POOL_LOCK:
+        if _SEARCHERS is None or _SEARCHERS[1] < threads - 1:
+            from concurrent.futures import ThreadPoolExecutor
 
-        if _SEARCHERS is not None:
-            _SEARCHERS.shutdown(wait=False)
-        _SEARCHERS = ThreadPoolExecutor(threads - 1, thread_name_prefix="kvtools-search")
+            _SEARCHERS = (ThreadPoolExecutor(threads - 1, thread_name_prefix="kvtools-search"), threads - 1)
+        pool = _SEARCHERS[0]
     parts = [range(t, n, threads) for t in range(min(threads, n))]
-    futs = [_SEARCHERS.submit(run, part) for part in parts[1:]]
+    futs = [pool.submit(run, part) for part in parts[1:]]
     run(parts[0])
     for fut in futs:
         fut.result()
