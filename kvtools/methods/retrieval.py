@@ -481,7 +481,7 @@ def _search_stores(stores: list[HeadStore], q: torch.Tensor, k: int, threads: in
     queries per store search one store at a time, each on FAISS's own threads."""
     n = len(stores)
     qs = q.numpy()
-    ids = np.empty((n, q.shape[1], k), dtype=np.int64)  # numpy: no torch (thread-local modes) off this thread
+    ids = np.empty((n, q.shape[1], k), dtype=np.int64)  # numpy: workers run outside the caller's inference mode
 
     def run(part: range) -> None:
         for i in part:
