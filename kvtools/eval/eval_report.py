@@ -55,11 +55,18 @@ def summarize_eval(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def main_task(rows: Sequence[dict[str, Any]], suite: str) -> str | None:
+    """The task ``suite`` is reported by in :func:`summarize_eval`'s rows: its task mean ``*`` when it has
+    several tasks, else its one task (``None`` when it has no rows)."""
+    srows = [r for r in rows if r["suite"] == suite]
+    return "*" if any(r["task"] == "*" for r in srows) else (srows[0]["task"] if srows else None)
+
+
 def method_points(rows: Sequence[dict[str, Any]], suite: str) -> dict[str, tuple[float, float]]:
     """Each method's (mean KV bytes as a fraction of full's, mean score x100) over the lengths of ``suite``
     (its task mean when it has several tasks); methods without a KV ratio (no ``full`` run) are left out."""
     srows = [r for r in rows if r["suite"] == suite]
-    main = "*" if any(r["task"] == "*" for r in srows) else (srows[0]["task"] if srows else None)
+    main = main_task(rows, suite)
     out = {}
     for m in dict.fromkeys(r["method"] for r in srows):
         cells = [r for r in srows if r["task"] == main and r["method"] == m]
@@ -102,7 +109,7 @@ def eval_markdown(records: Sequence[dict[str, Any]], title: str = "") -> str:
     for suite in dict.fromkeys(r["suite"] for r in rows):
         srows = [r for r in rows if r["suite"] == suite]
         lengths = sorted({r["length"] for r in srows})
-        main = "*" if any(r["task"] == "*" for r in srows) else srows[0]["task"]
+        main = main_task(rows, suite)
         label = "mean over tasks" if main == "*" else main
         out += [f"### {suite} — score x100 ({label})", "",
                 "| method | " + " | ".join(format_length(n) for n in lengths) + " | mean | vs full | KV MiB | KV vs full | prefill s | decode ms/token |",
