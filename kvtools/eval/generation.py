@@ -1,18 +1,31 @@
 """One timed greedy generation through a patched model: what every generated eval sample runs, in one call
 (question-aware: the cache policy compresses the prompt having seen the question) or two (question-agnostic:
-the context first, compressed at the end of its own call, then the question)."""
+the context first, compressed at the end of its own call, then the question).
+
+A sweep runs many cache methods on one prompt, and most of them prefill exactly as ``full`` does (dense
+attention over the whole prompt; they only choose what to keep afterwards). :func:`dense_prefill` runs that
+prefill once and keeps every layer's rotated q, k, v and attention output; ``generate_greedy(...,
+prefill=shared)`` then replays them into a method's cache through its own ``attend`` (so its selection, its
+deferred cross-layer work and its storage are its own) and decodes from there. Each replayed layer's dense
+attention call, when its inputs equal the kept one's bit for bit, gets the kept output back
+(:class:`~kvtools.attention.dense.AttendMemo`) instead of attending again. A method whose prefill output
+differs from the dense one at any layer, bit for bit, is refused (:class:`PrefillMismatch`): equal outputs at
+every layer, given equal inputs, mean the method's own prefill would have computed the same hidden states, the
+same cache and the same first token."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from ..attention.dense import AttendMemo, attend_memo
 from ..bench.timing import sync
 
-__all__ = ["GenerateFn", "Generation", "PatchFn", "generate_greedy"]
+__all__ = ["DensePrefill", "GenerateFn", "Generation", "PatchFn", "PrefillMismatch", "dense_prefill",
+           "generate_greedy", "replay_prefill", "replayable"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,110 @@ class Generation:
     prefill_s: float
     decode_s: float
     new_tokens: int = 0
+    #: "own": the method prefilled the prompt itself; "shared": a :func:`dense_prefill` was replayed into its
+    #: cache (``prefill_s`` is then that prefill's time + the replay's)
+    prefill: str = "own"
+
+
+class PrefillMismatch(Exception):
+    """A method's prefill does not attend exactly as the dense one: it cannot reuse a :class:`DensePrefill`."""
+
+
+@dataclass
+class DensePrefill:
+    """One dense (``full``) prefill of a prompt: each layer's (info, q, k, v, output), the call's step, the last
+    position's logits and the seconds it took."""
+
+    ids: Any  # [1, n] the prompt
+    step: Any  # kvtools.cache.Step of the call
+    layers: list[tuple[Any, Any, Any, Any, Any]]
+    logits: Any  # [vocab] at the prompt's last position
+    seconds: float
+    #: each layer's dense attention call: a replayed layer whose table and queries are equal to it gets its
+    #: output back instead of attending again
+    memo: AttendMemo
+
+
+def replayable(config: Any) -> bool:
+    """Whether a method may reuse a :class:`DensePrefill` at all: a one-shot dense prefill stage, keys and values
+    stored in the model's dtype (quantised storage changes what the prefill attends). Whether its attention
+    really is the dense one is checked layer by layer on replay."""
+    prefill = config.prefill
+    return prefill.method == "dense" and not getattr(prefill, "chunk", None) and config.quant is None
+
+
+def greedy_is_argmax(model: Any) -> bool:
+    """The model's own generation defaults leave greedy decoding an argmax of the logits (no penalties, bans or
+    forced tokens), so the first new token of a shared prefill is its logits' argmax, as ``generate`` picks it."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return True
+    plain = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+             "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+             "forced_eos_token_id": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
+             "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0)}
+    return all(getattr(gc, k, None) in ok for k, ok in plain.items())
+
+
+def dense_prefill(model: Any, prompt: Any) -> DensePrefill:
+    """Prefill ``prompt.input_ids`` once under ``full``, keeping what :func:`generate_greedy` replays."""
+    import torch
+
+    from ..patching import patch
+
+    device = model.device
+    ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)
+    layers: list[tuple[Any, ...]] = []
+    steps: list[Any] = []
+    memo = AttendMemo(record=True)
+    with patch(model, "full") as p:
+        orig = p.policy.attend
+
+        def attend(layer, q, k, v, step, info):
+            memo.layer = info.layer_idx
+            out = orig(layer, q, k, v, step, info)
+            memo.layer = None
+            layers.append((info, q, k, v, out))
+            steps.append(step)
+            return out
+
+        p.policy.attend = attend
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode(), attend_memo(memo):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+                        **p.cache_kwargs(p.make_cache()))
+        sync(device)
+        seconds = time.perf_counter() - start
+    if len({id(s) for s in steps}) != 1:  # one call, one step (a chunked or split prefill is not replayed)
+        raise PrefillMismatch("the dense prefill ran in more than one step")
+    memo.record = False
+    return DensePrefill(ids, steps[0], layers, out.logits[0, -1].float(), seconds, memo)
+
+
+def replay_prefill(patch: Any, cache: Any, shared: DensePrefill) -> None:
+    """Feed ``shared``'s layers to ``patch``'s policy on ``cache`` as the patched model forward would (the
+    step, every layer in order, the deferred cross-layer work); :class:`PrefillMismatch` at the first layer whose
+    output differs from the dense one."""
+    import torch
+
+    step = replace(shared.step, deferred=[])
+    cache.step = step
+    memo = shared.memo
+    try:
+        with attend_memo(memo):
+            for info, q, k, v, out in shared.layers:  # copies: a policy may keep or write its inputs in place
+                memo.layer = info.layer_idx
+                got = patch.policy.attend(cache.layer(info.layer_idx), q.clone(), k.clone(), v.clone(), step, info)
+                memo.layer = None
+                if not torch.equal(got, out):
+                    raise PrefillMismatch(f"layer {info.layer_idx}: '{patch.config.name}' does not prefill densely")
+        for task in step.deferred:
+            task()
+        cache.seen += int(shared.ids.shape[1])
+    finally:
+        memo.layer = None
+        cache.step = None
 
 
 #: ``generate_fn(model, tokenizer, patch, prompt, max_new_tokens) -> Generation``; ``prompt`` is the suite's
@@ -49,7 +166,7 @@ class _FirstTokenTimer:
 
 
 def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new_tokens: int, *,
-                    split: int | None = None) -> Generation:
+                    split: int | None = None, prefill: DensePrefill | None = None) -> Generation:
     """Greedy ``model.generate`` on ``prompt.input_ids`` with a fresh ``patch.make_cache()``; times prefill
     (up to the first new token's logits) and decode.
 
@@ -57,6 +174,9 @@ def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new
     cache, so the policy compresses it at the end of that call without seeing the rest; ``generate`` then
     feeds the rest (the question and the generation prompt) as a second call on the same cache and decodes.
     The model sees the same tokens at the same positions as in one call.
+
+    ``prefill=`` a :func:`dense_prefill` of the same prompt: replayed into the cache instead of prefilling
+    (see the module docstring); :class:`PrefillMismatch` when the method does not prefill densely.
 
     >>> with kvtools.patch(model, "snapkv") as p:  # doctest: +SKIP
     ...     gen = generate_greedy(model, tok, p, build_niah_prompt(tok, 1024, 50), 16)
@@ -73,6 +193,8 @@ def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if isinstance(pad, list):
         pad = pad[0]
+    if prefill is not None:
+        return _generate_shared(model, tokenizer, patch, prefill, cache, max_new_tokens, eos, pad)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     timer = _FirstTokenTimer(device)
     sync(device)
@@ -99,4 +221,44 @@ def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new
         prefill_s=first - start,
         decode_s=end - first,
         new_tokens=int(new.numel()),
+    )
+
+
+def _generate_shared(model: Any, tokenizer: Any, patch: Any, shared: DensePrefill, cache: Any, max_new_tokens: int,
+                     eos: Any, pad: Any) -> Generation:
+    """:func:`generate_greedy` from a replayed :class:`DensePrefill`: its logits give the first token, then
+    ``generate`` decodes the rest on the method's cache (its first call feeds that token alone)."""
+    import torch
+    from transformers import GenerationConfig
+
+    if not greedy_is_argmax(model):
+        raise PrefillMismatch("the model's generation defaults change greedy decoding; prefill each method")
+    device = model.device
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        patch._ensure_cache(cache)
+        replay_prefill(patch, cache, shared)
+    sync(device)
+    first = time.perf_counter()
+    n = int(shared.ids.shape[1])
+    new = [int(shared.logits.argmax())]
+    stops = set(eos if isinstance(eos, list | tuple) else [eos]) - {None}
+    if max_new_tokens > 1 and new[0] not in stops:
+        ids = torch.cat([shared.ids, shared.ids.new_tensor([[new[0]]])], dim=1)
+        config = GenerationConfig(max_new_tokens=max_new_tokens - 1, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=pad)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                 **patch.cache_kwargs(cache))
+        new += out[0, n + 1:].tolist()
+    sync(device)
+    end = time.perf_counter()
+    return Generation(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        kv_bytes=int(cache.nbytes()),
+        prefill_s=shared.seconds + first - start,
+        decode_s=end - first,
+        new_tokens=len(new),
+        prefill="shared",
     )

@@ -62,7 +62,7 @@ from pydantic import ConfigDict, Field
 
 from ..config import KVConfig, StrictNumbers, check_out_dir, load_config, read_yaml, same_method, validate_fields
 from ..errors import ConfigError, InputTooLongError
-from .generation import GenerateFn, PatchFn
+from .generation import DensePrefill, GenerateFn, PatchFn, PrefillMismatch, dense_prefill, replayable
 from .report import QUESTION_DEFAULT, RESULTS_FILE, question_of, read_results, record_key
 from .suites import Item, Prepared, SuiteSpec, suite_from_dict
 
@@ -92,6 +92,11 @@ class RunFile(StrictNumbers):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="the model's weights and activations, and so its KV cache's (full's bytes "
                                        "in the reports are in it)")
+    share_prefill: bool = Field(
+        default=False, description="one dense prefill per prompt, replayed into the cache of every method whose "
+                                   "prefill attends exactly as it does (checked at every layer, bit for bit; the "
+                                   "others prefill alone): the same records in a fraction of the time of a "
+                                   "sweep; their prefill_s is that prefill's + the replay's")
 
 
 @dataclass
@@ -502,6 +507,14 @@ class _Loop:
     generate_fn: GenerateFn | None
     patch_fn: PatchFn | None
     prompts_seen: dict[tuple, str]
+    #: methods found not to prefill as the dense prefill does (share_prefill): they prefill alone
+    own_prefill: set[str] = field(default_factory=set)
+
+    def _shares(self, cfg: KVConfig) -> bool:
+        """Whether ``cfg`` replays the item's shared dense prefill (the run asks for it, the default generation
+        runs, question-aware, and the method may and has not failed to)."""
+        return (self.run.spec.share_prefill and self.generate_fn is None and self.patch_fn is None
+                and self.run.question == "aware" and cfg.name not in self.own_prefill and replayable(cfg))
 
     def run_all(self, todo: list[tuple[SuiteSpec, Item, list[KVConfig]]], prepared: dict[Item, Prepared],
                 results: Path, quiet: bool) -> None:
@@ -516,11 +529,22 @@ class _Loop:
             for suite, item, configs in todo:
                 sample = self._stream(suite, item) if suite.kind == "stream" else \
                     self._prompt(suite, item, prepared.get(item))
+                shared = None
                 for cfg in configs:
                     bar.set_postfix(method=cfg.name, suite=item.suite, task=item.task, length=item.length)
                     t0 = time.perf_counter()
-                    with patch_fn(self.model, cfg) as handle:
-                        rec = sample(handle)
+                    rec = None
+                    if suite.kind != "stream" and self._shares(cfg):
+                        if shared is None:  # the item's one dense prefill, when a method first replays it
+                            shared = sample.dense()
+                        with patch_fn(self.model, cfg) as handle:
+                            try:
+                                rec = sample(handle, shared)
+                            except PrefillMismatch:  # this method prefills alone from now on, in a fresh patch
+                                self.own_prefill.add(cfg.name)
+                    if rec is None:
+                        with patch_fn(self.model, cfg) as handle:
+                            rec = sample(handle)
                     base = {"model": self.run.model_name, "suite": item.suite, "task": item.task,
                             "length": item.length, "depth": item.depth, "sample": item.sample, "method": cfg.name,
                             "config": cfg.to_dict()}
@@ -548,14 +572,19 @@ class _Loop:
             _check_splits({item: prep})
             split["split"] = mode["context_tokens"] = prep.context_tokens
 
-        def sample(handle: Any) -> dict[str, Any]:
-            gen = generate(self.model, self.tokenizer, handle, prep.prompt, prep.max_new_tokens, **split)
+        def sample(handle: Any, shared: DensePrefill | None = None) -> dict[str, Any]:
+            if shared is not None:
+                gen = generate(self.model, self.tokenizer, handle, prep.prompt, prep.max_new_tokens, prefill=shared)
+            else:
+                gen = generate(self.model, self.tokenizer, handle, prep.prompt, prep.max_new_tokens, **split)
             return {"prompt_sha1": sha, "n_tokens": len(prep.input_ids), "references": prep.references,
                     "output": gen.text, "score": float(prep.score(gen.text)), "kv_bytes": gen.kv_bytes,
                     "new_tokens": gen.new_tokens, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,
                     "decode_ms": 1000 * gen.decode_s / max(gen.new_tokens - 1, 1),
-                    "seconds": gen.prefill_s + gen.decode_s, **mode, **prep.meta}
+                    "seconds": gen.prefill_s + gen.decode_s, **mode, **prep.meta,
+                    **({"prefill": "shared"} if getattr(gen, "prefill", "own") == "shared" else {})}
 
+        sample.dense = lambda: dense_prefill(self.model, prep.prompt)  # type: ignore[attr-defined]
         return sample
 
     def _stream(self, suite: SuiteSpec, item: Item):

@@ -1,0 +1,196 @@
+"""A shared dense prefill replayed into a method's cache (``share_prefill``) gives exactly what the method's own
+prefill gives, for every method of the contract suite on every family; methods that do not prefill densely are
+refused by the per-layer check; an eval run with it writes the same records."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import kvtools
+import kvtools.attention.dense as dense
+from kvtools.config import load_config
+from kvtools.eval.generation import (PrefillMismatch, dense_prefill, generate_greedy, replay_prefill,
+                                     replayable)
+from kvtools.eval.run import run_eval
+
+from .conftest import ALL_FAMILIES, tiny_model
+from .helpers import byte_tokenizer
+from .test_contract import CASES
+
+pytestmark = pytest.mark.mechanics
+
+QUANT = [{"quant": {"bits": 8, "group": 32}}, {"quant": {"bits": 4, "group": 32}},
+         {"quant": {"bits": 8, "group": 32},
+          "cache": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3}}]
+# every method's config that really drops work, as the contract suite runs it, and quantised storage
+CONFIGS = [pytest.param("full", id="full")] + [
+    pytest.param(case.sparse, id=f"{s}-{m}") for (s, m), case in CASES.items() if case.sparse] + [
+    pytest.param(c, id=f"quant-{i}") for i, c in enumerate(QUANT)]
+STEPS = 8
+
+
+@pytest.fixture(scope="module", params=ALL_FAMILIES)
+def model(request):
+    return tiny_model(request.param, head_dim=32)  # quant groups of 32 channels
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def prompt(n: int = 60, seed: int = 5) -> SimpleNamespace:
+    g = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(input_ids=torch.randint(3, 128, (n,), generator=g).tolist())
+
+
+@torch.inference_mode()
+def logits_after(model, handle, p, shared=None) -> torch.Tensor:
+    """The prompt's last logits, then those of STEPS fixed decode tokens: from the method's own prefill, or from
+    ``shared`` replayed into its cache."""
+    cache = handle.make_cache()
+    kw = handle.cache_kwargs(cache)
+    ids = torch.tensor([p.input_ids])
+    if shared is None:
+        out = [model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw).logits[0, -1]]  # as generate() runs it
+    else:
+        handle._ensure_cache(cache)
+        replay_prefill(handle, cache, shared)
+        out = [shared.logits]
+    for t in range(STEPS):
+        out.append(model(input_ids=torch.tensor([[7 + 11 * t]]), use_cache=True, **kw).logits[0, -1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_replay_equals_the_methods_own_prefill_or_is_refused(model, config):
+    cfg = load_config(config)
+    p = prompt()
+    shared = dense_prefill(model, p)
+    with kvtools.patch(model, cfg) as h:
+        own = logits_after(model, h, p)
+    with kvtools.patch(model, cfg) as h:
+        try:
+            replayed = logits_after(model, h, p, shared)
+        except PrefillMismatch:
+            replayed = None
+    if not replayable(cfg):  # a sparse or chunked prefill, quantised storage: the eval never replays these
+        return
+    # every method whose prefill stage is dense and whose storage is the model's dtype replays, bit for bit
+    assert replayed is not None, f"{cfg.name}: refused"
+    assert torch.equal(replayed, own)
+
+
+@pytest.mark.parametrize("config", [c for c in QUANT] + [
+    CASES["prefill", "flexprefill"].sparse, CASES["prefill", "hip"].sparse])
+def test_a_prefill_that_is_not_dense_is_refused_at_the_first_layer_that_differs(model, config):
+    cfg = load_config(config)
+    assert not replayable(cfg)
+    if cfg.quant is None and model.config.model_type == "mistral":
+        pytest.skip("every mistral layer slides: sparse prefill methods leave sliding layers dense")
+    shared = dense_prefill(model, prompt())
+    with kvtools.patch(model, cfg) as h:
+        cache = h.make_cache()
+        h._ensure_cache(cache)
+        with pytest.raises(PrefillMismatch, match="does not prefill densely"):
+            replay_prefill(h, cache, shared)
+
+
+@pytest.mark.parametrize("config", ["full", {"cache": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3}},
+                                    {"cache": {"method": "streamingllm", "n_sink": 3, "window": 8}}])
+def test_generation_from_a_replay_equals_generate_greedy(model, config, tok):
+    p = prompt(80, seed=9)
+    shared = dense_prefill(model, p)
+    with kvtools.patch(model, config) as h:
+        own = generate_greedy(model, tok, h, p, 12)
+    with kvtools.patch(model, config) as h:
+        got = generate_greedy(model, tok, h, p, 12, prefill=shared)
+    assert (got.text, got.new_tokens, got.kv_bytes) == (own.text, own.new_tokens, own.kv_bytes)
+    assert got.prefill == "shared" and own.prefill == "own"
+    with kvtools.patch(model, config) as h:  # one new token: the prefill's argmax alone
+        assert generate_greedy(model, tok, h, p, 1, prefill=shared).text == \
+               generate_greedy(model, tok, h, p, 1).text
+
+
+def test_replayed_layers_reuse_the_dense_attention_instead_of_attending_again(monkeypatch):
+    model = tiny_model("llama", head_dim=32)
+    shared = dense_prefill(model, prompt())
+    calls = []
+    real = dense._attend_slots
+    monkeypatch.setattr(dense, "_attend_slots", lambda *a: calls.append(a[0].shape) or real(*a))
+    with kvtools.patch(model, {"cache": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3}}) as h:
+        cache = h.make_cache()
+        h._ensure_cache(cache)
+        replay_prefill(h, cache, shared)
+    assert calls == []  # both layers: equal table and queries, the kept output
+    # a call whose inputs differ (one query changed) is attended, not answered from the memo
+    (args, out) = shared.memo.calls[0]
+    q = args[0].clone()
+    q[0, 0, -1, 0] += 1.0
+    with dense.attend_memo(shared.memo):
+        shared.memo.layer = 0
+        got = dense.attend_slots(q, *args[1:])
+        again = dense.attend_slots(*args)
+        shared.memo.layer = None
+    assert len(calls) == 1 and not torch.equal(got, out) and again is out
+    assert torch.equal(got, real(q, *args[1:]))
+
+
+# ------------------------------------------------------------------ the eval loop
+
+
+def tiny_lm32():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+TIMING = ("prefill_s", "decode_s", "decode_ms", "seconds", "prefill")
+
+
+def run_dict(out, share: bool) -> dict:
+    return {
+        "model": "tiny-test", "seed": 1, "out": str(out), "share_prefill": share,
+        "methods": ["full", {"name": "snap", "cache": {"method": "snapkv", "budget": 0.5, "window": 8}},
+                    {"name": "sllm", "cache": {"method": "streamingllm", "n_sink": 4, "window": 0.25}},
+                    {"name": "snap-int8", "quant": {"bits": 8, "group": 32},
+                     "cache": {"method": "snapkv", "budget": 0.5, "window": 8}}],
+        "suites": [{"suite": "niah", "lengths": [512], "depths": [0, 100], "max_new_tokens": 4},
+                   {"suite": "ruler", "tasks": ["vt"], "lengths": [512], "max_new_tokens": 4},
+                   {"suite": "ppl", "lengths": [300], "chunk": 128, "segment": 100}],
+    }
+
+
+def records(res):
+    return sorted((json.dumps({k: v for k, v in r.items() if k not in TIMING}, sort_keys=True)
+                   for r in res.records))
+
+
+def test_an_eval_run_sharing_its_prefill_writes_the_same_records(tmp_path, monkeypatch, tok):
+    model = tiny_lm32()
+    own = run_eval(run_dict(tmp_path / "own", False), quiet=True, model=model, tokenizer=tok, report=False)
+    shared = run_eval(run_dict(tmp_path / "shared", True), quiet=True, model=model, tokenizer=tok, report=False)
+    assert records(shared) == records(own)
+    how = {(r["method"], r["suite"]): r.get("prefill", "own") for r in shared.records}
+    assert how == {(m, s): "shared" if m != "snap-int8" and s != "ppl" else "own"
+                   for m in ("full", "snap", "sllm", "snap-int8") for s in ("niah", "ruler", "ppl")}
+    assert not any("prefill" in r for r in own.records)
+
+    # a method the per-layer check refuses prefills alone, in a fresh patch, and is not tried again
+    import kvtools.eval.run as run_mod
+
+    tried = []
+    real = run_mod.replayable
+    monkeypatch.setattr(run_mod, "replayable", lambda c: tried.append(c.name) or True)
+    forced = run_eval(run_dict(tmp_path / "forced", True), quiet=True, model=model, tokenizer=tok, report=False)
+    assert records(forced) == records(own)
+    assert tried.count("snap-int8") == 1 and tried.count("snap") == 3  # 3 prompt items
+    assert all(r.get("prefill", "own") == "own" for r in forced.records if r["method"] == "snap-int8")
+    assert real is not None
