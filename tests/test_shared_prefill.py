@@ -71,7 +71,7 @@ def logits_after(model, handle, p, shared=None) -> torch.Tensor:
 def test_replay_equals_the_methods_own_prefill_or_is_refused(model, config):
     cfg = load_config(config)
     p = prompt()
-    shared = dense_prefill(model, p)
+    shared = dense_prefill(model, p, cfg.quant)  # quantised storage: a prefill made with the same
     with kvtools.patch(model, cfg) as h:
         own = logits_after(model, h, p)
     with kvtools.patch(model, cfg) as h:
@@ -79,21 +79,20 @@ def test_replay_equals_the_methods_own_prefill_or_is_refused(model, config):
             replayed = logits_after(model, h, p, shared)
         except PrefillMismatch:
             replayed = None
-    if not replayable(cfg):  # a sparse or chunked prefill, quantised storage: the eval never replays these
+    if not replayable(cfg):  # a sparse or chunked prefill: the eval never replays these
         return
-    # every method whose prefill stage is dense and whose storage is the model's dtype replays, bit for bit
+    # every method whose prefill stage is dense replays, bit for bit
     assert replayed is not None, f"{cfg.name}: refused"
     assert torch.equal(replayed, own)
 
 
-@pytest.mark.parametrize("config", [c for c in QUANT] + [
+@pytest.mark.parametrize("config", QUANT[:2] + [
     CASES["prefill", "flexprefill"].sparse, CASES["prefill", "hip"].sparse])
-def test_a_prefill_that_is_not_dense_is_refused_at_the_first_layer_that_differs(model, config):
+def test_a_prefill_that_is_not_the_shared_one_is_refused_at_the_first_layer_that_differs(model, config):
     cfg = load_config(config)
-    assert not replayable(cfg)
     if cfg.quant is None and model.config.model_type == "mistral":
         pytest.skip("every mistral layer slides: sparse prefill methods leave sliding layers dense")
-    shared = dense_prefill(model, prompt())
+    shared = dense_prefill(model, prompt())  # in the model's dtype: quantised tables attend other keys
     with kvtools.patch(model, cfg) as h:
         cache = h.make_cache()
         h._ensure_cache(cache)
@@ -179,7 +178,7 @@ def test_an_eval_run_sharing_its_prefill_writes_the_same_records(tmp_path, monke
     shared = run_eval(run_dict(tmp_path / "shared", True), quiet=True, model=model, tokenizer=tok, report=False)
     assert records(shared) == records(own)
     how = {(r["method"], r["suite"]): r.get("prefill", "own") for r in shared.records}
-    assert how == {(m, s): "shared" if m != "snap-int8" and s != "ppl" else "own"
+    assert how == {(m, s): "own" if s == "ppl" else "shared"
                    for m in ("full", "snap", "sllm", "snap-int8") for s in ("niah", "ruler", "ppl")}
     assert not any("prefill" in r for r in own.records)
 
@@ -187,10 +186,12 @@ def test_an_eval_run_sharing_its_prefill_writes_the_same_records(tmp_path, monke
     import kvtools.eval.run as run_mod
 
     tried = []
-    real = run_mod.replayable
     monkeypatch.setattr(run_mod, "replayable", lambda c: tried.append(c.name) or True)
-    forced = run_eval(run_dict(tmp_path / "forced", True), quiet=True, model=model, tokenizer=tok, report=False)
-    assert records(forced) == records(own)
-    assert tried.count("snap-int8") == 1 and tried.count("snap") == 3  # 3 prompt items
-    assert all(r.get("prefill", "own") == "own" for r in forced.records if r["method"] == "snap-int8")
-    assert real is not None
+    spec = run_dict(tmp_path / "forced", True)
+    spec["methods"].append({"name": "flex", **CASES["prefill", "flexprefill"].sparse})
+    forced = run_eval(spec, quiet=True, model=model, tokenizer=tok, report=False)
+    alone = run_eval({**spec, "share_prefill": False, "methods": spec["methods"][-1:], "out": str(tmp_path / "alone")},
+                     quiet=True, model=model, tokenizer=tok, report=False)
+    assert records(forced) == sorted(records(own) + records(alone))
+    assert tried.count("flex") == 1 and tried.count("snap") == 3  # 3 prompt items
+    assert all(r.get("prefill", "own") == "own" for r in forced.records if r["method"] == "flex")

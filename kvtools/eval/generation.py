@@ -8,8 +8,10 @@ prefill once and keeps every layer's rotated q, k, v and attention output; ``gen
 prefill=shared)`` then replays them into a method's cache through its own ``attend`` (so its selection, its
 deferred cross-layer work and its storage are its own) and decodes from there. Each replayed layer's dense
 attention call, when its inputs equal the kept one's bit for bit, gets the kept output back
-(:class:`~kvtools.attention.dense.AttendMemo`) instead of attending again. A method whose prefill output
-differs from the dense one at any layer, bit for bit, is refused (:class:`PrefillMismatch`): equal outputs at
+(:class:`~kvtools.attention.dense.AttendMemo`) instead of attending again. Methods that store keys and values
+quantised replay a prefill made with the same storage (``dense_prefill(..., quant=)``), since the prefill
+attends the codes. A method whose prefill output differs from the dense one at any layer, bit for bit, is
+refused (:class:`PrefillMismatch`): equal outputs at
 every layer, given equal inputs, mean the method's own prefill would have computed the same hidden states, the
 same cache and the same first token."""
 
@@ -62,11 +64,11 @@ class DensePrefill:
 
 
 def replayable(config: Any) -> bool:
-    """Whether a method may reuse a :class:`DensePrefill` at all: a one-shot dense prefill stage, keys and values
-    stored in the model's dtype (quantised storage changes what the prefill attends). Whether its attention
-    really is the dense one is checked layer by layer on replay."""
+    """Whether a method may reuse a :class:`DensePrefill` at all: a one-shot dense prefill stage (replay the one
+    made with its ``quant`` storage: quantised tables change what the prefill attends). Whether its attention
+    really is that prefill's is checked layer by layer on replay."""
     prefill = config.prefill
-    return prefill.method == "dense" and not getattr(prefill, "chunk", None) and config.quant is None
+    return prefill.method == "dense" and not getattr(prefill, "chunk", None)
 
 
 def greedy_is_argmax(model: Any) -> bool:
@@ -82,8 +84,9 @@ def greedy_is_argmax(model: Any) -> bool:
     return all(getattr(gc, k, None) in ok for k, ok in plain.items())
 
 
-def dense_prefill(model: Any, prompt: Any) -> DensePrefill:
-    """Prefill ``prompt.input_ids`` once under ``full``, keeping what :func:`generate_greedy` replays."""
+def dense_prefill(model: Any, prompt: Any, quant: Any = None) -> DensePrefill:
+    """Prefill ``prompt.input_ids`` once under ``full`` (with keys and values stored as ``quant`` says, a
+    :class:`~kvtools.quant.QuantParams` or None), keeping what :func:`generate_greedy` replays."""
     import torch
 
     from ..patching import patch
@@ -93,7 +96,8 @@ def dense_prefill(model: Any, prompt: Any) -> DensePrefill:
     layers: list[tuple[Any, ...]] = []
     steps: list[Any] = []
     memo = AttendMemo(record=True)
-    with patch(model, "full") as p:
+    base = "full" if quant is None else {"name": "full", "quant": quant.model_dump()}
+    with patch(model, base) as p:
         orig = p.policy.attend
 
         def attend(layer, q, k, v, step, info):

@@ -93,10 +93,11 @@ class RunFile(StrictNumbers):
         default="float32", description="the model's weights and activations, and so its KV cache's (full's bytes "
                                        "in the reports are in it)")
     share_prefill: bool = Field(
-        default=False, description="one dense prefill per prompt, replayed into the cache of every method whose "
-                                   "prefill attends exactly as it does (checked at every layer, bit for bit; the "
-                                   "others prefill alone): the same records in a fraction of the time of a "
-                                   "sweep; their prefill_s is that prefill's + the replay's")
+        default=False, description="one dense prefill per prompt (and KV storage: quantised methods share one "
+                                   "made with theirs), replayed into the cache of every method whose prefill "
+                                   "attends exactly as it does (checked at every layer, bit for bit; the others "
+                                   "prefill alone): the same records in a fraction of the time of a sweep; "
+                                   "their prefill_s is that prefill's + the replay's")
 
 
 @dataclass
@@ -529,17 +530,18 @@ class _Loop:
             for suite, item, configs in todo:
                 sample = self._stream(suite, item) if suite.kind == "stream" else \
                     self._prompt(suite, item, prepared.get(item))
-                shared = None
+                shared: dict[str | None, DensePrefill] = {}
                 for cfg in configs:
                     bar.set_postfix(method=cfg.name, suite=item.suite, task=item.task, length=item.length)
                     t0 = time.perf_counter()
                     rec = None
                     if suite.kind != "stream" and self._shares(cfg):
-                        if shared is None:  # the item's one dense prefill, when a method first replays it
-                            shared = sample.dense()
+                        storage = None if cfg.quant is None else cfg.quant.model_dump_json()
+                        if storage not in shared:  # the item's dense prefill with this storage, made once
+                            shared[storage] = sample.dense(cfg.quant)
                         with patch_fn(self.model, cfg) as handle:
                             try:
-                                rec = sample(handle, shared)
+                                rec = sample(handle, shared[storage])
                             except PrefillMismatch:  # this method prefills alone from now on, in a fresh patch
                                 self.own_prefill.add(cfg.name)
                     if rec is None:
@@ -584,7 +586,7 @@ class _Loop:
                     "seconds": gen.prefill_s + gen.decode_s, **mode, **prep.meta,
                     **({"prefill": "shared"} if getattr(gen, "prefill", "own") == "shared" else {})}
 
-        sample.dense = lambda: dense_prefill(self.model, prep.prompt)  # type: ignore[attr-defined]
+        sample.dense = lambda quant: dense_prefill(self.model, prep.prompt, quant)  # type: ignore[attr-defined]
         return sample
 
     def _stream(self, suite: SuiteSpec, item: Item):
