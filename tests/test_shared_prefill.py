@@ -59,7 +59,6 @@ def logits_after(model, handle, p, shared=None) -> torch.Tensor:
     if shared is None:
         out = [model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw).logits[0, -1]]  # as generate() runs it
     else:
-        handle._ensure_cache(cache)
         replay_prefill(handle, cache, shared)
         out = [shared.logits]
     for t in range(STEPS):
@@ -95,7 +94,6 @@ def test_a_prefill_that_is_not_the_shared_one_is_refused_at_the_first_layer_that
     shared = dense_prefill(model, prompt())  # in the model's dtype: quantised tables attend other keys
     with kvtools.patch(model, cfg) as h:
         cache = h.make_cache()
-        h._ensure_cache(cache)
         with pytest.raises(PrefillMismatch, match="does not prefill densely"):
             replay_prefill(h, cache, shared)
 
@@ -124,7 +122,6 @@ def test_replayed_layers_reuse_the_dense_attention_instead_of_attending_again(mo
     monkeypatch.setattr(dense, "_attend_slots", lambda *a: calls.append(a[0].shape) or real(*a))
     with kvtools.patch(model, {"cache": {"method": "snapkv", "budget": 0.5, "window": 4, "kernel": 3}}) as h:
         cache = h.make_cache()
-        h._ensure_cache(cache)
         replay_prefill(h, cache, shared)
     assert calls == []  # both layers: equal table and queries, the kept output
     # a call whose inputs differ (one query changed) is attended, not answered from the memo
@@ -160,7 +157,9 @@ def run_dict(out, share: bool) -> dict:
         "methods": ["full", {"name": "snap", "cache": {"method": "snapkv", "budget": 0.5, "window": 8}},
                     {"name": "sllm", "cache": {"method": "streamingllm", "n_sink": 4, "window": 0.25}},
                     {"name": "snap-int8", "quant": {"bits": 8, "group": 32},
-                     "cache": {"method": "snapkv", "budget": 0.5, "window": 8}}],
+                     "cache": {"method": "snapkv", "budget": 0.5, "window": 8}},
+                    {"name": "full-int8", "quant": {"bits": 8, "group": 32}},
+                    {"name": "full-int4", "quant": {"bits": 4, "group": 32}}],
         "suites": [{"suite": "niah", "lengths": [512], "depths": [0, 100], "max_new_tokens": 4},
                    {"suite": "ruler", "tasks": ["vt"], "lengths": [512], "max_new_tokens": 4},
                    {"suite": "ppl", "lengths": [300], "chunk": 128, "segment": 100}],
@@ -178,15 +177,21 @@ def test_an_eval_run_sharing_its_prefill_writes_the_same_records(tmp_path, monke
     shared = run_eval(run_dict(tmp_path / "shared", True), quiet=True, model=model, tokenizer=tok, report=False)
     assert records(shared) == records(own)
     how = {(r["method"], r["suite"]): r.get("prefill", "own") for r in shared.records}
-    assert how == {(m, s): "own" if s == "ppl" else "shared"
-                   for m in ("full", "snap", "sllm", "snap-int8") for s in ("niah", "ruler", "ppl")}
+    # int8 storage: its two methods share an int8 prefill; int4: one method, which prefills alone
+    assert how == {(m, s): "own" if s == "ppl" or m == "full-int4" else "shared"
+                   for m in ("full", "snap", "sllm", "snap-int8", "full-int8", "full-int4")
+                   for s in ("niah", "ruler", "ppl")}
     assert not any("prefill" in r for r in own.records)
 
     # a method the per-layer check refuses prefills alone, in a fresh patch, and is not tried again
     import kvtools.eval.run as run_mod
 
+    import kvtools.eval.generation as gen_mod
+
     tried = []
-    monkeypatch.setattr(run_mod, "replayable", lambda c: tried.append(c.name) or True)
+    real_replay = gen_mod.replay_prefill
+    monkeypatch.setattr(run_mod, "replayable", lambda c: True)
+    monkeypatch.setattr(gen_mod, "replay_prefill", lambda p, *a: tried.append(p.config.name) or real_replay(p, *a))
     spec = run_dict(tmp_path / "forced", True)
     spec["methods"].append({"name": "flex", **CASES["prefill", "flexprefill"].sparse})
     forced = run_eval(spec, quiet=True, model=model, tokenizer=tok, report=False)
@@ -195,3 +200,19 @@ def test_an_eval_run_sharing_its_prefill_writes_the_same_records(tmp_path, monke
     assert records(forced) == sorted(records(own) + records(alone))
     assert tried.count("flex") == 1 and tried.count("snap") == 3  # 3 prompt items
     assert all(r.get("prefill", "own") == "own" for r in forced.records if r["method"] == "flex")
+
+
+def test_a_model_that_cannot_give_a_shared_prefill_runs_every_method_alone(tmp_path, monkeypatch, tok):
+    import kvtools.eval.run as run_mod
+
+    model = tiny_lm32()
+    calls = []
+
+    def split_model(*a):  # as a model whose layers sit on several devices
+        calls.append(1)
+        raise PrefillMismatch("the dense prefill ran in more than one step (a model over several devices)")
+
+    monkeypatch.setattr(run_mod, "dense_prefill", split_model)
+    res = run_eval(run_dict(tmp_path / "split", True), quiet=True, model=model, tokenizer=tok, report=False)
+    own = run_eval(run_dict(tmp_path / "own", False), quiet=True, model=model, tokenizer=tok, report=False)
+    assert records(res) == records(own) and len(calls) == 1

@@ -71,17 +71,27 @@ def replayable(config: Any) -> bool:
     return prefill.method == "dense" and not getattr(prefill, "chunk", None)
 
 
+#: generation settings ``generate`` takes from the model's own ``generation_config`` when the eval's config leaves
+#: them unset, and the values under which its first greedy token is the argmax of the prefill's logits: no
+#: penalties, bans, forced or minimum lengths, beams, guidance, watermarks, contrastive search, chunked prefill
+_ARGMAX_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "sequence_bias": (None,), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "forced_decoder_ids": (None,), "min_length": (None, 0),
+    "min_new_tokens": (None, 0), "exponential_decay_length_penalty": (None,), "num_beams": (None, 1),
+    "num_beam_groups": (None, 1), "penalty_alpha": (None, 0, 0.0), "guidance_scale": (None, 1, 1.0),
+    "watermarking_config": (None,), "prefill_chunk_size": (None,), "remove_invalid_values": (None, False),
+    "dola_layers": (None,), "assistant_model": (None,), "prompt_lookup_num_tokens": (None,),
+}
+
+
 def greedy_is_argmax(model: Any) -> bool:
-    """The model's own generation defaults leave greedy decoding an argmax of the logits (no penalties, bans or
-    forced tokens), so the first new token of a shared prefill is its logits' argmax, as ``generate`` picks it."""
+    """The model's own generation defaults (which ``generate`` fills unset settings from) leave greedy
+    decoding an argmax of the logits, so the first new token of a shared prefill is its logits' argmax, as
+    ``generate`` picks it (see ``_ARGMAX_SETTINGS``)."""
     gc = getattr(model, "generation_config", None)
-    if gc is None:
-        return True
-    plain = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
-             "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
-             "forced_eos_token_id": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
-             "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0)}
-    return all(getattr(gc, k, None) in ok for k, ok in plain.items())
+    return gc is None or all(getattr(gc, k, None) in ok for k, ok in _ARGMAX_SETTINGS.items())
 
 
 def dense_prefill(model: Any, prompt: Any, quant: Any = None) -> DensePrefill:
@@ -116,8 +126,8 @@ def dense_prefill(model: Any, prompt: Any, quant: Any = None) -> DensePrefill:
                         **p.cache_kwargs(p.make_cache()))
         sync(device)
         seconds = time.perf_counter() - start
-    if len({id(s) for s in steps}) != 1:  # one call, one step (a chunked or split prefill is not replayed)
-        raise PrefillMismatch("the dense prefill ran in more than one step")
+    if len({id(s) for s in steps}) != 1:  # one call, one step: a model split over devices has a copy per device
+        raise PrefillMismatch("the dense prefill ran in more than one step (a model over several devices)")
     memo.record = False
     return DensePrefill(ids, steps[0], layers, out.logits[0, -1].float(), seconds, memo)
 
@@ -128,6 +138,7 @@ def replay_prefill(patch: Any, cache: Any, shared: DensePrefill) -> None:
     output differs from the dense one."""
     import torch
 
+    cache = patch._ensure_cache(cache)  # as the model forward takes it: this patch's storage and owner
     step = replace(shared.step, deferred=[])
     cache.step = step
     memo = shared.memo
@@ -198,6 +209,10 @@ def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new
     if isinstance(pad, list):
         pad = pad[0]
     if prefill is not None:
+        if split is not None:
+            raise ValueError("split: a question-agnostic prompt is fed in two calls; a shared prefill is one")
+        if prefill.ids.shape != ids.shape or not bool((prefill.ids == ids).all()):
+            raise ValueError("prefill: a dense prefill of another prompt")
         return _generate_shared(model, tokenizer, patch, prefill, cache, max_new_tokens, eos, pad)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     timer = _FirstTokenTimer(device)
@@ -241,7 +256,6 @@ def _generate_shared(model: Any, tokenizer: Any, patch: Any, shared: DensePrefil
     sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        patch._ensure_cache(cache)
         replay_prefill(patch, cache, shared)
     sync(device)
     first = time.perf_counter()

@@ -53,6 +53,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -486,6 +487,11 @@ def _refuse_random(run: Run) -> None:
                           "`kvtools bench`")
 
 
+def _storage(config: KVConfig) -> str | None:
+    """The KV storage a method's prefill attends (its ``quant`` section, None: the model's dtype)."""
+    return None if config.quant is None else config.quant.model_dump_json()
+
+
 def _load(run: Run):
     _refuse_random(run)
     from ..models import load_model
@@ -510,11 +516,13 @@ class _Loop:
     prompts_seen: dict[tuple, str]
     #: methods found not to prefill as the dense prefill does (share_prefill): they prefill alone
     own_prefill: set[str] = field(default_factory=set)
+    #: False once the model could not give a shared prefill (share_prefill)
+    sharing: bool = True
 
     def _shares(self, cfg: KVConfig) -> bool:
         """Whether ``cfg`` replays the item's shared dense prefill (the run asks for it, the default generation
         runs, question-aware, and the method may and has not failed to)."""
-        return (self.run.spec.share_prefill and self.generate_fn is None and self.patch_fn is None
+        return (self.run.spec.share_prefill and self.sharing and self.generate_fn is None and self.patch_fn is None
                 and self.run.question == "aware" and cfg.name not in self.own_prefill and replayable(cfg))
 
     def run_all(self, todo: list[tuple[SuiteSpec, Item, list[KVConfig]]], prepared: dict[Item, Prepared],
@@ -530,20 +538,31 @@ class _Loop:
             for suite, item, configs in todo:
                 sample = self._stream(suite, item) if suite.kind == "stream" else \
                     self._prompt(suite, item, prepared.get(item))
+                # the item's dense prefill per KV storage, made when its first method replays it and dropped
+                # after its last one; a storage only one method would replay is not worth a prefill of its own
                 shared: dict[str | None, DensePrefill] = {}
+                users = Counter(_storage(c) for c in configs if suite.kind != "stream" and self._shares(c))
+                left = Counter(users)
                 for cfg in configs:
                     bar.set_postfix(method=cfg.name, suite=item.suite, task=item.task, length=item.length)
                     t0 = time.perf_counter()
                     rec = None
-                    if suite.kind != "stream" and self._shares(cfg):
-                        storage = None if cfg.quant is None else cfg.quant.model_dump_json()
-                        if storage not in shared:  # the item's dense prefill with this storage, made once
-                            shared[storage] = sample.dense(cfg.quant)
-                        with patch_fn(self.model, cfg) as handle:
-                            try:
-                                rec = sample(handle, shared[storage])
-                            except PrefillMismatch:  # this method prefills alone from now on, in a fresh patch
-                                self.own_prefill.add(cfg.name)
+                    storage = _storage(cfg)
+                    if suite.kind != "stream" and self._shares(cfg) and users[storage] > 1:
+                        left[storage] -= 1
+                        try:
+                            if storage not in shared:
+                                shared[storage] = sample.dense(cfg.quant)
+                        except PrefillMismatch:  # this model cannot give one (split over devices): none shares
+                            self.sharing = False
+                        if storage in shared:
+                            with patch_fn(self.model, cfg) as handle:
+                                try:
+                                    rec = sample(handle, shared[storage])
+                                except PrefillMismatch:  # this method prefills alone from now on, freshly patched
+                                    self.own_prefill.add(cfg.name)
+                        if left[storage] == 0:
+                            shared.pop(storage, None)
                     if rec is None:
                         with patch_fn(self.model, cfg) as handle:
                             rec = sample(handle)
