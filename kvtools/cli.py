@@ -69,7 +69,7 @@ def _cmd_niah(args: argparse.Namespace) -> int:
     run = niah_grid(  # configs, grid and haystack validated; nothing loaded
         args.model, _split_configs(args.config), args.lengths, args.depths, args.samples, args.haystack,
         args.max_new_tokens, args.seed, args.out, question="agnostic" if args.question_agnostic else "aware",
-        dtype=args.dtype,
+        dtype=args.dtype, share_prefill=args.share_prefill,
     )
     check_out_dir(args.out)
     _check_model(args.model, run.suites[0].lengths)
@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--question-agnostic", action="store_true",
                       help="feed the haystack first, compressed before the question is seen, then the question "
                            "(kept whole); default: the whole prompt in one call (question-aware)")
+    niah.add_argument("--share-prefill", action="store_true",
+                      help="one dense prefill per prompt, replayed into every method that prefills as full does "
+                           "(checked per layer): the same results, faster with many methods")
     _add_out_seed_quiet(niah, "runs/niah")
 
     ev = _command(sub, "eval", _cmd_eval, "a YAML-configured run: methods x suites (niah, passkey, ruler, ppl), "

@@ -216,3 +216,23 @@ def test_a_model_that_cannot_give_a_shared_prefill_runs_every_method_alone(tmp_p
     res = run_eval(run_dict(tmp_path / "split", True), quiet=True, model=model, tokenizer=tok, report=False)
     own = run_eval(run_dict(tmp_path / "own", False), quiet=True, model=model, tokenizer=tok, report=False)
     assert records(res) == records(own) and len(calls) == 1
+
+
+def test_niah_command_shares_its_prefill(tmp_path, monkeypatch, tok):
+    import kvtools.models
+    from kvtools.cli import main
+
+    model = tiny_lm32()
+    monkeypatch.setattr(kvtools.models, "load_model", lambda name=None, dtype=torch.float32, device=None, **kw: (
+        model, tok))
+    monkeypatch.setattr(kvtools.models, "model_context_length", lambda name: 4096)
+    outs = {}
+    for flag in ([], ["--share-prefill"]):
+        out = tmp_path / ("shared" if flag else "own")
+        assert main(["niah", "--config", "full,snapkv-0.25,streamingllm-0.25", "--lengths", "600", "--depths", "0,100",
+                     "--max-new-tokens", "4", "--out", str(out), "--quiet", *flag]) == 0
+        outs[bool(flag)] = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert all(r["prefill"] == "shared" for r in outs[True]) and not any("prefill" in r for r in outs[False])
+    strip = lambda rs: sorted(json.dumps({k: v for k, v in r.items() if k not in TIMING}, sort_keys=True)
+                              for r in rs)
+    assert strip(outs[True]) == strip(outs[False])

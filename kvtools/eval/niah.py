@@ -97,6 +97,7 @@ def niah_grid(
     *,
     question: str = "aware",
     dtype: str = "float32",
+    share_prefill: bool = False,
 ) -> NiahGrid:
     """The run of a NIAH grid, validated (configs, grid, haystack folder, question mode); nothing is loaded.
 
@@ -111,7 +112,7 @@ def niah_grid(
                              "samples": samples, "max_new_tokens": max_new_tokens, "haystack": haystack}, "niah")
     check_question(question, [suite])
     spec = RunFile(model=model_name, methods=[c.to_dict() for c in resolved], suites=[suite.model_dump()],
-                   seed=seed, out=str(out_dir), question=question, dtype=dtype)
+                   seed=seed, out=str(out_dir), question=question, dtype=dtype, share_prefill=share_prefill)
     return NiahGrid(spec, resolved, [suite])
 
 
@@ -133,6 +134,7 @@ def run_niah(
     report: bool = True,
     question: str = "aware",
     dtype: str = "float32",
+    share_prefill: bool = False,
 ) -> EvalResult | None:
     """Run (or resume) a needle-in-a-haystack grid and write its results (what ``kvtools niah`` does);
     returns the records and summary (``None`` on the other processes of an ``accelerate launch``).
@@ -159,6 +161,8 @@ def run_niah(
             question is fed; the question kept whole: scored cache methods run with ``calls: first``).
         dtype: the model's dtype when this run loads it (``float32``, ``bfloat16``, ``float16``): the KV cache's
             too; a folder holds one dtype's results.
+        share_prefill: one dense prefill per prompt, replayed into each method that prefills as ``full``
+            does (:mod:`kvtools.eval.generation`): the same records, faster over many methods.
 
     Everything is validated (configs, grid, haystack folder, resume compatibility)
     before the model is loaded; a length beyond the model's context raises
@@ -168,6 +172,6 @@ def run_niah(
     >>> print(run.summary)  # doctest: +SKIP
     """
     run = niah_grid(model_name, configs, lengths, depths, samples, haystack_dir, max_new_tokens, seed, out_dir,
-                    question=question, dtype=dtype)
+                    question=question, dtype=dtype, share_prefill=share_prefill)
     return run_eval(run, out_dir, quiet, model=model, tokenizer=tokenizer, generate_fn=generate_fn,
                     patch_fn=patch_fn, report=report)
