@@ -22,10 +22,10 @@ from .helpers import byte_tokenizer
 TIMING = ("prefill_s", "decode_s", "decode_ms", "seconds")  # the record fields that differ from run to run
 
 
-def tiny_lm():
+def tiny_lm(head_dim: int = 16):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=4096,
                       pad_token_id=0, eos_token_id=1, bos_token_id=1)
     return AutoModelForCausalLM.from_config(cfg).eval()
 

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import kvtools
 import kvtools.attention.dense as dense
@@ -21,6 +20,7 @@ from kvtools.eval.run import run_eval
 from .conftest import ALL_FAMILIES, tiny_model
 from .helpers import byte_tokenizer
 from .test_contract import CASES
+from .test_eval_run import tiny_lm
 
 pytestmark = pytest.mark.mechanics
 
@@ -141,11 +141,7 @@ def test_replayed_layers_reuse_the_dense_attention_instead_of_attending_again(mo
 
 
 def tiny_lm32():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_lm(head_dim=32)  # quant groups of 32 channels
 
 
 TIMING = ("prefill_s", "decode_s", "decode_ms", "seconds", "prefill")
