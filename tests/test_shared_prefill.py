@@ -178,6 +178,13 @@ def test_an_eval_run_sharing_its_prefill_writes_the_same_records(tmp_path, monke
                    for m in ("full", "snap", "sllm", "snap-int8", "full-int8", "full-int4")
                    for s in ("niah", "ruler", "ppl")}
     assert not any("prefill" in r for r in own.records)
+    # reports: a shared prefill's time is not the method's own
+    from kvtools.eval.eval_report import eval_markdown, summarize_eval
+
+    pre = {(r["method"], r["suite"]): r["prefill_s"] for r in summarize_eval(shared.records) if r["task"] != "*"}
+    assert pre[("snap", "niah")] is None and pre[("full-int4", "niah")] > 0
+    assert "replayed a shared dense prefill" in eval_markdown(shared.records)
+    assert "replayed a shared" not in eval_markdown(own.records)
 
     # a method the per-layer check refuses prefills alone, in a fresh patch, and is not tried again
     import kvtools.eval.run as run_mod
@@ -229,6 +236,10 @@ def test_niah_command_shares_its_prefill(tmp_path, monkeypatch, tok):
                      "--max-new-tokens", "4", "--out", str(out), "--quiet", *flag]) == 0
         outs[bool(flag)] = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert all(r["prefill"] == "shared" for r in outs[True]) and not any("prefill" in r for r in outs[False])
+    from kvtools.eval.report import summarize
+
+    assert all(row["prefill_s"] is None and row["seconds"] is None for row in summarize(outs[True]))
+    assert all(row["prefill_s"] > 0 for row in summarize(outs[False]))
     strip = lambda rs: sorted(json.dumps({k: v for k, v in r.items() if k not in TIMING}, sort_keys=True)
                               for r in rs)
     assert strip(outs[True]) == strip(outs[False])

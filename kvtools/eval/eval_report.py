@@ -20,6 +20,9 @@ def _mean(xs: Sequence[float]) -> float | None:
 def summarize_eval(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (suite, task, length, method): n, mean score (x100), timings, KV bytes, ratios to full.
 
+    ``prefill_s`` is the mean over the records that prefilled alone (a record that replayed a shared prefill,
+    ``prefill: shared``, has that prefill's time in it, not the method's own); None when none did.
+
     Rows with task ``*`` average the suite's tasks (each task weighted equally).
     """
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -32,7 +35,8 @@ def summarize_eval(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({
             "suite": suite, "task": task, "length": length, "method": method, "n": len(rs),
             "score": 100 * _mean([float(r["score"]) for r in rs]),
-            "prefill_s": _mean([r.get("prefill_s") for r in rs]),
+            # a shared prefill's time is not the method's own (share_prefill): only records that prefilled alone
+            "prefill_s": _mean([r.get("prefill_s") for r in rs if r.get("prefill") != "shared"]),
             "decode_ms": _mean([r.get("decode_ms") for r in rs]),
             "kv_bytes": _mean([r.get("kv_bytes") for r in rs]),
         })
@@ -142,6 +146,9 @@ def eval_markdown(records: Sequence[dict[str, Any]], title: str = "") -> str:
                 vals = [_mean([r["score"] for r in srows if r["task"] == t and r["method"] == m]) for m in methods]
                 out.append(f"| {t} | " + " | ".join(_f(v, ".1f") for v in vals) + " |")
         out.append("")
+    if any(r.get("prefill") == "shared" for r in records):
+        out += ["prefill s: the mean over the records that prefilled alone; the others replayed a shared dense "
+                "prefill (share_prefill), whose time is not the method's own (— where every record did).", ""]
     ppl = [r for r in records if r.get("ppl_segments")]
     if ppl:
         out += ["### ppl — perplexity per segment of the stream", ""]

@@ -162,7 +162,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-method means, per length and overall (``length == 'all'``), with ratios to ``full``.
 
     Each row: ``method, length, n, score, kv_bytes, kv_mib, seconds, prefill_s, decode_s,
-    score_vs_full, kv_vs_full``. Ratios compare the method with ``full`` on the samples
+    score_vs_full, kv_vs_full``; ``seconds`` and ``prefill_s`` over the samples that prefilled alone (not
+    ``prefill: shared``; None when none did). Ratios compare the method with ``full`` on the samples
     both have (same length, depth, sample), so partial runs compare like with like;
     they are ``None`` without a ``full`` run (or when full's mean is 0).
 
@@ -189,8 +190,9 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "score": _mean(float(r["score"]) for r in sel),
                 "kv_bytes": kv,
                 "kv_mib": kv / MIB if kv is not None else None,
-                "seconds": _mean(float(r.get("seconds", 0.0)) for r in sel),
-                "prefill_s": _mean(float(r.get("prefill_s", 0.0)) for r in sel),
+                # a shared prefill's time is not the method's own (share_prefill): only records that prefilled alone
+                "seconds": _mean(float(r.get("seconds", 0.0)) for r in sel if r.get("prefill") != "shared"),
+                "prefill_s": _mean(float(r.get("prefill_s", 0.0)) for r in sel if r.get("prefill") != "shared"),
                 "decode_s": _mean(float(r.get("decode_s", 0.0)) for r in sel),
                 "score_vs_full": None,
                 "kv_vs_full": None,
@@ -264,6 +266,9 @@ def summary_markdown(records: Sequence[dict[str, Any]], title: str | None = None
             f"| {m} | {_fmt(r['prefill_s'], '.3f')} | {_fmt(r['decode_s'], '.3f')} | "
             f"{_fmt(r['seconds'], '.3f')} | {r['n']} |"
         )
+    if any(r.get("prefill") == "shared" for r in records):
+        out += ["", "Prefill and total: the mean over the samples that prefilled alone; the others replayed a shared "
+                "dense prefill (share_prefill), whose time is not the method's own (– where every sample did)."]
     return "\n".join(out) + "\n"
 
 
