@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = _command(sub, "eval", _cmd_eval, "a YAML-configured run: methods x suites (niah, passkey, ruler, ppl), "
                   "resumable", "Run (or resume) the evaluation described by a run file; "
-                  "`accelerate launch -m kvtools eval RUN.yaml` shards it over processes.")
+                  "`accelerate launch -m kvtools eval RUN.yaml` (GPUs) or `torchrun --nproc_per_node N -m kvtools eval "
+                  "RUN.yaml` (CPU) shards it over processes.")
     ev.add_argument("run", help="run file (YAML), e.g. configs/eval/ruler-smollm2.yaml")
     ev.add_argument("--out", default=None, help="output folder (default: the run file's `out`)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -173,8 +173,9 @@ def test_resume_accepts_a_record_without_parameters_added_since(tmp_path, tiny):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="multi-process launch tested on Linux")
-def test_accelerate_launch_two_cpu_processes(tmp_path, tiny):
-    """`accelerate launch -m kvtools eval` with 2 CPU processes == one process (content)."""
+def test_two_cpu_processes_shard_the_run(tmp_path, tiny):
+    """`torchrun --nproc_per_node 2 -m kvtools eval` (what `accelerate launch` runs on several GPUs; on CPU
+    accelerate's simple launcher starts one process) == one process (content)."""
     model, tok = tiny
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
@@ -183,14 +184,16 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny):
     raw["model"] = str(model_dir)
     raw["suites"] = raw["suites"][:2]
     (tmp_path / "run.yaml").write_text(json.dumps(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "kvtools", "eval", str(tmp_path / "run.yaml"), "--quiet"],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         "-m", "kvtools", "eval", str(tmp_path / "run.yaml")],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # 3 items x 2 methods: the first process's bar counts its own items' 4 samples, never all 6
+    assert "/4 [" in proc.stderr and "/6 [" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "launched" / "shards").exists()  # merged into results.jsonl
     single = run_eval({**raw, "out": str(tmp_path / "single")}, quiet=True)
     launched = [json.loads(x) for x in (tmp_path / "launched" / RESULTS).read_text().splitlines()]
     assert strip(launched) == strip(single.records)
