@@ -73,6 +73,8 @@ def _cmd_niah(args: argparse.Namespace) -> int:
     )
     check_out_dir(args.out)
     _check_model(args.model, run.suites[0].lengths)
+    if args.processes > 1:
+        return _spawn(args, [None])
     return _run([(run, args.out)], args.quiet)
 
 
@@ -90,7 +92,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if one.spec.model is None or not one.spec.model.startswith("random:"):
             _check_model(one.spec.model)
         runs.append((one, out))
+    if args.processes > 1:
+        return _spawn(args, [one.spec.device for one, _ in runs])
     return _run(runs, args.quiet)
+
+
+def _spawn(args: argparse.Namespace, devices: list[str | None]) -> int:
+    """``--processes N`` (validated run): the same command in N one-process-per-shard workers on CPU cores, through
+    ``torchrun``; each takes every N-th item, the first merges the shards (as under ``accelerate launch``)."""
+    import socket
+    import subprocess
+
+    n = args.processes
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--processes: this command already runs under a launcher (WORLD_SIZE is set)")
+    if any(d not in (None, "cpu") for d in devices):
+        raise ConfigError("--processes shards a run over CPU cores; on GPUs use accelerate launch "
+                          "--multi_gpu --num_processes N -m kvtools ...")
+    with socket.socket() as sock:  # a free port for the workers' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    threads = max(1, (os.cpu_count() or n) // n)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    rest, skip = [], False
+    for a in args.argv:  # the same command without --processes
+        if skip:
+            skip = False
+        elif a == "--processes":
+            skip = True
+        elif not a.startswith("--processes="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "kvtools", *rest]
+    return subprocess.call(cmd, env=env)
 
 
 def _run(runs: list, quiet: bool) -> int:
@@ -340,6 +374,13 @@ def _add_out_seed_quiet(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_processes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--processes", type=_positive_int, default=1, metavar="N",
+                        help="shard the run over N worker processes on CPU cores (torchrun; each takes every N-th "
+                             "item with cores/N threads; the first merges the results): on a few cores N one-thread "
+                             "workers decode a small model faster than one N-thread process (default: 1)")
+
+
 def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str,
              description: str | None = None) -> argparse.ArgumentParser:
     """The subparser (``sub``: the parser's subparsers) of command ``name``, which runs ``func(args)``."""
@@ -382,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--question-agnostic", action="store_true",
                       help="feed the haystack first, compressed before the question is seen, then the question "
                            "(kept whole); default: the whole prompt in one call (question-aware)")
+    _add_processes(niah)
     niah.add_argument("--share-prefill", action="store_true",
                       help="one dense prefill per prompt, replayed into every method that prefills as full does "
                            "(checked per layer): the same results, faster with many methods")
@@ -389,11 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = _command(sub, "eval", _cmd_eval, "a YAML-configured run: methods x suites (niah, passkey, ruler, ppl), "
                   "resumable", "Run (or resume) the evaluation described by a run file; "
-                  "`accelerate launch -m kvtools eval RUN.yaml` (GPUs) or `torchrun --nproc_per_node N -m kvtools eval "
-                  "RUN.yaml` (CPU) shards it over processes.")
+                  "`accelerate launch -m kvtools eval RUN.yaml` (GPUs) or `kvtools eval RUN.yaml --processes N` "
+                  "(CPU cores) shards it over processes.")
     ev.add_argument("run", help="run file (YAML), e.g. configs/eval/ruler-smollm2.yaml")
     ev.add_argument("--out", default=None, help="output folder (default: the run file's `out`)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_processes(ev)
 
     bench = _command(sub, "bench", _cmd_bench, "prefill time, decode ms/token, KV bytes and memory per method, "
                      "side by side", "Speed and memory of each method vs full, measured interleaved in one process.")
@@ -502,7 +545,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["configs"])  # doctest: +SKIP
     full               Keep every K/V entry (the baseline).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if args.no_cache:  # read by every load_model() of this process
         os.environ["KVTOOLS_MODEL_CACHE"] = "0"
     try:

@@ -184,6 +184,23 @@ def test_eval_run_file_out_under_a_file(tmp_path, capsys):
     assert err.startswith("error: out: ") and "which is a file" in err
 
 
+def test_processes_refused_on_gpus_and_under_a_launcher(tmp_path, capsys, model_dir, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("workers started"))
+    run = write_run(tmp_path / "run.yaml", tmp_path / "out", str(model_dir))
+    raw = json.loads(run.read_text())
+    (tmp_path / "gpu.yaml").write_text(json.dumps({**raw, "device": "cuda"}))
+    err = cli(capsys, "eval", tmp_path / "gpu.yaml", "--processes", "2")
+    assert "on GPUs use accelerate launch" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = cli(capsys, "eval", run, "--processes", "2")
+    assert "already runs under a launcher" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # argparse: not a positive count
+        main(["eval", str(run), "--processes", "0"])
+
+
 # ---------------------------------------------------------------- 4. lengths beyond the context, from the config
 @pytest.mark.parametrize("cmd", [*COMMANDS, "eval"])
 def test_length_beyond_context_is_refused_from_the_config(tmp_path, capsys, model_dir, cmd):
