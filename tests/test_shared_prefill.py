@@ -128,11 +128,9 @@ def test_replayed_layers_reuse_the_dense_attention_instead_of_attending_again(mo
     (args, out) = shared.memo.calls[0]
     q = args[0].clone()
     q[0, 0, -1, 0] += 1.0
-    with dense.attend_memo(shared.memo):
-        shared.memo.layer = 0
+    with dense.attend_memo(shared.memo), shared.memo.at(0):
         got = dense.attend_slots(q, *args[1:])
         again = dense.attend_slots(*args)
-        shared.memo.layer = None
     assert len(calls) == 1 and not torch.equal(got, out) and again is out
     assert torch.equal(got, real(q, *args[1:]))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -102,9 +102,24 @@ class AttendMemo:
     layer: int | None = None
     calls: dict[int, tuple[tuple[Any, ...], torch.Tensor]] = field(default_factory=dict)
 
-    def lookup(self, args: tuple[Any, ...]) -> torch.Tensor | None:
-        hit = self.calls.get(self.layer) if self.layer is not None else None
-        return hit[1] if hit is not None and all(map(_same, hit[0], args)) else None
+    @contextmanager
+    def at(self, layer: int) -> Iterator[None]:
+        """Calls within the block are ``layer``'s."""
+        self.layer = layer
+        try:
+            yield
+        finally:
+            self.layer = None
+
+    def attend(self, fn: Callable[..., torch.Tensor], args: tuple[Any, ...]) -> torch.Tensor:
+        """``fn(*args)`` for the current layer: kept (recording) or answered from the kept call when ``args``
+        equal its inputs."""
+        if self.record:
+            out = fn(*args)
+            self.calls.setdefault(self.layer, (args, out))
+            return out
+        hit = self.calls.get(self.layer)
+        return hit[1] if hit is not None and all(map(_same, hit[0], args)) else fn(*args)
 
 
 _MEMO: ContextVar[AttendMemo | None] = ContextVar("kvtools_attend_memo", default=None)
@@ -142,16 +157,9 @@ def attend_slots(
 
     ``layout`` (the table's :attr:`~kvtools.cache.SlotLayer.layout`, the queries its last tokens): what the
     host knows about the table, so the path is chosen without reading the device."""
-    memo = _MEMO.get()
-    if memo is None or memo.layer is None:
-        return _attend_slots(q, keys, values, valid, idx, q_idx, scale, sliding_window, layout)
     args = (q, keys, values, valid, idx, q_idx, scale, sliding_window, layout)
-    if not memo.record:
-        hit = memo.lookup(args)
-        return hit if hit is not None else _attend_slots(*args)
-    out = _attend_slots(*args)
-    memo.calls.setdefault(memo.layer, (args, out))
-    return out
+    memo = _MEMO.get()
+    return _attend_slots(*args) if memo is None or memo.layer is None else memo.attend(_attend_slots, args)
 
 
 def _attend_slots(

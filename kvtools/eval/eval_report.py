@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import BASELINE, format_length
+from .report import BASELINE, format_length, prefilled_alone
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -35,8 +35,7 @@ def summarize_eval(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({
             "suite": suite, "task": task, "length": length, "method": method, "n": len(rs),
             "score": 100 * _mean([float(r["score"]) for r in rs]),
-            # a shared prefill's time is not the method's own (share_prefill): only records that prefilled alone
-            "prefill_s": _mean([r.get("prefill_s") for r in rs if r.get("prefill") != "shared"]),
+            "prefill_s": _mean([r.get("prefill_s") for r in rs if prefilled_alone(r)]),
             "decode_ms": _mean([r.get("decode_ms") for r in rs]),
             "kv_bytes": _mean([r.get("kv_bytes") for r in rs]),
         })
@@ -146,7 +145,7 @@ def eval_markdown(records: Sequence[dict[str, Any]], title: str = "") -> str:
                 vals = [_mean([r["score"] for r in srows if r["task"] == t and r["method"] == m]) for m in methods]
                 out.append(f"| {t} | " + " | ".join(_f(v, ".1f") for v in vals) + " |")
         out.append("")
-    if any(r.get("prefill") == "shared" for r in records):
+    if not all(map(prefilled_alone, records)):
         out += ["prefill s: the mean over the records that prefilled alone; the others replayed a shared dense "
                 "prefill (share_prefill), whose time is not the method's own (— where every record did).", ""]
     ppl = [r for r in records if r.get("ppl_segments")]

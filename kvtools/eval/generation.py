@@ -111,9 +111,8 @@ def dense_prefill(model: Any, prompt: Any, quant: Any = None) -> DensePrefill:
         orig = p.policy.attend
 
         def attend(layer, q, k, v, step, info):
-            memo.layer = info.layer_idx
-            out = orig(layer, q, k, v, step, info)
-            memo.layer = None
+            with memo.at(info.layer_idx):
+                out = orig(layer, q, k, v, step, info)
             layers.append((info, q, k, v, out))
             steps.append(step)
             return out
@@ -145,16 +144,15 @@ def replay_prefill(patch: Any, cache: Any, shared: DensePrefill) -> None:
     try:
         with attend_memo(memo):
             for info, q, k, v, out in shared.layers:  # copies: a policy may keep or write its inputs in place
-                memo.layer = info.layer_idx
-                got = patch.policy.attend(cache.layer(info.layer_idx), q.clone(), k.clone(), v.clone(), step, info)
-                memo.layer = None
+                with memo.at(info.layer_idx):
+                    got = patch.policy.attend(cache.layer(info.layer_idx), q.clone(), k.clone(), v.clone(), step,
+                                              info)
                 if not torch.equal(got, out):
                     raise PrefillMismatch(f"layer {info.layer_idx}: '{patch.config.name}' does not prefill densely")
         for task in step.deferred:
             task()
         cache.seen += int(shared.ids.shape[1])
     finally:
-        memo.layer = None
         cache.step = None
 
 
@@ -197,7 +195,7 @@ def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new
     ...     gen = generate_greedy(model, tok, p, build_niah_prompt(tok, 1024, 50), 16)
     """
     import torch
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     device = model.device
     ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)
@@ -214,7 +212,7 @@ def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new
         if prefill.ids.shape != ids.shape or not bool((prefill.ids == ids).all()):
             raise ValueError("prefill: a dense prefill of another prompt")
         return _generate_shared(model, tokenizer, patch, prefill, cache, max_new_tokens, eos, pad)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    config = _greedy_config(max_new_tokens, eos, pad)
     timer = _FirstTokenTimer(device)
     sync(device)
     start = time.perf_counter()
@@ -243,12 +241,18 @@ def generate_greedy(model: Any, tokenizer: Any, patch: Any, prompt: Any, max_new
     )
 
 
+def _greedy_config(max_new_tokens: int, eos: Any, pad: Any) -> Any:
+    """The GenerationConfig of an eval's greedy decoding."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+
+
 def _generate_shared(model: Any, tokenizer: Any, patch: Any, shared: DensePrefill, cache: Any, max_new_tokens: int,
                      eos: Any, pad: Any) -> Generation:
     """:func:`generate_greedy` from a replayed :class:`DensePrefill`: its logits give the first token, then
     ``generate`` decodes the rest on the method's cache (its first call feeds that token alone)."""
     import torch
-    from transformers import GenerationConfig
 
     if not greedy_is_argmax(model):
         raise PrefillMismatch("the model's generation defaults change greedy decoding; prefill each method")
@@ -264,10 +268,9 @@ def _generate_shared(model: Any, tokenizer: Any, patch: Any, shared: DensePrefil
     stops = set(eos if isinstance(eos, list | tuple) else [eos]) - {None}
     if max_new_tokens > 1 and new[0] not in stops:
         ids = torch.cat([shared.ids, shared.ids.new_tensor([[new[0]]])], dim=1)
-        config = GenerationConfig(max_new_tokens=max_new_tokens - 1, do_sample=False, eos_token_id=eos,
-                                  pad_token_id=pad)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 generation_config=_greedy_config(max_new_tokens - 1, eos, pad),
                                  **patch.cache_kwargs(cache))
         new += out[0, n + 1:].tolist()
     sync(device)

@@ -158,6 +158,12 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
+def prefilled_alone(record: dict[str, Any]) -> bool:
+    """Whether a record's prefill time is the method's own: not a replayed shared prefill (``prefill: shared``,
+    ``share_prefill``), whose time is that prefill's."""
+    return record.get("prefill") != "shared"
+
+
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-method means, per length and overall (``length == 'all'``), with ratios to ``full``.
 
@@ -190,9 +196,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "score": _mean(float(r["score"]) for r in sel),
                 "kv_bytes": kv,
                 "kv_mib": kv / MIB if kv is not None else None,
-                # a shared prefill's time is not the method's own (share_prefill): only records that prefilled alone
-                "seconds": _mean(float(r.get("seconds", 0.0)) for r in sel if r.get("prefill") != "shared"),
-                "prefill_s": _mean(float(r.get("prefill_s", 0.0)) for r in sel if r.get("prefill") != "shared"),
+                "seconds": _mean(float(r.get("seconds", 0.0)) for r in sel if prefilled_alone(r)),
+                "prefill_s": _mean(float(r.get("prefill_s", 0.0)) for r in sel if prefilled_alone(r)),
                 "decode_s": _mean(float(r.get("decode_s", 0.0)) for r in sel),
                 "score_vs_full": None,
                 "kv_vs_full": None,
@@ -266,7 +271,7 @@ def summary_markdown(records: Sequence[dict[str, Any]], title: str | None = None
             f"| {m} | {_fmt(r['prefill_s'], '.3f')} | {_fmt(r['decode_s'], '.3f')} | "
             f"{_fmt(r['seconds'], '.3f')} | {r['n']} |"
         )
-    if any(r.get("prefill") == "shared" for r in records):
+    if not all(map(prefilled_alone, records)):
         out += ["", "Prefill and total: the mean over the samples that prefilled alone; the others replayed a shared "
                 "dense prefill (share_prefill), whose time is not the method's own (– where every sample did)."]
     return "\n".join(out) + "\n"

@@ -525,6 +525,24 @@ class _Loop:
         return (self.run.spec.share_prefill and self.sharing and self.generate_fn is None and self.patch_fn is None
                 and self.run.question == "aware" and cfg.name not in self.own_prefill and replayable(cfg))
 
+    def _replayed(self, sample: Any, cfg: KVConfig, shared: dict[str | None, DensePrefill], storage: str | None,
+                  patch_fn: PatchFn) -> dict[str, Any] | None:
+        """``cfg``'s record from the item's shared prefill for its storage (made on first use), or None: the
+        model cannot give one (split over devices: none shares from now on) or the method does not prefill as
+        it does (it prefills alone from now on, freshly patched)."""
+        if storage not in shared:
+            try:
+                shared[storage] = sample.dense(cfg.quant)
+            except PrefillMismatch:
+                self.sharing = False
+                return None
+        with patch_fn(self.model, cfg) as handle:
+            try:
+                return sample(handle, shared[storage])
+            except PrefillMismatch:
+                self.own_prefill.add(cfg.name)
+                return None
+
     def run_all(self, todo: list[tuple[SuiteSpec, Item, list[KVConfig]]], prepared: dict[Item, Prepared],
                 results: Path, quiet: bool) -> None:
         from tqdm.auto import tqdm
@@ -548,19 +566,9 @@ class _Loop:
                     t0 = time.perf_counter()
                     rec = None
                     storage = _storage(cfg)
-                    if suite.kind != "stream" and self._shares(cfg) and users[storage] > 1:
+                    if users[storage] > 1 and self._shares(cfg):
                         left[storage] -= 1
-                        try:
-                            if storage not in shared:
-                                shared[storage] = sample.dense(cfg.quant)
-                        except PrefillMismatch:  # this model cannot give one (split over devices): none shares
-                            self.sharing = False
-                        if storage in shared:
-                            with patch_fn(self.model, cfg) as handle:
-                                try:
-                                    rec = sample(handle, shared[storage])
-                                except PrefillMismatch:  # this method prefills alone from now on, freshly patched
-                                    self.own_prefill.add(cfg.name)
+                        rec = self._replayed(sample, cfg, shared, storage, patch_fn)
                         if left[storage] == 0:
                             shared.pop(storage, None)
                     if rec is None:
