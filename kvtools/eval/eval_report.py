@@ -239,32 +239,51 @@ def _colors(n: int) -> list:
 
 
 def _plot_frontier(shares: dict[str, dict[str, tuple[float, float]]], path: Path) -> Path:
-    """Per suite: every method at (mean KV share of full, mean score), the budgets of one method joined
-    (:func:`method_family`), the Pareto frontier dashed."""
+    frontier_figure(shares).savefig(path, dpi=110)
+    return path
+
+
+def frontier_figure(shares: dict[str, dict[str, tuple[float, float]]]) -> Any:
+    """Per suite (``{suite: {method: (mean KV share of full, mean score)}}``): every method at its point, labelled
+    (labels moved apart where points crowd), the budgets of one method joined (:func:`method_family`), the Pareto
+    frontier dashed."""
+    from adjustText import adjust_text
     from matplotlib.figure import Figure
 
     suites = [s for s, p in shares.items() if p]
-    fig = Figure(figsize=(5.2 * len(suites), 4.2))
+    fig = Figure(figsize=(6 * len(suites), 4.8))
     axes = fig.subplots(1, len(suites), squeeze=False)[0]
+    texts = []
     for ax, suite in zip(axes, suites):
         points = shares[suite]
         families: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
         for m, (x, y) in points.items():
             families[method_family(m)].append((100 * x, y, m))
         colors = _colors(len(families))
+        at: dict[tuple[float, float], list[str]] = defaultdict(list)  # methods drawn at one point share a label
         for (fam, pts), color in zip(families.items(), colors):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam, color=color)
             for x, y, m in pts:
-                ax.annotate(m, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                at[round(x, 1), round(y, 1)].append(m)
+        labels = [ax.text(x, y, ", ".join(ms), fontsize=6, color="0.2") for (x, y), ms in at.items()]
         front = pareto_front(points)
         ax.plot([100 * points[m][0] for m in front], [points[m][1] for m in front], "k--", lw=1, label="Pareto frontier")
         ax.set_title(suite)
         ax.set_xlabel("KV bytes held, % of full")
         ax.set_ylabel("score x100 (mean over lengths)")
-        ax.set_ylim(-3, 103)
+        # the scores' own range (RULER means sit far below 100), with room above for the labels
+        ax.set_ylim(-3, 1.2 * max(y for _, y in points.values()) + 8)
+        ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= 100])
+        ax.set_xlim(0, 105)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        texts.append(labels)
+    axes[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    for ax, labels in zip(axes, texts):
+        # labels moved off the points and apart where points crowd (budgets that score alike), each tied to its
+        # point by a line
+        xs, ys = zip(*(t.get_position() for t in labels))
+        adjust_text(labels, x=list(xs), y=list(ys), ax=ax, arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.4},
+                    time_lim=10)
+    return fig
