@@ -285,5 +285,5 @@ def frontier_figure(shares: dict[str, dict[str, tuple[float, float]]]) -> Any:
         # point by a line
         xs, ys = zip(*(t.get_position() for t in labels))
         adjust_text(labels, x=list(xs), y=list(ys), ax=ax, arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.4},
-                    time_lim=10)
+                    iter_lim=2000)
     return fig
