@@ -292,3 +292,34 @@ def test_a_model_passed_in_another_dtype_is_refused(tmp_path, tiny):
     with pytest.raises(ConfigError, match="dtype: the run is bfloat16, the model passed to it is float32"):
         run_eval(raw, quiet=True, model=model, tokenizer=tok)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_items_shared_prefill_is_freed_before_the_next_item(tmp_path, tiny, monkeypatch):
+    # a 32k shared prefill holds gigabytes: once its item is done nothing may keep it when the loop hands the
+    # freed memory back (_release_memory, after every item)
+    import weakref
+
+    import kvtools.eval.run as run_mod
+
+    made, alive = [], []
+    real_prefill, real_release = run_mod.dense_prefill, run_mod._release_memory
+
+    def tracking(*args, **kwargs):
+        out = real_prefill(*args, **kwargs)
+        made.append(weakref.ref(out))
+        return out
+
+    def checking():
+        real_release()
+        alive.append(sum(r() is not None for r in made))
+
+    monkeypatch.setattr(run_mod, "dense_prefill", tracking)
+    monkeypatch.setattr(run_mod, "_release_memory", checking)
+    spec = {"model": "tiny-test", "seed": 1, "out": str(tmp_path), "share_prefill": True,
+            "methods": ["full", {"name": "snap", "cache": {"method": "snapkv", "budget": 0.5, "window": 8}},
+                        {"name": "snap-25", "cache": {"method": "snapkv", "budget": 0.25, "window": 8}}],
+            "suites": [{"suite": "niah", "lengths": [1024], "depths": [0, 100], "max_new_tokens": 4}]}
+    model, tok = tiny
+    res = run_eval(spec, quiet=True, model=model, tokenizer=tok)
+    assert len(res.records) == 6 and all(r.get("prefill") == "shared" for r in res.records)
+    assert len(made) == 2 and alive == [0, 0]

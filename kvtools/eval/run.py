@@ -487,6 +487,19 @@ def _refuse_random(run: Run) -> None:
                           "`kvtools bench`")
 
 
+def _release_memory() -> None:
+    """Let glibc hand an item's freed heap back to the system before the next item's prefill. A long prompt's
+    shared prefill frees gigabytes that glibc otherwise keeps: on Gemma-3 at 4k the process grew 0.9 GB from the
+    first item to the second without this and stayed flat with it, and the 32k sweep was OOM-killed at its
+    third item."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _storage(config: KVConfig) -> str | None:
     """The KV storage a method's prefill attends (its ``quant`` section, None: the model's dtype)."""
     return None if config.quant is None else config.quant.model_dump_json()
@@ -581,6 +594,8 @@ class _Loop:
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
                     bar.update()
+                del sample, shared
+                _release_memory()
 
     def _prompt(self, suite: SuiteSpec, item: Item, prep: Prepared | None):
         """The generated sample of one item: ``handle -> record fields``, on one prompt for every method."""
