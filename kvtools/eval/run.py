@@ -584,6 +584,7 @@ class _Loop:
                         rec = self._replayed(sample, cfg, shared, storage, patch_fn)
                         if left[storage] == 0:
                             shared.pop(storage, None)
+                            _release_memory()  # before the next storage's prefill, not only at the item's end
                     if rec is None:
                         with patch_fn(self.model, cfg) as handle:
                             rec = sample(handle)
