@@ -488,7 +488,8 @@ def _refuse_random(run: Run) -> None:
 
 
 def _release_memory() -> None:
-    """Let glibc hand an item's freed heap back to the system before the next item's prefill. A long prompt's
+    """Let glibc hand freed heap back to the system before the next prefill (a dropped shared storage's, or an
+    item's at its end). A long prompt's
     shared prefill frees gigabytes that glibc otherwise keeps: on Gemma-3 at 4k the process grew 0.9 GB from the
     first item to the second without this and stayed flat with it, and the 32k sweep was OOM-killed at its
     third item."""
