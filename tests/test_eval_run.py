@@ -323,3 +323,41 @@ def test_an_items_shared_prefill_is_freed_before_the_next_item(tmp_path, tiny, m
     res = run_eval(spec, quiet=True, model=model, tokenizer=tok)
     assert len(res.records) == 6 and all(r.get("prefill") == "shared" for r in res.records)
     assert len(made) == 2 and alive == [0, 0, 0, 0]  # after each storage is dropped and after each item
+
+
+def test_an_items_storages_are_held_one_at_a_time_and_none_while_a_method_prefills_alone(tmp_path, monkeypatch):
+    # the run names an int8 method between dense ones, then one whose storage has no other user (it prefills alone),
+    # before the int8 storage's last method: the loop runs each storage's methods together, then the lone one
+    import weakref
+
+    import kvtools.eval.generation as generation
+    import kvtools.eval.run as run_mod
+
+    # bitsandbytes may log a warning with an exception when first imported; pytest keeps that record, whose
+    # traceback would keep the int8 prefill being made alive: import it before the run
+    pytest.importorskip("bitsandbytes.functional")
+    made, held_at_prefill = [], []
+    real_prefill, real_generate = run_mod.dense_prefill, generation.generate_greedy
+
+    def tracking(*args, **kwargs):
+        held_at_prefill.append(("shared", sum(r() is not None for r in made)))
+        out = real_prefill(*args, **kwargs)
+        made.append(weakref.ref(out))
+        return out
+
+    def generating(*args, **kwargs):
+        if kwargs.get("prefill") is None:
+            held_at_prefill.append(("own", sum(r() is not None for r in made)))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "dense_prefill", tracking)
+    monkeypatch.setattr(generation, "generate_greedy", generating)
+    snap = {"method": "snapkv", "budget": 0.5, "window": 8}
+    spec = {"model": "tiny-test", "seed": 1, "out": str(tmp_path), "share_prefill": True,
+            "methods": ["full", {"name": "full-int8", "quant": {"bits": 8}}, {"name": "full-int8-r0", "quant": {"bits": 8, "residual": 0}},
+                        {"name": "snap", "cache": snap}, {"name": "snap-int8", "quant": {"bits": 8}, "cache": snap}],
+            "suites": [{"suite": "niah", "lengths": [1024], "depths": [0], "max_new_tokens": 4}]}
+    res = run_eval(spec, quiet=True, model=tiny_lm(head_dim=64), tokenizer=byte_tokenizer())
+    # the int8 prefill starts once the dense one is gone, and the lone one once the int8 one is
+    assert held_at_prefill == [("shared", 0), ("shared", 0), ("own", 0)]
+    assert {r["method"]: r.get("prefill") for r in res.records}["full-int8-r0"] is None
