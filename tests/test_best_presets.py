@@ -19,9 +19,11 @@ BEST = {
     "best-25-smollm2": ({"int8-compose-smollm2": "duo-snapkv-85-int8", "int8-85-smollm2-long": "duo-smollm2-snapkv-85-int8"},
                         0.95, 0.25),
     "best-10-smollm2": ({"frontier-smollm2": "duo-snapkv-r100-s7-int8"}, 0.85, 0.10),
-    "best-25-gemma3": ({"frontier-gemma3-16k": "snapkv-0.85-span-int8", "long-prompt-gemma3-32k": "snapkv-0.85-span-int8"},
+    "best-25-gemma3": ({"frontier-gemma3-16k": "snapkv-0.85-span-int8", "long-prompt-gemma3-32k": "snapkv-0.85-span-int8",
+                        "sweep-gemma3": "snapkv-85-span-int8"},
                        0.95, 0.25),
-    "best-10-gemma3": ({"frontier-gemma3-16k": "snapkv-0.25-span-int8", "long-prompt-gemma3-32k": "snapkv-0.25-span-int8"},
+    "best-10-gemma3": ({"frontier-gemma3-16k": "snapkv-0.25-span-int8", "long-prompt-gemma3-32k": "snapkv-0.25-span-int8",
+                        "sweep-gemma3": "snapkv-25-span-int8"},
                        0.85, 0.10),
 }
 
