@@ -489,10 +489,10 @@ def _refuse_random(run: Run) -> None:
 
 def _release_memory() -> None:
     """Let glibc hand freed heap back to the system before the next prefill (a dropped shared storage's, or an
-    item's at its end). A long prompt's
-    shared prefill frees gigabytes that glibc otherwise keeps: on Gemma-3 at 4k the process grew 0.9 GB from the
-    first item to the second without this and stayed flat with it, and the 32k sweep was OOM-killed at its
-    third item. A garbage collection first, so that what a reference cycle still holds is freed too."""
+    item's at its end). A long prompt's shared prefill frees gigabytes that glibc otherwise keeps: on Gemma-3 at
+    4k the process grew 0.9 GB from the first item to the second without this and stayed flat with it, and the
+    32k sweep was OOM-killed at its third item. A garbage collection first, so that what a reference cycle still
+    holds is freed too."""
     import ctypes
     import gc
 
@@ -586,13 +586,16 @@ class _Loop:
                 shared: dict[str | None, DensePrefill] = {}
                 users = Counter(_storage(c) for c in configs if suite.kind != "stream" and self._shares(c))
                 left = Counter(users)
-                configs = _by_storage(configs, lambda c: users[_storage(c)] > 1 and self._shares(c))
-                for cfg in configs:
+
+                def replays(c: KVConfig) -> bool:
+                    return users[_storage(c)] > 1 and self._shares(c)
+
+                for cfg in _by_storage(configs, replays):
                     bar.set_postfix(method=cfg.name, suite=item.suite, task=item.task, length=item.length)
                     t0 = time.perf_counter()
                     rec = None
                     storage = _storage(cfg)
-                    if users[storage] > 1 and self._shares(cfg):
+                    if replays(cfg):
                         left[storage] -= 1
                         rec = self._replayed(sample, cfg, shared, storage, patch_fn)
                         if left[storage] == 0:
